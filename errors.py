@@ -1,0 +1,49 @@
+"""Typed exceptions raised by the core; `app.errors_http` maps them to HTTP responses.
+
+Each carries a `message` (what was wrong) and a `hint` (what the user should do),
+so the web layer never has to invent wording and never leaks internals.
+"""
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class for every error the service reports to a client or operator."""
+
+    hint: str = ""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if hint is not None:
+            self.hint = hint
+
+
+# --- client mistakes about the uploaded image ------------------------------------------
+class ImageError(ServiceError):
+    """The uploaded bytes cannot be turned into a model input."""
+
+
+class EmptyImageError(ImageError):
+    hint = "Choose an image file and send it in the multipart field named 'file'."
+
+
+class NotAnImageError(ImageError):
+    hint = "Send a JPEG, PNG, GIF, BMP, TIFF or WebP image."
+
+
+class CorruptImageError(ImageError):
+    hint = "The file looks damaged or truncated; re-export or re-download it and try again."
+
+
+class ImageTooLargeError(ImageError):
+    hint = "Downscale the image (for example to 4000x4000 or less) and try again."
+
+
+# --- operator mistakes at startup ------------------------------------------------------
+class ModelLoadError(ServiceError):
+    """The model file cannot be served; raised at startup, printed as one line."""
+
+
+# --- server-side trouble after a request was accepted ---------------------------------
+class PredictionError(ServiceError):
+    hint = "This is a server problem; try again shortly. The upload was kept."

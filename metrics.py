@@ -1,0 +1,65 @@
+"""Binary classifier scores -> the numbers the model card and `evaluate.py` report. Pure numpy."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    y_true = np.asarray(y_true).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    pos, neg = scores[y_true], scores[~y_true]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    # Mann-Whitney U via average ranks handles ties exactly.
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    u = ranks[y_true].sum() - len(pos) * (len(pos) + 1) / 2.0
+    return float(u / (len(pos) * len(neg)))
+
+
+def calibration(y_true: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict:
+    """Expected calibration error of the predicted class's confidence, plus the Brier score."""
+    y_true = np.asarray(y_true).astype(np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    predicted = scores >= 0.5
+    confidence = np.where(predicted, scores, 1.0 - scores)
+    correct = (predicted == y_true.astype(bool)).astype(np.float64)
+    edges = np.linspace(0.5, 1.0, bins + 1)
+    table, ece = [], 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (confidence >= lo) & ((confidence < hi) if hi < 1.0 else (confidence <= hi))
+        if not inside.any():
+            continue
+        conf, acc = confidence[inside].mean(), correct[inside].mean()
+        ece += inside.mean() * abs(conf - acc)
+        table.append({"bin": [round(lo, 3), round(hi, 3)], "count": int(inside.sum()),
+                      "mean_confidence": round(float(conf), 4), "accuracy": round(float(acc), 4)})
+    return {"ece": float(ece), "brier": float(np.mean((scores - y_true) ** 2)), "bins": table}
+
+
+def binary_report(y_true: np.ndarray, scores: np.ndarray, labels: list[str], threshold: float = 0.5) -> dict:
+    """Accuracy, confusion matrix (rows = truth, columns = prediction), ROC AUC, calibration."""
+    y_true = np.asarray(y_true).astype(int)
+    predicted = (np.asarray(scores) >= threshold).astype(int)
+    matrix = np.zeros((2, 2), dtype=int)
+    for t, p in zip(y_true, predicted):
+        matrix[t, p] += 1
+    cal = calibration(y_true, scores)
+    return {
+        "images": int(len(y_true)),
+        "accuracy": float((predicted == y_true).mean()) if len(y_true) else float("nan"),
+        "confusion_matrix": {"labels": labels, "rows_true_columns_predicted": matrix.tolist()},
+        "roc_auc": roc_auc(y_true, scores),
+        "ece": cal["ece"],
+        "brier": cal["brier"],
+        "calibration_bins": cal["bins"],
+    }
