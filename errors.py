@@ -23,6 +23,10 @@ class ImageError(ServiceError):
     """The uploaded bytes cannot be turned into a model input."""
 
 
+class MissingFileError(ImageError):
+    hint = "Send the image as multipart/form-data in a field named 'file'."
+
+
 class EmptyImageError(ImageError):
     hint = "Choose an image file and send it in the multipart field named 'file'."
 

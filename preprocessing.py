@@ -138,3 +138,12 @@ def preprocess(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     """Image bytes -> float32 array of shape (1, *spec.input_shape), ready for the model."""
     pixels = decode_image(data, spec)[np.newaxis]
     return to_layout(scale_pixels(pixels, spec.scaling), spec)
+
+
+def image_format(data: bytes) -> str | None:
+    """Pillow's name for the container format ("JPEG", "PNG", ...) from the header alone."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.format
+    except Exception:
+        return None

@@ -1,0 +1,89 @@
+"""The one place where errors become HTTP responses (JSON or an HTML page, by Accept).
+
+Core code raises typed `errors.ServiceError`s; Werkzeug raises HTTPExceptions for protocol
+problems (405, 413, 404). Both leave here with the right status, a message saying what was
+wrong and a hint saying what to do. Nothing else escapes: unexpected exceptions are logged
+with their traceback and answered with a plain 500 that reveals nothing.
+"""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify, make_response, render_template, request
+from werkzeug.exceptions import HTTPException
+
+from errors import (CorruptImageError, EmptyImageError, MissingFileError, ImageTooLargeError, NotAnImageError,
+                    PredictionError, ServiceError)
+from uploads import UploadNotFound
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: dict[type[ServiceError], int] = {
+    EmptyImageError: 400,
+    MissingFileError: 400,
+    NotAnImageError: 415,
+    CorruptImageError: 422,
+    ImageTooLargeError: 413,
+    UploadNotFound: 404,
+    PredictionError: 503,
+}
+
+HINT_BY_STATUS = {
+    400: "Send the image as multipart/form-data in a field named 'file'.",
+    404: "See / for the upload form and POST /file/ for the API.",
+    405: "Use GET / for the form and POST /file/ to classify an image.",
+    413: "Send a smaller file.",
+    500: "This is a server problem; try again later.",
+}
+
+
+def wants_html() -> bool:
+    """Browsers (which rank text/html first) get pages; curl's */* and API clients get JSON."""
+    best = request.accept_mimetypes.best_match(["application/json", "text/html"])
+    return best == "text/html" and request.accept_mimetypes["text/html"] > request.accept_mimetypes["application/json"]
+
+
+def error_response(status: int, code: str, message: str, hint: str, **extra) -> Response:
+    if wants_html():
+        page = render_template("error.html", status=status, message=message, hint=hint, **extra)
+        return make_response(page, status)
+    body = {"error": {"status": status, "code": code, "message": message, "hint": hint, **extra}}
+    return make_response(jsonify(body), status)
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ServiceError)
+    def handle_service_error(exc: ServiceError):
+        status = STATUS_BY_ERROR.get(type(exc), 500)
+        if status >= 500:
+            log.error("%s: %s", type(exc).__name__, exc.message)
+        extra = {"id": exc.upload_id} if getattr(exc, "upload_id", None) else {}
+        return error_response(status, _code(type(exc).__name__), exc.message, exc.hint, **extra)
+
+    @app.errorhandler(HTTPException)
+    def handle_http_exception(exc: HTTPException):
+        status = exc.code or 500
+        message = exc.description or exc.name
+        if status == 413:
+            limit = app.config["MAX_CONTENT_LENGTH"]
+            message = f"The request body is larger than the {limit / 1e6:.0f} MB limit."
+        response = error_response(status, _code(exc.name), message, HINT_BY_STATUS.get(status, ""))
+        # Keep protocol headers such as Allow (405) that Werkzeug attached.
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
+
+    @app.errorhandler(Exception)
+    def handle_unexpected(exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "Something went wrong on the server.", HINT_BY_STATUS[500])
+
+
+def _code(name: str) -> str:
+    """'NotAnImageError' / 'Method Not Allowed' -> 'not_an_image' / 'method_not_allowed'."""
+    import re
+
+    name = re.sub(r"Error$", "", name).strip()
+    name = re.sub(r"(?<=[a-z])(?=[A-Z])", "_", name)
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")

@@ -1,0 +1,66 @@
+"""HTTP routes: the upload form, the classify endpoint, stored images, health."""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify, render_template, request, send_file, url_for
+
+from classifier import ClassifierService
+from errors import EmptyImageError, MissingFileError
+from http_errors import wants_html
+
+bp = Blueprint("web", __name__)
+
+
+def service() -> ClassifierService:
+    return current_app.extensions["classifier"]
+
+
+@bp.get("/")
+def index():
+    return render_template("index.html", model=service().model.describe())
+
+
+# strict_slashes=False: "/file" is served directly, not redirected (curl would drop the POST body).
+@bp.post("/file/", strict_slashes=False)
+def classify():
+    upload = request.files.get("file")
+    if upload is None:
+        raise MissingFileError("The request has no file part named 'file'.")
+    data = upload.read()
+    if not data:
+        raise EmptyImageError("The uploaded file is empty.")
+    result = service().classify(data, upload.filename)
+    image_url = url_for("web.uploaded_image", upload_id=result.upload_id)
+    if wants_html():
+        return render_template("result.html", prediction=result.prediction, image_url=image_url,
+                               upload_id=result.upload_id)
+    return jsonify({**result.prediction.as_json(), "id": result.upload_id, "image_url": image_url,
+                    "milliseconds": round(result.milliseconds, 2)})
+
+
+@bp.get("/uploads/<upload_id>")
+def uploaded_image(upload_id: str):
+    path, mimetype = service().store.find(upload_id)
+    response = send_file(path, mimetype=mimetype, max_age=3600)
+    response.headers["Cache-Control"] = "private, max-age=3600"
+    return response
+
+
+@bp.get("/uploads/<upload_id>/record")
+def upload_record(upload_id: str):
+    return jsonify(service().store.read_record(upload_id))
+
+
+@bp.get("/model")
+def model_description():
+    return jsonify(service().model.describe())
+
+
+@bp.get("/healthz")
+def healthz():
+    return jsonify({"alive": True})
+
+
+@bp.get("/readyz")
+def readyz():
+    status = service().status()
+    return jsonify(status), 200 if status["ready"] else 503
