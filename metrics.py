@@ -63,3 +63,32 @@ def binary_report(y_true: np.ndarray, scores: np.ndarray, labels: list[str], thr
         "brier": cal["brier"],
         "calibration_bins": cal["bins"],
     }
+
+
+def multiclass_report(y_true: np.ndarray, probabilities: np.ndarray, labels: list[str]) -> dict:
+    """Accuracy, confusion matrix and top-1 calibration for a softmax model."""
+    y_true = np.asarray(y_true).astype(int)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    predicted = probabilities.argmax(axis=1)
+    matrix = np.zeros((len(labels), len(labels)), dtype=int)
+    np.add.at(matrix, (y_true, predicted), 1)
+    confidence = probabilities.max(axis=1)
+    correct = predicted == y_true
+    edges = np.linspace(0.0, 1.0, 11)
+    bins, ece = [], 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (confidence > lo) & (confidence <= hi)
+        if inside.any():
+            conf, acc = confidence[inside].mean(), correct[inside].mean()
+            ece += inside.mean() * abs(conf - acc)
+            bins.append({"bin": [round(lo, 3), round(hi, 3)], "count": int(inside.sum()),
+                         "mean_confidence": round(float(conf), 4), "accuracy": round(float(acc), 4)})
+    onehot = np.eye(len(labels))[y_true]
+    return {
+        "images": int(len(y_true)),
+        "accuracy": float(correct.mean()) if len(y_true) else float("nan"),
+        "confusion_matrix": {"labels": labels, "rows_true_columns_predicted": matrix.tolist()},
+        "ece": float(ece),
+        "brier": float(np.mean(np.sum((probabilities - onehot) ** 2, axis=1))),
+        "calibration_bins": bins,
+    }

@@ -92,9 +92,12 @@ class ServedModel:
              max_pixels: int | None = None) -> "ServedModel":
         """Open a model file and settle its contract; raises ModelLoadError with a one-line reason."""
         from keras_formats import load_keras_model
+        from tf_runtime import import_tensorflow_quietly
 
         path = Path(path)
         card = read_card(path)
+        if path.is_file():
+            import_tensorflow_quietly()
         loaded = load_keras_model(path, arch=arch)
         model = loaded.model
         spec = _input_spec(model, card, scaling, max_pixels)

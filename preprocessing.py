@@ -3,9 +3,9 @@
 Server, training, evaluation and tests all call these functions, so they cannot disagree
 about decoding, orientation, colour mode, size or scaling.
 
-Two stages, so training can cache the expensive one:
+Two stages, so training and evaluation can cache the expensive one:
   decode_image(bytes, spec) -> uint8 array (H, W, C)      decode, orient, convert, resize
-  scale_pixels(uint8 batch, scaling) -> float32 batch      the model's numeric contract
+  to_model_input(uint8 batch, spec) -> float32 batch       scaling and layout
 and `preprocess(bytes, spec)` composes both and adds the batch axis.
 """
 from __future__ import annotations
@@ -134,10 +134,14 @@ def to_layout(batch: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return np.transpose(batch, (0, 3, 1, 2)) if spec.channels_first else batch
 
 
+def to_model_input(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 (N, H, W, C) from `decode_image` -> float32 in the model's scaling and layout."""
+    return to_layout(scale_pixels(pixels, spec.scaling), spec)
+
+
 def preprocess(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     """Image bytes -> float32 array of shape (1, *spec.input_shape), ready for the model."""
-    pixels = decode_image(data, spec)[np.newaxis]
-    return to_layout(scale_pixels(pixels, spec.scaling), spec)
+    return to_model_input(decode_image(data, spec)[np.newaxis], spec)
 
 
 def image_format(data: bytes) -> str | None:

@@ -1,0 +1,78 @@
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from batcher import DynamicBatcher
+from errors import PredictionError
+
+
+def sum_model(batch: np.ndarray) -> np.ndarray:
+    return batch.reshape(len(batch), -1).sum(axis=1, keepdims=True)
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer():
+    calls = []
+
+    def model(batch):
+        calls.append(len(batch))
+        time.sleep(0.01)  # a forward pass takes time, so requests pile up
+        return sum_model(batch)
+
+    batcher = DynamicBatcher(model, max_batch=16, max_wait_ms=5)
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            results = list(pool.map(lambda i: batcher.predict(np.full((1, 2, 2), i, np.float32)), range(200)))
+    finally:
+        batcher.close()
+    assert [float(r[0]) for r in results] == [4.0 * i for i in range(200)]
+    assert max(calls) > 1, "concurrent requests were never grouped"
+    assert max(calls) <= 16
+    assert sum(calls) == 200
+
+
+def test_a_failing_item_fails_only_its_own_request():
+    def model(batch):
+        if np.isnan(batch).any():
+            raise ValueError("poisoned input")
+        time.sleep(0.005)
+        return sum_model(batch)
+
+    batcher = DynamicBatcher(model, max_batch=8, max_wait_ms=20)
+    barrier = threading.Barrier(8)
+
+    def request(i):
+        barrier.wait()
+        x = np.full((1, 3), np.nan if i == 3 else i, np.float32)
+        try:
+            return float(batcher.predict(x)[0])
+        except PredictionError as exc:
+            return exc
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(request, range(8)))
+    finally:
+        batcher.close()
+    assert isinstance(results[3], PredictionError)
+    assert [r for i, r in enumerate(results) if i != 3] == [3.0 * i for i in range(8) if i != 3]
+
+
+def test_single_request_is_not_held_longer_than_max_wait():
+    batcher = DynamicBatcher(sum_model, max_batch=32, max_wait_ms=50)
+    try:
+        started = time.perf_counter()
+        batcher.predict(np.ones((1, 1), np.float32))
+        assert time.perf_counter() - started < 1.0
+    finally:
+        batcher.close()
+
+
+def test_closed_batcher_refuses_new_work():
+    batcher = DynamicBatcher(sum_model)
+    batcher.close()
+    assert not batcher.alive
+    with pytest.raises(PredictionError):
+        batcher.predict(np.ones((1, 1), np.float32))

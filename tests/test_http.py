@@ -1,0 +1,145 @@
+"""The HTTP API and pages through Flask's test client, against a tiny colour model."""
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from images import BLUE, RED, image_bytes
+
+HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+
+
+def post(client, data: bytes | None, filename="photo.jpg", headers=None, path="/file/"):
+    form = {} if data is None else {"file": (io.BytesIO(data), filename)}
+    return client.post(path, data=form, headers=headers or {}, content_type="multipart/form-data")
+
+
+def test_form_page(client):
+    r = client.get("/", headers=HTML)
+    assert r.status_code == 200
+    page = r.get_data(as_text=True)
+    assert 'action="/file/"' in page and 'method="post"' in page and 'enctype="multipart/form-data"' in page
+    assert '<input type="file" id="file" name="file" accept="image/*"' in page
+    assert "CAT, DOG" in page
+
+
+def test_json_answer_for_curl_and_api_clients(client, app):
+    for headers in ({}, {"Accept": "*/*"}, {"Accept": "application/json"}):
+        r = post(client, image_bytes(RED), headers=headers)
+        assert r.status_code == 200 and r.is_json, headers
+        body = r.get_json()
+        assert body["class"] == "DOG" and body["label"] == "DOG"
+        assert body["confidence"] > 0.9
+        assert set(body["scores"]) == {"CAT", "DOG"}
+        assert abs(sum(body["scores"].values()) - 1.0) < 1e-6
+        assert len(body["id"]) == 32
+    assert post(client, image_bytes(BLUE)).get_json()["class"] == "CAT"
+
+
+def test_upload_is_stored_with_its_prediction(client, app):
+    data = image_bytes(BLUE, fmt="PNG")
+    body = post(client, data, filename="../../etc/passwd.png").get_json()
+    upload_dir = Path(app.config["UPLOAD_DIR"])
+    stored = upload_dir / f"{body['id']}.png"
+    assert stored.read_bytes() == data
+    record = json.loads((upload_dir / f"{body['id']}.json").read_text())
+    assert record["prediction"]["class"] == "CAT" and record["format"] == "PNG"
+    assert record["client_filename"] == "../../etc/passwd.png"  # kept for audit, never used as a path
+    assert sorted(p.name for p in upload_dir.iterdir() if p.name != ".gitkeep") == sorted(
+        [f"{body['id']}.png", f"{body['id']}.json"])
+    image = client.get(body["image_url"])
+    assert image.status_code == 200 and image.data == data and image.mimetype == "image/png"
+    assert image.headers["X-Content-Type-Options"] == "nosniff"
+    assert client.get(f"/uploads/{body['id']}/record").get_json()["id"] == body["id"]
+
+
+def test_browser_gets_a_result_page(client):
+    r = post(client, image_bytes(RED), filename='<script>alert(1)</script>.jpg', headers=HTML)
+    assert r.status_code == 200 and r.mimetype == "text/html"
+    page = r.get_data(as_text=True)
+    assert '<h1 id="label">DOG</h1>' in page
+    assert "Confidence:" in page and 'href="/"' in page
+    assert "<script>" not in page  # the client's file name is never echoed
+    image_src = page.split('id="upload" src="')[1].split('"')[0]
+    assert client.get(image_src).status_code == 200
+
+
+def test_file_without_trailing_slash_keeps_the_post(client):
+    r = post(client, image_bytes(RED), path="/file")
+    assert r.status_code == 200 and r.get_json()["class"] == "DOG"
+
+
+@pytest.mark.parametrize("data,status,code", [
+    (None, 400, "missing_file"),
+    (b"", 400, "empty_image"),
+    (b"this is a text file pretending to be a jpeg", 415, "not_an_image"),
+    (image_bytes(RED, (400, 300))[:700], 422, "corrupt_image"),
+    (image_bytes((0, 0, 0), (3000, 3000), "PNG", mode="L"), 413, "image_too_large"),
+])
+def test_bad_input_gets_the_right_status_and_a_helpful_body(client, app, data, status, code):
+    r = post(client, data, filename="cat.jpg")
+    assert r.status_code == status
+    error = r.get_json()["error"]
+    assert error["code"] == code and error["status"] == status
+    assert error["message"] and error["hint"]
+    # nothing rejected is stored, and the server keeps serving
+    upload_dir = Path(app.config["UPLOAD_DIR"])
+    assert not [p for p in upload_dir.iterdir() if p.name != ".gitkeep"]
+    assert post(client, image_bytes(RED)).status_code == 200
+
+
+def test_bad_input_page_for_browsers(client):
+    r = post(client, b"not an image", headers=HTML)
+    assert r.status_code == 415 and r.mimetype == "text/html"
+    page = r.get_data(as_text=True)
+    assert "not an image" in page and 'href="/"' in page
+
+
+def test_body_over_the_size_limit_is_413(client, app):
+    limit = app.config["MAX_CONTENT_LENGTH"]
+    r = post(client, b"\xff\xd8" + b"0" * (limit + 10))
+    assert r.status_code == 413
+    assert "limit" in r.get_json()["error"]["message"]
+
+
+def test_wrong_method_is_405_with_allow_header(client):
+    r = client.get("/file/")
+    assert r.status_code == 405
+    assert "POST" in r.headers["Allow"]
+    assert r.get_json()["error"]["hint"]
+    assert client.delete("/").status_code == 405
+
+
+def test_unknown_paths_and_ids_are_404_json(client):
+    assert client.get("/nope").get_json()["error"]["code"] == "not_found"
+    assert client.get("/uploads/..%2F..%2Fapp.py").status_code == 404
+    for bad in ("%2E%2E", "app.py", "0" * 32):
+        r = client.get(f"/uploads/{bad}")
+        assert r.status_code == 404 and r.get_json()["error"]["code"] == "upload_not_found"
+
+
+def test_health_readiness_and_model_description(client):
+    assert client.get("/healthz").get_json() == {"alive": True}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.get_json()["ready"] is True
+    model = client.get("/model").get_json()
+    assert model["labels"] == ["CAT", "DOG"] and model["input"]["height"] == 32
+
+
+def test_unexpected_errors_are_500_without_internals(app, client, monkeypatch):
+    service = app.extensions["classifier"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(service.store, "record", broken)
+    r = post(client, image_bytes(RED))
+    assert r.status_code == 500
+    assert "secret" not in r.get_data(as_text=True) and "Traceback" not in r.get_data(as_text=True)
+
+
+def test_security_headers_on_pages(client):
+    r = client.get("/")
+    assert "default-src 'none'" in r.headers["Content-Security-Policy"]
+    assert r.headers["X-Frame-Options"] == "DENY"
