@@ -617,16 +617,17 @@ def time_single_upload(host: str, port: int, upload: Upload, count: int, timeout
     """End-to-end latency of one (large) upload, one client, sequential requests."""
     conn = CountingConnection(host, port, timeout=timeout_s)
     log = WorkerLog()
-    for _ in range(2):  # warm-up: first large body may grow buffers
+    for _ in range(2):  # warm-up: the first large body grows the server's buffers
         post_once(conn, upload, log)
-    warm_errors = len(log.errors)
+    warmup_errors = len(log.errors)
     log.records.clear()
     for _ in range(count):
         post_once(conn, upload, log)
     conn.close()
     good = [end - begin for begin, end, ok in log.records if ok]
-    return {"requests": count, "latency_ms": latency_summary_ms(good), "errors": len(log.errors),
-            "error_samples": log.errors[:3], "warmup_errors": warm_errors}
+    return {"requests": count, "latency_ms": latency_summary_ms(good),
+            "errors": len(log.errors) - warmup_errors, "warmup_errors": warmup_errors,
+            "error_samples": log.errors[:3]}
 
 
 # ----------------------------------------------------------------------------------------
@@ -671,6 +672,8 @@ def print_report(results: dict[str, Any]) -> None:
                      f"{level['connects']}/{level['total_requests']}"])
     print(format_table(["conc", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "vs raw", "srv CPU%",
                         "cli CPU%", "conns/reqs"], rows))
+    print("(vs raw: req/s over the raw model's best batched images/s; CPU%: of one core, server "
+          "process tree / this client; conns/reqs: TCP connections opened / requests sent)")
     if any(level["connects"] >= 0.5 * level["total_requests"] > 0 for level in http_info["levels"]):
         # Each new TCP connection costs the server an accept and a handler thread start.
         print("note: the server closed most connections after one request (no keep-alive); "
@@ -684,14 +687,16 @@ def print_report(results: dict[str, Any]) -> None:
         in_process = (raw or {}).get("phone_in_process") or {}
         decode_note = f"; in-process decode+preprocess {in_process['decode_ms_median']:.0f} ms" if in_process else ""
         print()
-        print(f"phone photo {phone['size']} ({phone['bytes'] / 1e6:.1f} MB JPEG q90), one client: "
+        print(f"phone photo {phone['size']} ({phone['bytes'] / 1e6:.1f} MB JPEG q90, EXIF-rotated), one client: "
               f"median {lat['p50']:.0f} ms, p90 {lat['p90']:.0f} ms over {lat['count']} requests, "
-              f"errors {phone['errors']}{decode_note}")
+              f"errors {phone['errors'] + phone['warmup_errors']}{decode_note}")
 
     memory = results["memory"]
     print()
     print("server VmRSS (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory["timeline"].items()))
     soak = memory.get("soak")
+    if not soak:
+        print("(no soak: --soak 10000 sends that many more requests and reports the RSS change)")
     if soak:
         print(f"soak: {soak['requests']} requests at concurrency {soak['concurrency']} in {soak['seconds']:.0f} s "
               f"({soak['requests_per_s']:.1f} req/s, {soak['errors']} errors): RSS {soak['rss_before_mb']:.0f} -> "

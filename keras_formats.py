@@ -88,8 +88,12 @@ def _sniff(path: Path) -> str:
                              "Point at the .keras or .h5 file inside it.")
     if path.name in ("saved_model.pb", "saved_model.pbtxt"):
         raise _savedmodel_error(path.parent)
-    with open(path, "rb") as fh:
-        head = fh.read(512)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read model file: {path}: {_one_line(exc)}",
+                             "Check that the server's user may read the file.") from None
     if not head:
         raise ModelLoadError(f"model file is empty (0 bytes): {path}", "The copy or download was interrupted; fetch the file again.")
     import h5py

@@ -205,6 +205,7 @@ def _fit(model, train_ds, val_ds, epochs: int, work_dir: Path, args) -> list[dic
             logs = logs or {}
             history = json.loads(history_file.read_text()) if history_file.exists() else []
             row = {"epoch": epoch + 1, "seconds": round(time.time() - self.t0, 1),
+                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                    **{k: round(float(v), 5) for k, v in logs.items() if k != "learning_rate"}}
             history = [h for h in history if h["epoch"] < epoch + 1] + [row]
             history_file.write_text(json.dumps(history, indent=1))
@@ -220,8 +221,8 @@ def _fit(model, train_ds, val_ds, epochs: int, work_dir: Path, args) -> list[dic
         keras.callbacks.BackupAndRestore(str(work_dir / "backup"), save_freq="epoch", delete_checkpoint=False),
         KeepBest(),
     ]
-    model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks,
-              verbose=2 if args.quiet else 1)
+    model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks, shuffle=False,
+              verbose=2 if args.quiet else 1)  # the dataset shuffles itself, over the whole set
     return json.loads(history_file.read_text())
 
 

@@ -1,0 +1,90 @@
+"""The pure helpers of benchmark.py (no model, no server)."""
+from __future__ import annotations
+
+import email.parser
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import benchmark  # conftest.py puts the project root on sys.path
+
+
+@pytest.mark.parametrize("q", [0, 1, 10, 50, 90, 99, 100])
+def test_percentile_matches_numpy_linear(q: float) -> None:
+    values = sorted(np.random.default_rng(3).exponential(10.0, size=101).tolist())
+    assert benchmark.percentile(values, q) == pytest.approx(np.percentile(values, q))
+
+
+def test_percentile_edge_cases() -> None:
+    assert math.isnan(benchmark.percentile([], 50))
+    assert benchmark.percentile([7.0], 99) == 7.0
+    assert benchmark.percentile([1.0, 3.0], 50) == 2.0
+    with pytest.raises(ValueError):
+        benchmark.percentile([1.0], 101)
+
+
+def test_latency_summary_converts_to_ms() -> None:
+    summary = benchmark.latency_summary_ms([0.010, 0.020, 0.030])
+    assert summary["count"] == 3
+    assert summary["p50"] == pytest.approx(20.0)
+    assert summary["max"] == pytest.approx(30.0)
+    assert summary["mean"] == pytest.approx(20.0)
+    assert math.isnan(benchmark.latency_summary_ms([])["p99"])
+
+
+def test_parse_int_list() -> None:
+    assert benchmark.parse_int_list("1,8, 32,64") == [1, 8, 32, 64]
+    assert benchmark.parse_int_list("4") == [4]
+    for bad in ("", "0,1", "a", "1,-2"):
+        with pytest.raises(ValueError):
+            benchmark.parse_int_list(bad)
+
+
+def test_multipart_body_parses_back_to_the_file() -> None:
+    data = bytes(range(256)) * 4 + b"\r\n--not-a-boundary\r\n"
+    body = benchmark.multipart_body("file", "cat.1.jpg", "image/jpeg", data)
+    header = f"Content-Type: multipart/form-data; boundary={benchmark.BOUNDARY}\r\n\r\n".encode()
+    message = email.parser.BytesParser().parsebytes(header + body)
+    parts = message.get_payload()
+    assert len(parts) == 1
+    assert parts[0].get_param("name", header="content-disposition") == "file"
+    assert parts[0].get_filename() == "cat.1.jpg"
+    assert parts[0].get_payload(decode=True) == data
+
+
+def test_percent_change() -> None:
+    assert benchmark.percent_change(100.0, 110.0) == pytest.approx(10.0)
+    assert benchmark.percent_change(200.0, 150.0) == pytest.approx(-25.0)
+    assert math.isnan(benchmark.percent_change(0.0, 5.0))
+
+
+def test_parse_vmrss_kb() -> None:
+    status = "Name:\tpython\nVmPeak:\t 900 kB\nVmRSS:\t  123456 kB\nThreads:\t40\n"
+    assert benchmark.parse_vmrss_kb(status) == 123456
+    assert benchmark.parse_vmrss_kb("Name:\tkthreadd\n") is None
+
+
+def test_parse_cpu_ticks_handles_odd_process_names() -> None:
+    # Fields after the name: state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime ...
+    rest = "S 1 2 3 4 5 6 7 8 9 10 111 222 0 0 20 0 1"
+    assert benchmark.parse_cpu_ticks(f"42 (python) {rest}") == 333
+    assert benchmark.parse_cpu_ticks(f"42 (a b) (c) {rest}") == 333
+
+
+def test_parse_cpu_ticks_of_this_process() -> None:
+    text = Path("/proc/self/stat").read_text() if Path("/proc/self/stat").exists() else None
+    if text is None:
+        pytest.skip("no /proc on this system")
+    assert benchmark.parse_cpu_ticks(text) >= 0
+
+
+def test_format_table_aligns_columns() -> None:
+    table = benchmark.format_table(["conc", "req/s"], [[1, 12.345], [64, 1234.5], [8, math.nan]])
+    lines = table.splitlines()
+    assert lines[0] == "conc  req/s"
+    assert lines[1] == "   1  12.35"
+    assert lines[2] == "  64   1234"
+    assert lines[3] == "   8      -"
+    assert len({len(line) for line in lines}) == 1

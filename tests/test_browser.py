@@ -1,0 +1,61 @@
+"""A real browser: Playwright drives Debian's Chromium through the upload form.
+
+Playwright cannot download its own browser here, so it launches /usr/bin/chromium
+(`apt-get install chromium`; .ci/run does). Without Chromium the test skips with that
+reason, except where REQUIRE_BROWSER=1 (CI), where a missing browser is a failure.
+"""
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from images import RED, image_bytes
+from server_process import ServerProcess
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
+
+if not Path(CHROMIUM).exists() and os.environ.get("REQUIRE_BROWSER") != "1":
+    pytest.skip(f"Chromium not found at {CHROMIUM}: apt-get install chromium", allow_module_level=True)
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def test_upload_form_shows_label_confidence_and_image(browser, colour_model_path, tmp_path):
+    photo = tmp_path / "red photo.jpg"
+    photo.write_bytes(image_bytes(RED, (320, 240)))
+    with ServerProcess("--model", str(colour_model_path), "--upload-dir", str(tmp_path / "uploads")) as server:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.set_input_files("input[type=file][name=file]", str(photo))
+        page.click("button[type=submit]")
+        page.wait_for_selector("#label")
+        assert page.url.rstrip("/").endswith("/file")
+        assert page.inner_text("#label") == "DOG"
+        assert re.match(r"Confidence: \d+\.\d%", page.inner_text("#confidence"))
+        # The image really rendered: the browser fetched and decoded it.
+        width = page.eval_on_selector("#upload", "img => img.complete ? img.naturalWidth : 0")
+        assert width == 320
+        page.click("#again")
+        page.wait_for_selector("input[type=file]")
+
+        # Errors come back as a page too.
+        bad = tmp_path / "notes.jpg"
+        bad.write_text("not really a jpeg")
+        page.set_input_files("input[type=file][name=file]", str(bad))
+        page.click("button[type=submit]")
+        page.wait_for_selector("#message")
+        assert "not an image" in page.inner_text("#message")
+        page.close()
