@@ -19,7 +19,10 @@ Steps, all on this one machine:
   3. A 4032x3024 phone-sized JPEG end to end at one client (median, p90).
   4. Server VmRSS along the way; with --soak N, N more requests and the RSS change.
   5. A plain-text summary (and --json PATH with every number).
-The server is stopped at the end, also on Ctrl-C or an error.
+The server is stopped at the end (SIGINT, then SIGTERM, then SIGKILL), also on Ctrl-C or
+an error. Unless --server-args names --upload-dir, the server stores uploads in a throw-away
+folder uploads/.benchmark-XXXX (same disk as ./uploads), removed at the end.
+--skip-raw leaves out step 1 (no ratios), to compare --server-args settings quickly.
 
 Exit status: 0 all requests succeeded; 1 some request failed (non-200, bad body or a
 connection error); 2 the benchmark could not run (server did not start, raw step failed).
