@@ -102,18 +102,22 @@ class ServedModel:
         model = loaded.model
         spec = _input_spec(model, card, scaling, max_pixels)
         output_units, output_kind, applies_activation = _output_contract(model)
-        labels = parse_labels(labels) or card.get("labels")
+        labels = parse_labels(labels) or _card_labels(card, path)
         if labels is None:
             if output_units != 1:
                 raise ModelLoadError(
                     f"{path.name} has {output_units} outputs but no labels: pass --labels a,b,c "
                     f"or add \"labels\" to {path.with_suffix('.json').name}")
             labels = list(SIGMOID_DEFAULT_LABELS)
+        labels = [str(l) for l in labels]
         expected = 2 if output_units == 1 else output_units
         if len(labels) != expected:
             raise ModelLoadError(
                 f"{path.name} has {output_units} output unit(s), so it needs {expected} labels, "
                 f"but {len(labels)} were given: {','.join(labels)}")
+        repeated = sorted({l for l in labels if labels.count(l) > 1})
+        if repeated:  # scores are keyed by label: a repeated one would hide a class
+            raise ModelLoadError(f"label(s) {','.join(repeated)} given more than once: {','.join(labels)}")
         info = {
             "file": str(path),
             "saved_by_keras": loaded.keras_version,
@@ -123,8 +127,7 @@ class ServedModel:
             "card": path.with_suffix(".json").name if card else None,
             "output_activation_added": applies_activation,
         }
-        served = cls(model, spec, [str(l) for l in labels], output_kind,
-                     float(card.get("threshold", 0.5)), info)
+        served = cls(model, spec, labels, output_kind, _card_threshold(card), info)
         served._apply_activation = applies_activation
         return served
 
@@ -196,7 +199,7 @@ def _input_spec(model: Any, card: dict[str, Any], scaling: str | None, max_pixel
     shape = _single_shape(model.input_shape, "input")
     if len(shape) != 4:
         raise ModelLoadError(f"the model takes input of shape {shape}; image models take (batch, H, W, C)")
-    card_input = card.get("input", {})
+    card_input = _card_section(card, "input")
     layout = card_input.get("layout")
     if layout is None:
         # Channel counts are 1 or 3; spatial sizes of image models almost never are.
@@ -210,13 +213,39 @@ def _input_spec(model: Any, card: dict[str, Any], scaling: str | None, max_pixel
     if not height or not width:
         raise ModelLoadError("the model accepts any image size; set \"input\": {\"height\", \"width\"} "
                              "in its model card so the server knows what to resize to")
-    scaling = scaling or card.get("preprocessing", {}).get("scaling", "1/255")
+    scaling = scaling or _card_section(card, "preprocessing").get("scaling", "1/255")
     if scaling not in SCALINGS:
         raise ModelLoadError(f"unknown scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
     if channels not in (1, 3):
         raise ModelLoadError(f"the model takes {channels}-channel images; only 1 (grey) or 3 (RGB) are supported")
     kwargs = {"max_pixels": max_pixels} if max_pixels else {}
     return PreprocessSpec(int(height), int(width), int(channels), scaling, layout == "channels_first", **kwargs)
+
+
+def _card_section(card: dict[str, Any], key: str) -> dict[str, Any]:
+    section = card.get(key) or {}
+    if not isinstance(section, dict):
+        raise ModelLoadError(f"model card \"{key}\" must be a JSON object, not {section!r}")
+    return section
+
+
+def _card_labels(card: dict[str, Any], path: Path) -> list[str] | None:
+    labels = card.get("labels")
+    if labels is not None and (not isinstance(labels, list) or not labels):
+        raise ModelLoadError(f"model card {path.with_suffix('.json').name}: \"labels\" must be a non-empty "
+                             f"list such as [\"cat\", \"dog\"], not {labels!r}")
+    return labels
+
+
+def _card_threshold(card: dict[str, Any]) -> float:
+    value = card.get("threshold", 0.5)
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        threshold = float("nan")
+    if not 0.0 < threshold < 1.0:  # also rejects NaN
+        raise ModelLoadError(f"model card \"threshold\" must be a number between 0 and 1, not {value!r}")
+    return threshold
 
 
 def _output_contract(model: Any) -> tuple[int, str, str | None]:
