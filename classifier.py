@@ -35,11 +35,16 @@ class ClassifierService:
 
     def classify(self, data: bytes, client_filename: str | None = None) -> ClassifiedUpload:
         started = time.perf_counter()
-        pixels = preprocess(data, self.model.spec)
-        detected = image_format(data)
-        upload_id = self.store.save(data, detected)
+        self.batcher.expect()  # tells a forming batch that this input is on its way
         try:
-            prediction = self.model.interpret(self.batcher.predict(pixels))
+            pixels = preprocess(data, self.model.spec)
+            detected = image_format(data)
+            upload_id = self.store.save(data, detected)
+        except BaseException:
+            self.batcher.cancel_expect()
+            raise
+        try:
+            prediction = self.model.interpret(self.batcher.predict(pixels, expected=True))
         except PredictionError as exc:
             exc.upload_id = upload_id  # the client can quote it; the image is kept
             raise

@@ -76,3 +76,26 @@ def test_closed_batcher_refuses_new_work():
     assert not batcher.alive
     with pytest.raises(PredictionError):
         batcher.predict(np.ones((1, 1), np.float32))
+
+
+def test_batch_waits_for_an_announced_input_but_not_for_nobody():
+    calls = []
+
+    def model(batch):
+        calls.append(len(batch))
+        return sum_model(batch)
+
+    batcher = DynamicBatcher(model, max_batch=8, max_wait_ms=500)
+    try:
+        batcher.expect()  # a second request is still decoding
+        first = batcher.submit(np.ones((1, 1), np.float32))
+        time.sleep(0.05)
+        second = batcher.submit(np.full((1, 1), 2, np.float32), expected=True)
+        assert float(first.result(5)[0]) == 1.0 and float(second.result(5)[0]) == 2.0
+        assert calls == [2], "the announced input should have joined the forming batch"
+
+        started = time.perf_counter()
+        batcher.predict(np.ones((1, 1), np.float32))  # nobody else coming: no 500 ms wait
+        assert time.perf_counter() - started < 0.25
+    finally:
+        batcher.close()

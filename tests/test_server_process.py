@@ -21,7 +21,8 @@ def server(colour_model_path, tmp_path_factory):
 
 def test_startup_prints_a_model_summary(colour_model_path, tmp_path):
     srv = ServerProcess("--model", str(colour_model_path), "--upload-dir", str(tmp_path))
-    output = srv.stop()
+    output = srv.stop()  # SIGTERM, as systemd and containers stop services
+    assert srv.proc.returncode == 0, output
     assert "colour.h5" in output and "input 32x32x3" in output and "labels CAT,DOG" in output
     assert "serving on http://127.0.0.1:" in output
 
