@@ -1,0 +1,28 @@
+# One command each: `make serve` starts the server with the default model, `make test` runs
+# every test. Both create .venv and install requirements.txt on first use.
+PYTHON ?= python3
+VENV := .venv
+ARGS ?=
+
+.PHONY: serve test bench train evaluate
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	touch $@
+
+serve: $(VENV)/.installed
+	$(VENV)/bin/python app.py $(ARGS)
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest $(ARGS)
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python benchmark.py $(ARGS)
+
+train: $(VENV)/.installed
+	$(VENV)/bin/python train.py --data ../shared/data/cats_vs_dogs --out models/cats_vs_dogs.h5 --labels CAT,DOG $(ARGS)
+
+evaluate: $(VENV)/.installed
+	$(VENV)/bin/python evaluate.py models/cats_vs_dogs.h5 --data ../shared/data/cats_vs_dogs --split validation $(ARGS)
