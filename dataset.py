@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from errors import ImageError
-from preprocessing import PreprocessSpec, decode_image
+from preprocessing import DECODER_VERSION, PreprocessSpec, decode_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / ".cache"
@@ -57,7 +57,7 @@ def decode_files(paths: list[Path], spec: PreprocessSpec, cache_dir: Path | None
                  workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode every file to uint8 (N, H, W, C); returns (pixels, mask of files that decoded)."""
     key = hashlib.sha256(
-        repr((sorted(asdict(spec).items()), [str(p) for p in paths])).encode()
+        repr((DECODER_VERSION, sorted(asdict(spec).items()), [str(p) for p in paths])).encode()
     ).hexdigest()[:16]
     cache_file = Path(cache_dir) / f"decoded-{key}.npz" if cache_dir else None
     if cache_file and cache_file.exists():
