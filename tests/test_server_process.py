@@ -73,3 +73,18 @@ def test_unloadable_model_exits_nonzero_with_one_line(tmp_path, model_arg, expec
     lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_bad_images_in_a_concurrent_burst_fail_only_themselves(server):
+    good = {i: image_bytes(RED if i % 2 else BLUE, (40 + 7 * i, 30 + 3 * i)) for i in range(12)}
+    bad = {12: b"not an image", 13: image_bytes(RED, (400, 300))[:600], 14: b""}
+
+    def upload(i):
+        data = good.get(i, bad.get(i))
+        return i, requests.post(server.url + "/file/", files={"file": ("burst.jpg", data, "image/jpeg")}, timeout=60)
+
+    with ThreadPoolExecutor(15) as pool:
+        results = dict(pool.map(upload, range(15)))
+    for i in good:
+        assert results[i].status_code == 200 and results[i].json()["class"] == ("DOG" if i % 2 else "CAT")
+    assert [results[i].status_code for i in (12, 13, 14)] == [415, 422, 400]
