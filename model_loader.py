@@ -74,7 +74,8 @@ class ServedModel:
     """A Keras image classifier with its serving contract. Create with `ServedModel.load`."""
 
     def __init__(self, model: Any, spec: PreprocessSpec, labels: list[str], output_kind: str,
-                 threshold: float = 0.5, info: dict[str, Any] | None = None, top_k: int = 5) -> None:
+                 threshold: float = 0.5, info: dict[str, Any] | None = None, top_k: int = 5,
+                 apply_activation: str | None = None) -> None:
         self.model = model
         self.spec = spec
         self.labels = labels
@@ -82,6 +83,8 @@ class ServedModel:
         self.threshold = threshold
         self.top_k = top_k
         self.info = info or {}
+        # "sigmoid"/"softmax" when the model ends in logits and the server must finish the job.
+        self._apply_activation = apply_activation
         self._forward = self._compile_forward(model, spec)
         self._lock = threading.Lock()
 
@@ -127,9 +130,8 @@ class ServedModel:
             "card": path.with_suffix(".json").name if card else None,
             "output_activation_added": applies_activation,
         }
-        served = cls(model, spec, labels, output_kind, _card_threshold(card), info)
-        served._apply_activation = applies_activation
-        return served
+        return cls(model, spec, labels, output_kind, _card_threshold(card), info,
+                   apply_activation=applies_activation)
 
     @staticmethod
     def _compile_forward(model: Any, spec: PreprocessSpec):
@@ -140,9 +142,7 @@ class ServedModel:
         signature = [tf.TensorSpec((None, *spec.input_shape), tf.float32)]
         return tf.function(lambda x: model(x, training=False), input_signature=signature)
 
-    # --- the three calls the web layer makes ---------------------------------------------
-    _apply_activation: str | None = None
-
+    # --- the calls the web layer makes -------------------------------------------------
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         """float32 (N, *input_shape) -> probabilities (N, units). Thread-safe."""
         with self._lock:
