@@ -8,6 +8,7 @@ with their traceback and answered with a plain 500 that reveals nothing.
 from __future__ import annotations
 
 import logging
+import re
 
 from flask import Flask, Response, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException
@@ -39,8 +40,8 @@ HINT_BY_STATUS = {
 
 def wants_html() -> bool:
     """Browsers (which rank text/html first) get pages; curl's */* and API clients get JSON."""
-    best = request.accept_mimetypes.best_match(["application/json", "text/html"])
-    return best == "text/html" and request.accept_mimetypes["text/html"] > request.accept_mimetypes["application/json"]
+    # On a tie (*/*, or no Accept at all) best_match picks the first offer: JSON.
+    return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
 
 
 def error_response(status: int, code: str, message: str, hint: str, **extra) -> Response:
@@ -66,7 +67,7 @@ def register_error_handlers(app: Flask) -> None:
         message = exc.description or exc.name
         if status == 413:
             limit = app.config["MAX_CONTENT_LENGTH"]
-            message = f"The request body is larger than the {limit / 1e6:.0f} MB limit."
+            message = f"The request body is larger than the {limit / 2**20:g} MB limit."
         response = error_response(status, _code(exc.name), message, HINT_BY_STATUS.get(status, ""))
         # Keep protocol headers such as Allow (405) that Werkzeug attached.
         for name, value in exc.get_headers():
@@ -82,8 +83,6 @@ def register_error_handlers(app: Flask) -> None:
 
 def _code(name: str) -> str:
     """'NotAnImageError' / 'Method Not Allowed' -> 'not_an_image' / 'method_not_allowed'."""
-    import re
-
     name = re.sub(r"Error$", "", name).strip()
     name = re.sub(r"(?<=[a-z])(?=[A-Z])", "_", name)
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
