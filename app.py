@@ -20,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up
 from flask import Flask
 
 from errors import ModelLoadError
+from preprocessing import SCALINGS
 
 ROOT = Path(__file__).resolve().parent
 ENV_PREFIX = "KERAS_SERVE"
@@ -93,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", dest="MODEL_PATH", help=f"model file, .h5 or .keras (default the shipped cat/dog "
                    f"model; env {ENV_PREFIX}_MODEL_PATH)")
     p.add_argument("--labels", help="output labels: comma list or a file with one per line (default: model card)")
-    p.add_argument("--scaling", choices=["1/255", "none", "-1..1"], help="pixel scaling (default: model card, else 1/255)")
+    p.add_argument("--scaling", choices=sorted(SCALINGS), help="pixel scaling (default: model card, else 1/255)")
     p.add_argument("--arch", choices=["seed", "compact"], help="architecture for a weights-only .h5 file")
     p.add_argument("--upload-dir", help="where uploads and their predictions are stored (default ./uploads)")
     p.add_argument("--max-upload-mb", type=float, help="largest request body in MB (default 16)")

@@ -3,9 +3,9 @@
 Request threads call `expect()` when they start decoding and `predict(x)` when their input
 is ready; one worker thread gathers whatever is queued (up to `max_batch`), waits at most
 `max_wait_ms` for stragglers but only while other requests are still decoding, runs the
-model once, and hands each caller its own row. A lone request therefore never waits. On 2 CPU cores one batched call is several
-times cheaper per image than many small ones, and decoding in the request threads overlaps
-with inference in the worker.
+model once, and hands each caller its own row. A lone request therefore never waits.
+On 2 CPU cores one batched call is several times cheaper per image than many small ones,
+and decoding in the request threads overlaps with inference in the worker.
 """
 from __future__ import annotations
 

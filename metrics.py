@@ -1,4 +1,4 @@
-"""Binary classifier scores -> the numbers the model card and `evaluate.py` report. Pure numpy."""
+"""Classifier scores -> the numbers the model card and `evaluate.py` report. Pure numpy."""
 from __future__ import annotations
 
 import numpy as np
@@ -26,14 +26,9 @@ def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
     return float(u / (len(pos) * len(neg)))
 
 
-def calibration(y_true: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict:
-    """Expected calibration error of the predicted class's confidence, plus the Brier score."""
-    y_true = np.asarray(y_true).astype(np.float64)
-    scores = np.asarray(scores, dtype=np.float64)
-    predicted = scores >= 0.5
-    confidence = np.where(predicted, scores, 1.0 - scores)
-    correct = (predicted == y_true.astype(bool)).astype(np.float64)
-    edges = np.linspace(0.5, 1.0, bins + 1)
+def reliability(confidence: np.ndarray, correct: np.ndarray, low: float, bins: int = 10) -> tuple[float, list[dict]]:
+    """Expected calibration error and the per-bin table, bins evenly over [low, 1]."""
+    edges = np.linspace(low, 1.0, bins + 1)
     table, ece = [], 0.0
     for lo, hi in zip(edges[:-1], edges[1:]):
         inside = (confidence >= lo) & ((confidence < hi) if hi < 1.0 else (confidence <= hi))
@@ -43,7 +38,18 @@ def calibration(y_true: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict:
         ece += inside.mean() * abs(conf - acc)
         table.append({"bin": [round(lo, 3), round(hi, 3)], "count": int(inside.sum()),
                       "mean_confidence": round(float(conf), 4), "accuracy": round(float(acc), 4)})
-    return {"ece": float(ece), "brier": float(np.mean((scores - y_true) ** 2)), "bins": table}
+    return float(ece), table
+
+
+def calibration(y_true: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict:
+    """Expected calibration error of the predicted class's confidence, plus the Brier score."""
+    y_true = np.asarray(y_true).astype(np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    predicted = scores >= 0.5
+    confidence = np.where(predicted, scores, 1.0 - scores)
+    correct = (predicted == y_true.astype(bool)).astype(np.float64)
+    ece, table = reliability(confidence, correct, 0.5, bins)
+    return {"ece": ece, "brier": float(np.mean((scores - y_true) ** 2)), "bins": table}
 
 
 def binary_report(y_true: np.ndarray, scores: np.ndarray, labels: list[str], threshold: float = 0.5) -> dict:
@@ -72,17 +78,8 @@ def multiclass_report(y_true: np.ndarray, probabilities: np.ndarray, labels: lis
     predicted = probabilities.argmax(axis=1)
     matrix = np.zeros((len(labels), len(labels)), dtype=int)
     np.add.at(matrix, (y_true, predicted), 1)
-    confidence = probabilities.max(axis=1)
     correct = predicted == y_true
-    edges = np.linspace(0.0, 1.0, 11)
-    bins, ece = [], 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        inside = (confidence > lo) & (confidence <= hi)
-        if inside.any():
-            conf, acc = confidence[inside].mean(), correct[inside].mean()
-            ece += inside.mean() * abs(conf - acc)
-            bins.append({"bin": [round(lo, 3), round(hi, 3)], "count": int(inside.sum()),
-                         "mean_confidence": round(float(conf), 4), "accuracy": round(float(acc), 4)})
+    ece, bins = reliability(probabilities.max(axis=1), correct.astype(np.float64), 0.0)
     onehot = np.eye(len(labels))[y_true]
     return {
         "images": int(len(y_true)),

@@ -22,7 +22,7 @@ import numpy as np
 
 from dataset import decode_files, list_labelled_images
 from metrics import binary_report
-from preprocessing import PreprocessSpec, scale_pixels
+from preprocessing import PreprocessSpec, to_model_input
 
 RECIPES = {
     # The 2017 Keras-blog recipe: RMSprop, batch 16, shear/zoom/flip augmentation.
@@ -71,14 +71,14 @@ def make_augmenter(cfg: dict, seed: int):
 
 
 def make_datasets(pixels, labels, weights, val_pixels, val_labels, spec, batch_size, augment, seed):
-    """tf.data over in-memory uint8 arrays; scaling goes through preprocessing.scale_pixels."""
+    """tf.data over in-memory uint8 arrays; scaling goes through preprocessing.to_model_input."""
     import tensorflow as tf
 
     def gather_train(idx):
-        return scale_pixels(pixels[idx], spec.scaling), labels[idx].astype(np.float32)[:, None], weights[idx]
+        return to_model_input(pixels[idx], spec), labels[idx].astype(np.float32)[:, None], weights[idx]
 
     def gather_val(idx):
-        return scale_pixels(val_pixels[idx], spec.scaling), val_labels[idx].astype(np.float32)[:, None]
+        return to_model_input(val_pixels[idx], spec), val_labels[idx].astype(np.float32)[:, None]
 
     shape = (None, *spec.input_shape)
     train = (tf.data.Dataset.range(len(pixels))
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     best = json.loads((work_dir / "best.json").read_text())
     best_model = keras.models.load_model(work_dir / "best.keras")
     best_model.save(args.out, include_optimizer=False)  # full model (architecture + weights) in HDF5, as the server expects
-    val_scores = best_model.predict(scale_pixels(val_pixels, spec.scaling), batch_size=64, verbose=0)[:, 0]
+    val_scores = best_model.predict(to_model_input(val_pixels, spec), batch_size=64, verbose=0)[:, 0]
     report = binary_report(val_labels, val_scores, output_labels)
     # Epoch time summed over every (possibly resumed) run: the cost of training this file.
     elapsed = best.get("train_seconds", 0.0)

@@ -88,3 +88,15 @@ def test_evaluate_command_on_a_folder_with_a_known_answer(colour_model_path, tmp
     assert report["confusion_matrix"]["rows_true_columns_predicted"] == [[5, 0], [0, 5]]
     printed = capsys.readouterr().out
     assert "accuracy 1.0000" in printed and "ROC AUC  1.0000" in printed
+
+
+def test_multiclass_metrics_on_known_answers():
+    from metrics import multiclass_report
+
+    probabilities = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    report = multiclass_report(np.array([0, 1, 2, 2]), probabilities, ["a", "b", "c"])
+    assert report["accuracy"] == pytest.approx(0.75)
+    assert report["confusion_matrix"]["rows_true_columns_predicted"] == [[1, 0, 0], [0, 1, 0], [1, 0, 1]]
+    # bins: 0.5 wrong, 0.7 right, 0.8 right twice -> |0.5-0| + |0.7-1| + 2 * |0.8-1|, over 4
+    assert report["ece"] == pytest.approx((0.5 + 0.3 + 0.4) / 4)
+    assert report["brier"] == pytest.approx((0.06 + 0.14 + 0.98 + 0.06) / 4)
