@@ -261,6 +261,7 @@ def _output_contract(model: Any) -> tuple[int, str, str | None]:
 
 
 def _last_activation(model: Any) -> str | None:
+    """The last layer's activation name ("linear", "sigmoid", ...), or None if it has none."""
     try:
         layer = model.layers[-1]
         config = layer.get_config()
@@ -269,8 +270,6 @@ def _last_activation(model: Any) -> str | None:
     activation = config.get("activation")
     if isinstance(activation, dict):  # serialised as {"class_name": ..., "config": ...}
         activation = activation.get("config", {}).get("name") or activation.get("class_name")
-    if activation is None and type(layer).__name__ in ("Softmax", "Activation"):
-        activation = "softmax" if type(layer).__name__ == "Softmax" else config.get("activation")
     return str(activation).lower() if activation else None
 
 
