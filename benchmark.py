@@ -139,6 +139,21 @@ def parse_cpu_ticks(stat_text: str) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def parse_machine_ticks(proc_stat_text: str) -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs from the text of /proc/stat.
+
+    Busy counts everything but idle and iowait, so kernel work done on the server's behalf
+    (filesystem journal threads, loopback networking) is included, unlike per-process times.
+    """
+    for line in proc_stat_text.splitlines():
+        if line.startswith("cpu "):
+            values = [int(v) for v in line.split()[1:]]
+            idle = values[3] + (values[4] if len(values) > 4 else 0)
+            total = sum(values[:8])  # guest time is already inside user time
+            return total - idle, total
+    raise ValueError("no aggregate 'cpu' line in /proc/stat")
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Right-aligned plain-text table; floats get a sensible number of digits."""
     def cell(value: Any) -> str:
@@ -214,6 +229,10 @@ def cpu_seconds(pid: int) -> float:
         except (OSError, ValueError, IndexError):
             pass
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_ticks() -> tuple[int, int]:
+    return parse_machine_ticks(Path("/proc/stat").read_text())
 
 
 def own_cpu_seconds() -> float:
@@ -547,6 +566,8 @@ class LevelResult:
     total_requests: int     # including the warm-up
     server_cpu_s: float
     client_cpu_s: float
+    machine_busy_pct: float      # of all cores, whole machine, during the window
+    machine_cpu_ms_per_request: float
 
 
 def run_level(host: str, port: int, uploads: Sequence[Upload], concurrency: int, warmup_s: float,
@@ -579,7 +600,7 @@ def run_level(host: str, port: int, uploads: Sequence[Upload], concurrency: int,
         go.set()
         window_start = start + warmup_s
         time.sleep(max(0.0, window_start - time.perf_counter()))
-        server_cpu0, client_cpu0 = cpu_seconds(server_pid), own_cpu_seconds()
+        server_cpu0, client_cpu0, machine0 = cpu_seconds(server_pid), own_cpu_seconds(), machine_ticks()
         window_start = time.perf_counter()
         if max_requests is None:
             time.sleep(max(0.0, window_start + duration_s - time.perf_counter()))
@@ -587,7 +608,7 @@ def run_level(host: str, port: int, uploads: Sequence[Upload], concurrency: int,
             while any(thread.is_alive() for thread in threads):
                 time.sleep(0.05)
         # Read the meters at the end of the window, not after the in-flight stragglers finish.
-        server_cpu1, client_cpu1 = cpu_seconds(server_pid), own_cpu_seconds()
+        server_cpu1, client_cpu1, machine1 = cpu_seconds(server_pid), own_cpu_seconds(), machine_ticks()
         window_end = time.perf_counter()
     finally:
         # Also on Ctrl-C: idle the clients so the server can shut down without in-flight work.
@@ -600,6 +621,8 @@ def run_level(host: str, port: int, uploads: Sequence[Upload], concurrency: int,
     good = [r for r in in_window if r[2]]
     elapsed = window_end - window_start
     errors = [e for log in logs for e in log.errors]
+    busy_ticks, total_ticks = machine1[0] - machine0[0], machine1[1] - machine0[1]
+    busy_core_ms = busy_ticks / os.sysconf("SC_CLK_TCK") * 1000.0
     return LevelResult(
         concurrency=concurrency,
         duration_s=elapsed,
@@ -613,6 +636,10 @@ def run_level(host: str, port: int, uploads: Sequence[Upload], concurrency: int,
         total_requests=len(records),
         server_cpu_s=server_cpu1 - server_cpu0,
         client_cpu_s=client_cpu1 - client_cpu0,
+        machine_busy_pct=busy_ticks / total_ticks * 100.0 if total_ticks else math.nan,
+        # Per request, all cores: model + server + this client + kernel; the budget is
+        # cores * 1000 / (req/s), so this says how far the machine is from saturated.
+        machine_cpu_ms_per_request=busy_core_ms / len(good) if good else math.nan,
     )
 
 
@@ -672,11 +699,13 @@ def print_report(results: dict[str, Any]) -> None:
         rows.append([level["concurrency"], level["requests_per_s"], lat["p50"], lat["p90"], lat["p99"],
                      level["errors_total"], level["requests_per_s"] / best if raw else math.nan,
                      level["server_cpu_s"] / level["duration_s"] * 100, level["client_cpu_s"] / level["duration_s"] * 100,
+                     level["machine_busy_pct"], level["machine_cpu_ms_per_request"],
                      f"{level['connects']}/{level['total_requests']}"])
     print(format_table(["conc", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "vs raw", "srv CPU%",
-                        "cli CPU%", "conns/reqs"], rows))
+                        "cli CPU%", "busy%", "CPU ms/req", "conns/reqs"], rows))
     print("(vs raw: req/s over the raw model's best batched images/s; CPU%: of one core, server "
-          "process tree / this client; conns/reqs: TCP connections opened / requests sent)")
+          "process tree / this client; busy%: whole machine, all cores; CPU ms/req: whole-machine "
+          "CPU time per answered request; conns/reqs: TCP connections opened / requests sent)")
     if any(level["connects"] >= 0.5 * level["total_requests"] > 0 for level in http_info["levels"]):
         # Each new TCP connection costs the server an accept and a handler thread start.
         print("note: the server closed most connections after one request (no keep-alive); "

@@ -80,6 +80,16 @@ def test_parse_cpu_ticks_of_this_process() -> None:
     assert benchmark.parse_cpu_ticks(text) >= 0
 
 
+def test_parse_machine_ticks_counts_all_but_idle_and_iowait() -> None:
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    text = "cpu  100 1 20 300 5 2 3 4 50 0\ncpu0 50 0 10 150 2 1 1 2 25 0\nintr 1 2\n"
+    busy, total = benchmark.parse_machine_ticks(text)
+    assert total == 100 + 1 + 20 + 300 + 5 + 2 + 3 + 4
+    assert busy == total - 300 - 5
+    with pytest.raises(ValueError):
+        benchmark.parse_machine_ticks("intr 1 2\n")
+
+
 def test_format_table_aligns_columns() -> None:
     table = benchmark.format_table(["conc", "req/s"], [[1, 12.345], [64, 1234.5], [8, math.nan]])
     lines = table.splitlines()
