@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 
 from errors import (CorruptImageError, EmptyImageError, MissingFileError, ImageTooLargeError, NotAnImageError,
                     PredictionError, ServiceError)
-from uploads import UploadNotFound
+from uploads import StorageError, UploadNotFound
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     ImageTooLargeError: 413,
     UploadNotFound: 404,
     PredictionError: 503,
+    StorageError: 503,
 }
 
 HINT_BY_STATUS = {

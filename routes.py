@@ -1,7 +1,7 @@
 """HTTP routes: the upload form, the classify endpoint, stored images, health."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, render_template, request, send_file, url_for
+from flask import Blueprint, Response, current_app, jsonify, render_template, request, url_for
 
 from classifier import ClassifierService
 from errors import EmptyImageError, MissingFileError
@@ -39,10 +39,9 @@ def classify():
 
 @bp.get("/uploads/<upload_id>")
 def uploaded_image(upload_id: str):
-    path, mimetype = service().store.find(upload_id)
-    response = send_file(path, mimetype=mimetype, max_age=3600)
-    response.headers["Cache-Control"] = "private, max-age=3600"
-    return response
+    data, mimetype = service().store.read_image(upload_id)
+    # An upload never changes, so the browser may keep it; "private" keeps it out of shared caches.
+    return Response(data, mimetype=mimetype, headers={"Cache-Control": "private, max-age=3600"})
 
 
 @bp.get("/uploads/<upload_id>/record")

@@ -1,25 +1,42 @@
-"""UploadStore: every accepted image on disk under an unguessable name, with its answer beside it.
+"""UploadStore: every accepted image on disk with its answer, in one append per upload.
 
-Layout: <root>/<id>.<ext> holds the bytes exactly as received; <root>/<id>.json the audit
-record (time, size, sha256, detected format, prediction). Ids are 128 random bits in hex;
-client file names never reach the filesystem. Files are written to a temporary name and
-linked into place, so a reader never sees half a file and nothing is ever overwritten.
+Layout: one file per UTC day, <root>/<YYYY-MM-DD>.uploads, made of frames
+
+    <record as one line of JSON>\\n<the image bytes exactly as received>\\n
+
+The record holds the id, time, size, sha256, detected format and the prediction. An id is
+"<YYYYMMDD>-<frame offset, hex>-<128 random bits, hex>": the day and offset say where the
+frame is, so a lookup is one seek with no index to keep, and the random part, checked
+against the record, makes ids unguessable. Client file names never reach the filesystem.
+
+Why frames and not a file per upload: creating a file costs 0.7 ms of CPU on this kind of
+VM (ext4 journal work included), twice per upload with a separate record; an append costs
+0.01 ms. The whole server used 1.4 ms less CPU per request after the change (benchmark.py,
+CPU ms/req). Retention drops whole day files, and `python uploads.py export` turns a
+folder of them back into one image and one JSON file per upload.
 """
 from __future__ import annotations
 
+import argparse
+import fcntl
 import hashlib
+import hmac
 import json
 import os
 import re
 import secrets
+import sys
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from errors import ServiceError
 
-ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+ID_PATTERN = re.compile(r"^(\d{8})-([0-9a-f]{1,12})-([0-9a-f]{32})$")
+DAY_FILE_PATTERN = re.compile(r"^(\d{4})-(\d{2})-(\d{2})\.uploads$")
+MAX_RECORD_BYTES = 64 * 1024  # a record line is about 600 bytes; the bound guards a bad read
 SUFFIX_BY_FORMAT = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff",
                     "WEBP": "webp", "MPO": "jpg", "ICO": "ico", "PPM": "ppm"}
 MIMETYPE_BY_SUFFIX = {"jpg": "image/jpeg", "png": "image/png", "gif": "image/gif", "bmp": "image/bmp",
@@ -31,91 +48,179 @@ class UploadNotFound(ServiceError):
     hint = "Check the id; uploads are kept for a limited time."
 
 
-class UploadStore:
-    PRUNE_INTERVAL_S = 3600.0
+class StorageError(ServiceError):
+    hint = "The upload could not be saved, so it was not classified. Try again later; " \
+           "if it keeps happening, the server's disk may be full."
 
-    def __init__(self, root: str | Path, retention_days: float | None = 30.0, fsync: bool = False) -> None:
+
+class UploadStore:
+    def __init__(self, root: str | Path, retention_days: float | None = 30.0, fsync: bool = True,
+                 clock: Callable[[], float] = time.time) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.retention_days = retention_days
-        # Bytes reach the kernel before the answer either way, so a crashed server loses
-        # nothing; fsync (about 4 ms per file here) only adds safety against power loss.
+        # Without fdatasync a crashed server still loses nothing (the bytes are in the kernel);
+        # with it a power cut does not either. On an append it costs about 0.2 ms here and
+        # no measurable throughput, so it is on by default.
         self.fsync = fsync
-        self._last_prune = time.monotonic()
+        self.clock = clock
         self._lock = threading.Lock()
+        self._day: str | None = None
+        self._fd: int | None = None
 
-    def save(self, data: bytes, image_format: str | None) -> str:
-        """Store the bytes under a new id and return the id."""
+    def save(self, data: bytes, image_format: str | None, record: dict[str, Any]) -> str:
+        """Append the image and its record as one frame; returns the new upload's id."""
+        now = self.clock()
+        day = time.strftime("%Y%m%d", time.gmtime(now))
+        token = secrets.token_hex(16)
         suffix = SUFFIX_BY_FORMAT.get((image_format or "").upper(), "bin")
-        while True:
-            upload_id = secrets.token_hex(16)
-            if self._write_new(self.root / f"{upload_id}.{suffix}", data):
-                break
         with self._lock:
-            prune = time.monotonic() - self._last_prune > self.PRUNE_INTERVAL_S
-            if prune:
-                self._last_prune = time.monotonic()
-        if prune:
-            threading.Thread(target=self.prune, daemon=True).start()
+            fd = self._day_file(day)
+            # flock: several server processes may share one upload folder.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                offset = os.lseek(fd, 0, os.SEEK_END)
+                upload_id = f"{day}-{offset:x}-{token}"
+                header = {
+                    **record, "id": upload_id,
+                    "received": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds"),
+                    "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                    "format": image_format, "suffix": suffix,
+                }
+                frame = json.dumps(header).encode() + b"\n" + data + b"\n"
+                self._write_all(fd, frame, offset)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
         return upload_id
 
-    def record(self, upload_id: str, record: dict[str, Any]) -> None:
-        """Write the audit record beside the image (once per upload)."""
-        self._check_id(upload_id)
-        self._write_new(self.root / f"{upload_id}.json", (json.dumps(record, indent=1) + "\n").encode())
-
-    def find(self, upload_id: str) -> tuple[Path, str]:
-        """(path, mimetype) of a stored image; raises UploadNotFound."""
-        self._check_id(upload_id)
-        for path in self.root.glob(f"{upload_id}.*"):
-            suffix = path.suffix[1:]
-            if suffix != "json" and not path.name.startswith("."):
-                return path, MIMETYPE_BY_SUFFIX.get(suffix, "application/octet-stream")
-        raise UploadNotFound(f"No upload with id {upload_id}.")
+    def read_image(self, upload_id: str) -> tuple[bytes, str]:
+        """(bytes, mimetype) of a stored image; raises UploadNotFound."""
+        record, handle = self._open_frame(upload_id)
+        with handle:
+            data = handle.read(record["bytes"])
+        if len(data) != record["bytes"]:
+            raise UploadNotFound(f"Upload {upload_id} is incomplete on disk.")
+        return data, MIMETYPE_BY_SUFFIX.get(record.get("suffix"), "application/octet-stream")
 
     def read_record(self, upload_id: str) -> dict[str, Any]:
-        self._check_id(upload_id)
-        path = self.root / f"{upload_id}.json"
-        if not path.exists():
-            raise UploadNotFound(f"No record for upload {upload_id}.")
-        return json.loads(path.read_text())
+        record, handle = self._open_frame(upload_id)
+        handle.close()
+        return record
 
     def prune(self) -> int:
-        """Delete uploads (and records) older than the retention period; returns files removed."""
+        """Delete day files older than the retention period; returns how many were removed."""
         if not self.retention_days:
             return 0
-        cutoff = time.time() - self.retention_days * 86400
+        cutoff = self.clock() - self.retention_days * 86400
         removed = 0
-        for path in self.root.iterdir():
-            try:
-                if path.is_file() and path.name != ".gitkeep" and path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                pass
+        for path in self.root.glob("*.uploads"):
+            match = DAY_FILE_PATTERN.match(path.name)
+            if not match:
+                continue
+            day_end = datetime(*map(int, match.groups()), tzinfo=timezone.utc).timestamp() + 86400
+            if day_end < cutoff and path.name != self._day_file_name(self._day):
+                path.unlink(missing_ok=True)
+                removed += 1
         return removed
 
-    @staticmethod
-    def _check_id(upload_id: str) -> None:
-        if not ID_PATTERN.match(upload_id or ""):
-            raise UploadNotFound("Upload ids are 32 lowercase hex characters.")
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd, self._day = None, None
 
-    def _write_new(self, final: Path, data: bytes) -> bool:
-        """Atomically create `final` with `data`; False if the name already exists."""
-        tmp = self.root / f".tmp-{secrets.token_hex(8)}"
-        with open(tmp, "xb") as handle:
-            handle.write(data)
-            if self.fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
+    # -- internals ---------------------------------------------------------------------
+
+    @staticmethod
+    def _day_file_name(day: str | None) -> str:
+        return f"{day[:4]}-{day[4:6]}-{day[6:]}.uploads" if day else ""
+
+    def _day_file(self, day: str) -> int:
+        """The open append-only file for `day` (called with the lock held)."""
+        if day != self._day:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._fd = os.open(self.root / self._day_file_name(day), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._day = day
+            self.prune()  # a new day is the moment old ones may expire
+        return self._fd
+
+    def _write_all(self, fd: int, frame: bytes, offset: int) -> None:
         try:
-            os.link(tmp, final)  # fails if final exists: never overwrite
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            tmp.unlink()
+            view = memoryview(frame)
+            while view:
+                view = view[os.write(fd, view):]
+            if self.fsync:
+                os.fdatasync(fd)
+        except OSError as exc:
+            os.ftruncate(fd, offset)  # no torn frame for the next one to follow
+            raise StorageError(f"The upload could not be written to disk ({exc.strerror}).") from None
 
-    @staticmethod
-    def sha256(data: bytes) -> str:
-        return hashlib.sha256(data).hexdigest()
+    def _open_frame(self, upload_id: str):
+        match = ID_PATTERN.match(upload_id or "")
+        if not match:
+            raise UploadNotFound("That is not an upload id.")
+        day, offset = match.group(1), int(match.group(2), 16)
+        try:
+            handle = open(self.root / self._day_file_name(day), "rb")
+        except OSError:
+            raise UploadNotFound(f"No upload with id {upload_id}.") from None
+        try:
+            handle.seek(offset)
+            record = json.loads(handle.readline(MAX_RECORD_BYTES))
+            if not (isinstance(record, dict) and hmac.compare_digest(str(record.get("id", "")), upload_id)):
+                raise ValueError("id mismatch")
+        except ValueError:  # also json.JSONDecodeError and UnicodeDecodeError
+            handle.close()
+            raise UploadNotFound(f"No upload with id {upload_id}.") from None
+        return record, handle
+
+
+def iter_day_file(path: str | Path) -> Iterator[tuple[dict[str, Any], bytes]]:
+    """(record, image bytes) for each complete frame of one day file, in order."""
+    with open(path, "rb") as handle:
+        while True:
+            line = handle.readline(MAX_RECORD_BYTES)
+            if not line:
+                return
+            try:
+                record = json.loads(line)
+                size = int(record["bytes"])
+            except (ValueError, KeyError, TypeError):
+                return  # torn tail after a crash: nothing after it was ever acknowledged
+            data = handle.read(size)
+            if len(data) != size or handle.read(1) != b"\n":
+                return
+            yield record, data
+
+
+def export(root: Path, out: Path) -> int:
+    """Write <id>.<suffix> and <id>.json for every stored upload; returns the count."""
+    out.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for path in sorted(root.glob("*.uploads")):
+        for record, data in iter_day_file(path):
+            if not ID_PATTERN.match(str(record.get("id", ""))):
+                continue  # never let file content choose an output path
+            suffix = record.get("suffix") if record.get("suffix") in MIMETYPE_BY_SUFFIX else "bin"
+            (out / f"{record['id']}.{suffix}").write_bytes(data)
+            (out / f"{record['id']}.json").write_text(json.dumps(record, indent=1) + "\n")
+            count += 1
+    return count
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Work with a folder of stored uploads.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    export_cmd = sub.add_parser("export", help="one image file and one JSON record per upload")
+    export_cmd.add_argument("--uploads", type=Path, default=Path(__file__).resolve().parent / "uploads")
+    export_cmd.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    count = export(args.uploads, args.out)
+    print(f"exported {count} uploads from {args.uploads} to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 from images import BLUE, RED, image_bytes
+from errors import PredictionError
+from uploads import ID_PATTERN, StorageError, iter_day_file
 
 HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 
@@ -33,7 +35,7 @@ def test_json_answer_for_curl_and_api_clients(client, app):
         assert body["confidence"] > 0.9
         assert set(body["scores"]) == {"CAT", "DOG"}
         assert abs(sum(body["scores"].values()) - 1.0) < 1e-6
-        assert len(body["id"]) == 32
+        assert ID_PATTERN.match(body["id"])
     assert post(client, image_bytes(BLUE)).get_json()["class"] == "CAT"
 
 
@@ -41,13 +43,13 @@ def test_upload_is_stored_with_its_prediction(client, app):
     data = image_bytes(BLUE, fmt="PNG")
     body = post(client, data, filename="../../etc/passwd.png").get_json()
     upload_dir = Path(app.config["UPLOAD_DIR"])
-    stored = upload_dir / f"{body['id']}.png"
-    assert stored.read_bytes() == data
-    record = json.loads((upload_dir / f"{body['id']}.json").read_text())
+    [(record, stored)] = [frame for day in upload_dir.glob("*.uploads") for frame in iter_day_file(day)]
+    assert stored == data and record["id"] == body["id"]
     assert record["prediction"]["class"] == "CAT" and record["format"] == "PNG"
     assert record["client_filename"] == "../../etc/passwd.png"  # kept for audit, never used as a path
-    assert sorted(p.name for p in upload_dir.iterdir() if p.name != ".gitkeep") == sorted(
-        [f"{body['id']}.png", f"{body['id']}.json"])
+    day = body["id"][:8]
+    assert [p.name for p in upload_dir.iterdir() if p.name != ".gitkeep"] == [
+        f"{day[:4]}-{day[4:6]}-{day[6:]}.uploads"]
     image = client.get(body["image_url"])
     assert image.status_code == 200 and image.data == data and image.mimetype == "image/png"
     assert image.headers["X-Content-Type-Options"] == "nosniff"
@@ -114,7 +116,7 @@ def test_wrong_method_is_405_with_allow_header(client):
 def test_unknown_paths_and_ids_are_404_json(client):
     assert client.get("/nope").get_json()["error"]["code"] == "not_found"
     assert client.get("/uploads/..%2F..%2Fapp.py").status_code == 404
-    for bad in ("%2E%2E", "app.py", "0" * 32):
+    for bad in ("%2E%2E", "app.py", "0" * 32, "20261125-0-" + "0" * 32):
         r = client.get(f"/uploads/{bad}")
         assert r.status_code == 404 and r.get_json()["error"]["code"] == "upload_not_found"
 
@@ -133,13 +135,58 @@ def test_unexpected_errors_are_500_without_internals(app, client, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(service.store, "record", broken)
+    monkeypatch.setattr(service.store, "save", broken)
     r = post(client, image_bytes(RED))
     assert r.status_code == 500
     assert "secret" not in r.get_data(as_text=True) and "Traceback" not in r.get_data(as_text=True)
+
+
+def test_a_failed_prediction_is_503_and_keeps_the_image(app, client, monkeypatch):
+    service = app.extensions["classifier"]
+
+    def failing(x, expected=False):
+        service.batcher.cancel_expect()
+        raise PredictionError("The model failed on this batch.")
+
+    monkeypatch.setattr(service.batcher, "predict", failing)
+    data = image_bytes(RED, fmt="PNG")
+    r = post(client, data)
+    error = r.get_json()["error"]
+    assert r.status_code == 503 and error["code"] == "prediction" and "kept" in error["hint"]
+    assert client.get(f"/uploads/{error['id']}").data == data
+    record = client.get(f"/uploads/{error['id']}/record").get_json()
+    assert record["prediction"] is None and record["error"] == "The model failed on this batch."
+    monkeypatch.undo()
+    assert post(client, image_bytes(RED)).get_json()["class"] == "DOG"
+
+
+def test_a_full_disk_is_503_with_a_hint(app, client, monkeypatch):
+    def full(*args, **kwargs):
+        raise StorageError("The upload could not be written to disk (No space left on device).")
+
+    monkeypatch.setattr(app.extensions["classifier"].store, "save", full)
+    r = post(client, image_bytes(RED))
+    error = r.get_json()["error"]
+    assert r.status_code == 503 and error["code"] == "storage"
+    assert "No space left" in error["message"] and "disk may be full" in error["hint"]
 
 
 def test_security_headers_on_pages(client):
     r = client.get("/")
     assert "default-src 'none'" in r.headers["Content-Security-Policy"]
     assert r.headers["X-Frame-Options"] == "DENY"
+
+
+def test_config_layers_defaults_then_environment_then_argument(colour_model_path, tmp_path, monkeypatch):
+    from app import config_from_args, create_app, parse_args
+
+    base = {"MODEL_PATH": str(colour_model_path), "UPLOAD_DIR": str(tmp_path / "uploads")}
+    assert create_app(base).extensions["classifier"].store.fsync is True  # durable by default
+    monkeypatch.setenv("KERAS_SERVE_UPLOAD_FSYNC", "false")
+    monkeypatch.setenv("KERAS_SERVE_MAX_BATCH", "4")
+    app = create_app(base)
+    assert app.extensions["classifier"].store.fsync is False and app.config["MAX_BATCH"] == 4
+    app = create_app({**base, **config_from_args(parse_args(["--fsync-uploads"]))})
+    assert app.extensions["classifier"].store.fsync is True and app.config["MAX_BATCH"] == 4
+    assert config_from_args(parse_args(["--no-fsync-uploads"]))["UPLOAD_FSYNC"] is False
+    assert "UPLOAD_FSYNC" not in config_from_args(parse_args([]))  # leaves the environment's value

@@ -8,6 +8,7 @@ import requests
 
 from images import BLUE, RED, image_bytes
 from server_process import ROOT, ServerProcess
+from uploads import iter_day_file
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +43,12 @@ def test_sixteen_concurrent_uploads_with_the_same_name_are_all_answered_and_stor
     assert all(bodies[i]["class"] == ("DOG" if i % 2 else "CAT") for i in bodies)
     ids = {b["id"] for b in bodies.values()}
     assert len(ids) == 16
+    stored = {record["id"]: (record, data) for day in server.uploads.glob("*.uploads")
+              for record, data in iter_day_file(day)}
     for i, body in bodies.items():
-        assert (server.uploads / f"{body['id']}.jpg").read_bytes() == images[i]
-        assert (server.uploads / f"{body['id']}.json").exists()
+        record, data = stored[body["id"]]
+        assert data == images[i] and record["prediction"]["class"] == body["class"]
+        assert requests.get(server.url + body["image_url"], timeout=10).content == images[i]
 
 
 def test_real_http_errors_and_keep_serving(server):
