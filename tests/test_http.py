@@ -181,12 +181,12 @@ def test_config_layers_defaults_then_environment_then_argument(colour_model_path
     from app import config_from_args, create_app, parse_args
 
     base = {"MODEL_PATH": str(colour_model_path), "UPLOAD_DIR": str(tmp_path / "uploads")}
-    assert create_app(base).extensions["classifier"].store.fsync is True  # durable by default
-    monkeypatch.setenv("KERAS_SERVE_UPLOAD_FSYNC", "false")
+    assert create_app(base).extensions["classifier"].store.fsync is False  # see README: latency
+    monkeypatch.setenv("KERAS_SERVE_UPLOAD_FSYNC", "true")
     monkeypatch.setenv("KERAS_SERVE_MAX_BATCH", "4")
     app = create_app(base)
-    assert app.extensions["classifier"].store.fsync is False and app.config["MAX_BATCH"] == 4
-    app = create_app({**base, **config_from_args(parse_args(["--fsync-uploads"]))})
     assert app.extensions["classifier"].store.fsync is True and app.config["MAX_BATCH"] == 4
-    assert config_from_args(parse_args(["--no-fsync-uploads"]))["UPLOAD_FSYNC"] is False
+    app = create_app({**base, **config_from_args(parse_args(["--no-fsync-uploads"]))})
+    assert app.extensions["classifier"].store.fsync is False and app.config["MAX_BATCH"] == 4
+    assert config_from_args(parse_args(["--fsync-uploads"]))["UPLOAD_FSYNC"] is True
     assert "UPLOAD_FSYNC" not in config_from_args(parse_args([]))  # leaves the environment's value
