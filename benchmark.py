@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import secrets
 import shlex
 import shutil
 import signal
@@ -514,8 +515,15 @@ class CountingConnection(http.client.HTTPConnection):
 
 @dataclass
 class Upload:
-    body: bytes
+    data: bytes
     name: str
+
+    def request(self) -> tuple[bytes, dict[str, str]]:
+        """Body and headers with a fresh boundary, as curl, requests and browsers send: Werkzeug
+        compiles two regular expressions per new boundary, and a fixed one would hide that."""
+        boundary = "------------------------" + secrets.token_hex(8)
+        body = multipart_body("file", self.name, "image/jpeg", self.data, boundary)
+        return body, {"Content-Type": f"multipart/form-data; boundary={boundary}", "Accept": "application/json"}
 
 
 @dataclass
@@ -525,15 +533,13 @@ class WorkerLog:
     connects: int = 0
 
 
-REQUEST_HEADERS = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}", "Accept": "application/json"}
-
-
 def post_once(conn: CountingConnection, upload: Upload, log: WorkerLog) -> None:
     """One POST /file/, recorded in log; a failed connection is closed so the next reconnects."""
     started = time.perf_counter()
     ok, problem = False, ""
     try:
-        conn.request("POST", "/file/", body=upload.body, headers=REQUEST_HEADERS)
+        body, headers = upload.request()
+        conn.request("POST", "/file/", body=body, headers=headers)
         response = conn.getresponse()
         payload = response.read()
         if response.status != 200:
@@ -753,7 +759,7 @@ def level_to_dict(level: LevelResult) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="Keras model file (default: %(default)s)")
-    p.add_argument("--server-args", default="", help='extra app.py options, e.g. "--max-batch 16 --max-wait-ms 5"')
+    p.add_argument("--server-args", default="", help='extra app.py options; use the = form: --server-args="--max-batch 16"')
     p.add_argument("--app", type=Path, default=ROOT / "app.py", help="server script (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
@@ -810,7 +816,7 @@ def benchmark(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     }
 
     images = find_images(args.images, args.max_images, scratch)
-    uploads = [Upload(multipart_body("file", p.name, "image/jpeg", p.read_bytes()), p.name) for p in images.paths]
+    uploads = [Upload(p.read_bytes(), p.name) for p in images.paths]
     results["images"] = {"count": len(uploads), "source": images.source, "synthetic": images.synthetic,
                          "mean_kb": statistics.fmean(p.stat().st_size for p in images.paths) / 1024}
     phone_path = make_phone_photo(images.paths[0], scratch / "phone_4032x3024.jpg") if args.phone_requests else None
@@ -872,8 +878,7 @@ def benchmark(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         results["http"] = http_info
 
         if phone_path is not None:
-            phone_upload = Upload(multipart_body("file", phone_path.name, "image/jpeg", phone_path.read_bytes()),
-                                  phone_path.name)
+            phone_upload = Upload(phone_path.read_bytes(), phone_path.name)
             phone = time_single_upload(args.host, port, phone_upload, args.phone_requests, args.timeout)
             phone.update(size=f"{PHONE_SIZE[0]}x{PHONE_SIZE[1]}", bytes=phone_path.stat().st_size)
             results["phone"] = phone

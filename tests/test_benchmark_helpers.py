@@ -54,6 +54,16 @@ def test_multipart_body_parses_back_to_the_file() -> None:
     assert parts[0].get_payload(decode=True) == data
 
 
+def test_each_upload_request_has_a_fresh_boundary_and_parses_back() -> None:
+    upload = benchmark.Upload(b"\xff\xd8 jpeg \r\n-- bytes", "dog.7.jpg")
+    (first, first_headers), (second, second_headers) = upload.request(), upload.request()
+    assert first_headers["Content-Type"] != second_headers["Content-Type"]
+    for body, headers in ((first, first_headers), (second, second_headers)):
+        raw = f"Content-Type: {headers['Content-Type']}\r\n\r\n".encode() + body
+        [part] = email.parser.BytesParser().parsebytes(raw).get_payload()
+        assert part.get_filename() == "dog.7.jpg" and part.get_payload(decode=True) == upload.data
+
+
 def test_percent_change() -> None:
     assert benchmark.percent_change(100.0, 110.0) == pytest.approx(10.0)
     assert benchmark.percent_change(200.0, 150.0) == pytest.approx(-25.0)
