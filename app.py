@@ -46,7 +46,10 @@ DEFAULTS: dict[str, Any] = {
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Build the app and load the model once; raises ModelLoadError if it cannot be served."""
+    from multipart_form import ServingRequest
+
     app = Flask(__name__)
+    app.request_class = ServingRequest  # python-multipart for uploads; see multipart_form.py
     app.config.from_mapping(DEFAULTS)
     app.config.from_prefixed_env(ENV_PREFIX)
     if config:

@@ -1,0 +1,97 @@
+"""multipart/form-data parsing for Flask by python-multipart, instead of Werkzeug's parser.
+
+Werkzeug compiles two regular expressions for every new boundary, and real clients (curl,
+requests, browsers) send a new boundary with every upload: 0.46 ms of CPU per 24 KB upload,
+against 0.15 ms for python-multipart, which finds the boundary with bytes.find. The rest
+of Werkzeug's request handling is kept: `request.files["file"]` is a FileStorage, and the
+size limits Flask passes in (max_content_length, max_form_memory_size, max_form_parts)
+apply as before. A malformed body parses to an empty form, as with Werkzeug, so the route
+answers "no file part" (400).
+"""
+from __future__ import annotations
+
+import io
+from typing import IO, Any
+
+from flask import Request
+from python_multipart import MultipartParser
+from python_multipart.multipart import MultipartState
+from werkzeug.datastructures import FileStorage, Headers
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.formparser import FormDataParser
+from werkzeug.http import parse_options_header
+
+READ_CHUNK = 64 * 1024
+
+
+class _Part:
+    __slots__ = ("headers", "data", "_field")
+
+    def __init__(self) -> None:
+        self.headers = Headers()
+        self.data = bytearray()
+        self._field = bytearray()
+
+
+def split_parts(stream: IO[bytes], boundary: bytes, max_parts: int | None) -> list[tuple[Headers, bytes]]:
+    """Every part of a multipart body as (headers, bytes); raises ValueError if malformed."""
+    parts: list[_Part] = []
+    value = bytearray()
+
+    def part_begin() -> None:
+        if max_parts is not None and len(parts) >= max_parts:
+            raise RequestEntityTooLarge(f"More than {max_parts} form parts.")
+        parts.append(_Part())
+
+    def header_field(data: bytes, start: int, end: int) -> None:
+        parts[-1]._field += data[start:end]
+
+    def header_value(data: bytes, start: int, end: int) -> None:
+        value.extend(data[start:end])
+
+    def header_end() -> None:
+        part = parts[-1]
+        # Browsers send UTF-8 file names unescaped; anything undecodable is only audit text.
+        part.headers.add(part._field.decode("latin-1"), value.decode("utf-8", "replace"))
+        part._field.clear()
+        value.clear()
+
+    def part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1].data += data[start:end]
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": part_begin, "on_header_field": header_field, "on_header_value": header_value,
+        "on_header_end": header_end, "on_part_data": part_data,
+    })
+    while chunk := stream.read(READ_CHUNK):
+        parser.write(chunk)
+    if parser.state != MultipartState.END:  # python-multipart's finalize() does not check this yet
+        raise ValueError("multipart body ends before its closing boundary")
+    return [(part.headers, bytes(part.data)) for part in parts]
+
+
+class MultipartFormDataParser(FormDataParser):
+    def _parse_multipart(self, stream: IO[bytes], mimetype: str, content_length: int | None,
+                         options: dict[str, str]) -> tuple[IO[bytes], Any, Any]:
+        boundary = options.get("boundary", "").encode("latin-1")
+        if not boundary:
+            raise ValueError("Missing boundary")
+        fields: list[tuple[str, str]] = []
+        uploads: list[tuple[str, FileStorage]] = []
+        for headers, data in split_parts(stream, boundary, self.max_form_parts):
+            disposition, params = parse_options_header(headers.get("Content-Disposition"))
+            name = params.get("name")
+            if disposition != "form-data" or name is None:
+                continue
+            if "filename" in params:
+                uploads.append((name, FileStorage(io.BytesIO(data), filename=params["filename"], name=name,
+                                                  content_type=headers.get("Content-Type"), headers=headers)))
+            else:
+                if self.max_form_memory_size is not None and len(data) > self.max_form_memory_size:
+                    raise RequestEntityTooLarge()
+                fields.append((name, data.decode("utf-8", "replace")))
+        return stream, self.cls(fields), self.cls(uploads)
+
+
+class ServingRequest(Request):
+    form_data_parser_class = MultipartFormDataParser
