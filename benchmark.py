@@ -558,6 +558,19 @@ def post_once(conn: CountingConnection, upload: Upload, log: WorkerLog) -> None:
         log.errors.append(f"{upload.name}: {problem}")
 
 
+def batcher_counters(host: str, port: int, timeout_s: float = 10.0) -> tuple[int, int] | None:
+    """(model calls, images) so far, from the server's /readyz; None if it does not say."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
+    try:
+        conn.request("GET", "/readyz")
+        status = json.loads(conn.getresponse().read())
+        return int(status["batches"]), int(status["images"])
+    except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
+        return None
+    finally:
+        conn.close()
+
+
 @dataclass
 class LevelResult:
     concurrency: int
@@ -574,6 +587,7 @@ class LevelResult:
     client_cpu_s: float
     machine_busy_pct: float      # of all cores, whole machine, during the window
     machine_cpu_ms_per_request: float
+    images_per_model_call: float  # mean batch the server formed during the window
 
 
 def run_level(host: str, port: int, uploads: Sequence[Upload], concurrency: int, warmup_s: float,
@@ -607,6 +621,7 @@ def run_level(host: str, port: int, uploads: Sequence[Upload], concurrency: int,
         window_start = start + warmup_s
         time.sleep(max(0.0, window_start - time.perf_counter()))
         server_cpu0, client_cpu0, machine0 = cpu_seconds(server_pid), own_cpu_seconds(), machine_ticks()
+        batches0 = batcher_counters(host, port)
         window_start = time.perf_counter()
         if max_requests is None:
             time.sleep(max(0.0, window_start + duration_s - time.perf_counter()))
@@ -615,6 +630,7 @@ def run_level(host: str, port: int, uploads: Sequence[Upload], concurrency: int,
                 time.sleep(0.05)
         # Read the meters at the end of the window, not after the in-flight stragglers finish.
         server_cpu1, client_cpu1, machine1 = cpu_seconds(server_pid), own_cpu_seconds(), machine_ticks()
+        batches1 = batcher_counters(host, port)
         window_end = time.perf_counter()
     finally:
         # Also on Ctrl-C: idle the clients so the server can shut down without in-flight work.
@@ -629,6 +645,9 @@ def run_level(host: str, port: int, uploads: Sequence[Upload], concurrency: int,
     errors = [e for log in logs for e in log.errors]
     busy_ticks, total_ticks = machine1[0] - machine0[0], machine1[1] - machine0[1]
     busy_core_ms = busy_ticks / os.sysconf("SC_CLK_TCK") * 1000.0
+    calls = images = 0
+    if batches0 and batches1:
+        calls, images = batches1[0] - batches0[0], batches1[1] - batches0[1]
     return LevelResult(
         concurrency=concurrency,
         duration_s=elapsed,
@@ -646,6 +665,7 @@ def run_level(host: str, port: int, uploads: Sequence[Upload], concurrency: int,
         # Per request, all cores: model + server + this client + kernel; the budget is
         # cores * 1000 / (req/s), so this says how far the machine is from saturated.
         machine_cpu_ms_per_request=busy_core_ms / len(good) if good else math.nan,
+        images_per_model_call=images / calls if calls else math.nan,
     )
 
 
@@ -706,12 +726,14 @@ def print_report(results: dict[str, Any]) -> None:
                      level["errors_total"], level["requests_per_s"] / best if raw else math.nan,
                      level["server_cpu_s"] / level["duration_s"] * 100, level["client_cpu_s"] / level["duration_s"] * 100,
                      level["machine_busy_pct"], level["machine_cpu_ms_per_request"],
+                     level.get("images_per_model_call", math.nan),
                      f"{level['connects']}/{level['total_requests']}"])
     print(format_table(["conc", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "vs raw", "srv CPU%",
-                        "cli CPU%", "busy%", "CPU ms/req", "conns/reqs"], rows))
+                        "cli CPU%", "busy%", "CPU ms/req", "batch", "conns/reqs"], rows))
     print("(vs raw: req/s over the raw model's best batched images/s; CPU%: of one core, server "
           "process tree / this client; busy%: whole machine, all cores; CPU ms/req: whole-machine "
-          "CPU time per answered request; conns/reqs: TCP connections opened / requests sent)")
+          "CPU time per answered request; batch: mean images per model call; conns/reqs: TCP "
+          "connections opened / requests sent)")
     if any(level["connects"] >= 0.5 * level["total_requests"] > 0 for level in http_info["levels"]):
         # Each new TCP connection costs the server an accept and a handler thread start.
         print("note: the server closed most connections after one request (no keep-alive); "
