@@ -30,7 +30,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator
 
 from errors import ServiceError
 
@@ -140,8 +140,17 @@ class UploadStore:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
-            self._fd = os.open(self.root / self._day_file_name(day), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            self._day = day
+            fd = os.open(self.root / self._day_file_name(day), os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                # A crash mid-write leaves a torn frame at the end (its id was never given
+                # out). Start the next frame on a fresh line so readers can find it again.
+                end = os.lseek(fd, 0, os.SEEK_END)
+                if end and os.pread(fd, 1, end - 1) != b"\n":
+                    os.write(fd, b"\n")
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            self._fd, self._day = fd, day
             self.prune()  # a new day is the moment old ones may expire
         return self._fd
 
@@ -177,21 +186,33 @@ class UploadStore:
 
 
 def iter_day_file(path: str | Path) -> Iterator[tuple[dict[str, Any], bytes]]:
-    """(record, image bytes) for each complete frame of one day file, in order."""
+    """(record, image bytes) for each complete frame of one day file, in order.
+
+    A frame torn by a crash (never acknowledged) is skipped: reading resumes at the next line
+    that starts a frame whose size, closing newline and sha256 all check out.
+    """
     with open(path, "rb") as handle:
-        while True:
-            line = handle.readline(MAX_RECORD_BYTES)
-            if not line:
-                return
-            try:
-                record = json.loads(line)
-                size = int(record["bytes"])
-            except (ValueError, KeyError, TypeError):
-                return  # torn tail after a crash: nothing after it was ever acknowledged
-            data = handle.read(size)
-            if len(data) != size or handle.read(1) != b"\n":
-                return
-            yield record, data
+        while line := handle.readline(MAX_RECORD_BYTES):
+            after_line = handle.tell()
+            frame = _read_frame(handle, line)
+            if frame is None:
+                handle.seek(after_line)
+                continue
+            yield frame
+
+
+def _read_frame(handle: IO[bytes], line: bytes) -> tuple[dict[str, Any], bytes] | None:
+    try:
+        record = json.loads(line)
+        size, digest = int(record["bytes"]), str(record["sha256"])
+    except (ValueError, KeyError, TypeError):  # also JSONDecodeError, UnicodeDecodeError
+        return None
+    if size < 0:
+        return None
+    data = handle.read(size)
+    if len(data) != size or handle.read(1) != b"\n" or hashlib.sha256(data).hexdigest() != digest:
+        return None
+    return record, data
 
 
 def export(root: Path, out: Path) -> int:

@@ -125,14 +125,33 @@ def test_a_failed_write_leaves_no_torn_frame(tmp_path, monkeypatch):
     assert [data for _, data in iter_day_file(next(tmp_path.glob("*.uploads")))] == [b"kept", b"after"]
 
 
-def test_reading_stops_at_a_torn_tail(tmp_path):
+def test_a_torn_frame_from_a_crash_is_skipped_and_later_uploads_still_read(tmp_path):
     store = UploadStore(tmp_path)
-    store.save(b"whole", "PNG", {})
+    before = store.save(b"whole", "PNG", {})
     store.close()
     path = next(tmp_path.glob("*.uploads"))
-    with open(path, "ab") as handle:  # a crash in the middle of a frame
-        handle.write(json.dumps({"id": "x", "bytes": 100}).encode() + b"\nonly part")
+    with open(path, "ab") as handle:  # a crash in the middle of a frame: header, part of the image
+        handle.write(json.dumps({"id": "x", "bytes": 100, "sha256": "0" * 64}).encode() + b"\nonly\npart")
     assert [data for _, data in iter_day_file(path)] == [b"whole"]
+    restarted = UploadStore(tmp_path)
+    after = [restarted.save(f"after {i}\n{{}}".encode(), "PNG", {}) for i in range(3)]
+    frames = list(iter_day_file(path))
+    assert [record["id"] for record, _ in frames] == [before, *after]
+    assert [data for _, data in frames] == [b"whole", *(f"after {i}\n{{}}".encode() for i in range(3))]
+    assert restarted.read_image(after[0])[0] == b"after 0\n{}"
+
+
+def test_a_torn_header_line_is_skipped_too(tmp_path):
+    store = UploadStore(tmp_path)
+    store.save(b"one", "PNG", {})
+    store.close()
+    path = next(tmp_path.glob("*.uploads"))
+    with open(path, "ab") as handle:
+        handle.write(b'{"id": "20261125-')
+    restarted = UploadStore(tmp_path)
+    two = restarted.save(b"two", "PNG", {})
+    assert [data for _, data in iter_day_file(path)] == [b"one", b"two"]
+    assert restarted.read_record(two)["bytes"] == 3
 
 
 def test_export_command_writes_one_image_and_record_per_upload(tmp_path):
