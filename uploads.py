@@ -74,9 +74,12 @@ class UploadStore:
         token = secrets.token_hex(16)
         suffix = SUFFIX_BY_FORMAT.get((image_format or "").upper(), "bin")
         with self._lock:
-            fd = self._day_file(day)
-            # flock: several server processes may share one upload folder.
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fd = self._day_file(day)
+                # flock: several server processes may share one upload folder.
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                raise StorageError(f"The upload file could not be opened ({exc.strerror}).") from None
             try:
                 offset = os.lseek(fd, 0, os.SEEK_END)
                 upload_id = f"{day}-{offset:x}-{token}"
@@ -116,7 +119,10 @@ class UploadStore:
             match = DAY_FILE_PATTERN.match(path.name)
             if not match:
                 continue
-            day_end = datetime(*map(int, match.groups()), tzinfo=timezone.utc).timestamp() + 86400
+            try:
+                day_end = datetime(*map(int, match.groups()), tzinfo=timezone.utc).timestamp() + 86400
+            except ValueError:  # a name like 2026-13-45.uploads is not ours to delete
+                continue
             if day_end < cutoff and path.name != self._day_file_name(self._day):
                 path.unlink(missing_ok=True)
                 removed += 1

@@ -102,7 +102,16 @@ def test_prune_removes_only_expired_days(tmp_path):
     assert store.read_image(new)[0] == b"new"
     assert store.prune() == 0  # today's file is never removed
     (tmp_path / "notes.txt").write_text("not ours")
-    assert store.prune() == 0 and (tmp_path / "notes.txt").exists()
+    (tmp_path / "2020-13-45.uploads").write_text("not a date")
+    assert store.prune() == 0 and (tmp_path / "notes.txt").exists() and (tmp_path / "2020-13-45.uploads").exists()
+
+
+def test_an_unwritable_folder_is_a_storage_error(tmp_path):
+    store = UploadStore(tmp_path / "uploads")
+    (tmp_path / "uploads").rmdir()
+    (tmp_path / "uploads").write_text("a file where the folder was")
+    with pytest.raises(StorageError):
+        store.save(b"x", "PNG", {})
 
 
 def test_unknown_formats_are_served_as_octet_stream(tmp_path):
