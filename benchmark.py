@@ -5,7 +5,7 @@ Usage (from the project root, with the venv's python):
 
     .venv/bin/python benchmark.py [--model models/cats_vs_dogs.h5]
         [--concurrency 1,8,32,64] [--duration 15] [--warmup 3]
-        [--server-args "--max-batch 16 --max-wait-ms 5 --threads 8"]
+        [--server-args="--max-batch 16 --max-wait-ms 5 --threads 8"]
         [--soak 10000 --soak-concurrency 32] [--json results.json]
 
 Steps, all on this one machine:
@@ -13,9 +13,10 @@ Steps, all on this one machine:
      starts: best batched images/s through a tf.function (batch 1, 8, 16, 32, 64) and the
      single-image latency = decode+preprocess of a real JPEG + one forward at batch 1.
   2. Starts `app.py` on a free port, waits for /readyz, then drives POST /file/ over
-     keep-alive connections (one thread and one http.client connection per client, bodies
-     built once) at each concurrency level: requests/s, p50/p90/p99 latency, errors, and
-     the ratio to the raw model's best batched throughput.
+     keep-alive connections (one thread and one http.client connection per client, a fresh
+     multipart boundary per request as real clients send) at each concurrency level:
+     requests/s, p50/p90/p99 latency, errors, the ratio to the raw model's best batched
+     throughput, whole-machine CPU time per request and the mean batch the server formed.
   3. A 4032x3024 phone-sized JPEG end to end at one client (median, p90).
   4. Server VmRSS along the way; with --soak N, N more requests and the RSS change.
   5. A plain-text summary (and --json PATH with every number).
