@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_WAIT_MS": 2.0,
     "HOST": "0.0.0.0",
     "PORT": 8080,
-    "THREADS": 32,
+    "THREADS": 64,            # measured: more than 32 helps 64 clients, costs nothing at 1 or 32
 }
 
 
@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-pixels", type=int, help="largest image in pixels (default 50,000,000)")
     p.add_argument("--max-batch", type=int, help="largest inference batch (default 32)")
     p.add_argument("--max-wait-ms", type=float, help="how long a batch waits for more requests (default 2)")
-    p.add_argument("--threads", type=int, help="request threads (default 32)")
+    p.add_argument("--threads", type=int, help="request threads (default 64)")
     p.add_argument("--fsync-uploads", action=argparse.BooleanOptionalAction, default=None,
                    help="fdatasync every upload before answering, so it survives power loss (default off)")
     return p.parse_args(argv)
