@@ -1,6 +1,4 @@
 """The HTTP API and pages through Flask's test client, against a tiny colour model."""
-import io
-import json
 import secrets
 from pathlib import Path
 
