@@ -147,15 +147,19 @@ class UploadStore:
                 os.close(self._fd)
                 self._fd = None
             fd = os.open(self.root / self._day_file_name(day), os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                # A crash mid-write leaves a torn frame at the end (its id was never given
-                # out). Start the next frame on a fresh line so readers can find it again.
-                end = os.lseek(fd, 0, os.SEEK_END)
-                if end and os.pread(fd, 1, end - 1) != b"\n":
-                    os.write(fd, b"\n")
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    # A crash mid-write leaves a torn frame at the end (its id was never given
+                    # out). Start the next frame on a fresh line so readers can find it again.
+                    end = os.lseek(fd, 0, os.SEEK_END)
+                    if end and os.pread(fd, 1, end - 1) != b"\n":
+                        os.write(fd, b"\n")
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            except OSError:
+                os.close(fd)
+                raise
             self._fd, self._day = fd, day
             self.prune()  # a new day is the moment old ones may expire
         return self._fd
@@ -168,10 +172,13 @@ class UploadStore:
             if self.fsync:
                 os.fdatasync(fd)
         except OSError as exc:
-            os.ftruncate(fd, offset)  # no torn frame for the next one to follow
+            try:
+                os.ftruncate(fd, offset)  # no torn frame for the next one to follow
+            except OSError:
+                self._day = None  # reopen next time, which starts a fresh line after the tear
             raise StorageError(f"The upload could not be written to disk ({exc.strerror}).") from None
 
-    def _open_frame(self, upload_id: str):
+    def _open_frame(self, upload_id: str) -> tuple[dict[str, Any], IO[bytes]]:
         match = ID_PATTERN.match(upload_id or "")
         if not match:
             raise UploadNotFound("That is not an upload id.")
