@@ -58,7 +58,6 @@ from typing import Any, Iterable, Sequence
 ROOT = Path(__file__).resolve().parent
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "cats_vs_dogs" / "validation"
 DEFAULT_MODEL = ROOT / "models" / "cats_vs_dogs.h5"
-BOUNDARY = "----benchmark-boundary-7d1c2a9e"
 PHONE_SIZE = (4032, 3024)
 
 
@@ -105,8 +104,12 @@ def parse_int_list(text: str) -> list[int]:
     return values
 
 
-def multipart_body(field_name: str, filename: str, content_type: str, data: bytes,
-                   boundary: str = BOUNDARY) -> bytes:
+def fresh_boundary() -> str:
+    """A new multipart boundary in curl's style; real clients send a new one per upload."""
+    return "------------------------" + secrets.token_hex(8)
+
+
+def multipart_body(field_name: str, filename: str, content_type: str, data: bytes, boundary: str) -> bytes:
     """A multipart/form-data body holding one file field (what a browser form sends)."""
     head = (
         f"--{boundary}\r\n"
@@ -522,7 +525,7 @@ class Upload:
     def request(self) -> tuple[bytes, dict[str, str]]:
         """Body and headers with a fresh boundary, as curl, requests and browsers send: Werkzeug
         compiles two regular expressions per new boundary, and a fixed one would hide that."""
-        boundary = "------------------------" + secrets.token_hex(8)
+        boundary = fresh_boundary()
         body = multipart_body("file", self.name, "image/jpeg", self.data, boundary)
         return body, {"Content-Type": f"multipart/form-data; boundary={boundary}", "Accept": "application/json"}
 

@@ -1,8 +1,8 @@
 """multipart/form-data parsing for Flask by python-multipart, instead of Werkzeug's parser.
 
 Werkzeug compiles two regular expressions for every new boundary, and real clients (curl,
-requests, browsers) send a new boundary with every upload: 0.46 ms of CPU per 24 KB upload,
-against 0.15 ms for python-multipart, which finds the boundary with bytes.find. The rest
+requests, browsers) send a new boundary with every upload: 0.46-0.49 ms of CPU per 24 KB
+upload, against 0.05 ms through this module, which finds the boundary with bytes.find. The rest
 of Werkzeug's request handling is kept: `request.files["file"]` is a FileStorage, and the
 size limits Flask passes in (max_content_length, max_form_memory_size, max_form_parts)
 apply as before. A malformed body parses to an empty form, as with Werkzeug, so the route

@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify, render_template, request, url_for
 
 from classifier import ClassifierService
-from errors import EmptyImageError, MissingFileError
+from errors import MissingFileError
 from http_errors import wants_html
 
 bp = Blueprint("web", __name__)
@@ -25,10 +25,7 @@ def classify():
     upload = request.files.get("file")
     if upload is None:
         raise MissingFileError("The request has no file part named 'file'.")
-    data = upload.read()
-    if not data:
-        raise EmptyImageError("The uploaded file is empty.")
-    result = service().classify(data, upload.filename)
+    result = service().classify(upload.read(), upload.filename)  # preprocess rejects empty files
     image_url = url_for("web.uploaded_image", upload_id=result.upload_id)
     if wants_html():
         return render_template("result.html", prediction=result.prediction, image_url=image_url,

@@ -44,8 +44,9 @@ def test_parse_int_list() -> None:
 
 def test_multipart_body_parses_back_to_the_file() -> None:
     data = bytes(range(256)) * 4 + b"\r\n--not-a-boundary\r\n"
-    body = benchmark.multipart_body("file", "cat.1.jpg", "image/jpeg", data)
-    header = f"Content-Type: multipart/form-data; boundary={benchmark.BOUNDARY}\r\n\r\n".encode()
+    boundary = benchmark.fresh_boundary()
+    body = benchmark.multipart_body("file", "cat.1.jpg", "image/jpeg", data, boundary)
+    header = f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode()
     message = email.parser.BytesParser().parsebytes(header + body)
     parts = message.get_payload()
     assert len(parts) == 1

@@ -1,9 +1,9 @@
 """The HTTP API and pages through Flask's test client, against a tiny colour model."""
-import secrets
 from pathlib import Path
 
 import pytest
 
+from benchmark import fresh_boundary, multipart_body
 from images import BLUE, RED, image_bytes
 from errors import PredictionError
 from uploads import ID_PATTERN, StorageError, iter_day_file
@@ -19,9 +19,8 @@ def post(client, data: bytes | None, filename="photo.jpg", headers=None, path="/
     """
     if data is None:
         return client.post(path, data={}, headers=headers or {}, content_type="multipart/form-data")
-    boundary = "------------------------" + secrets.token_hex(8)
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    boundary = fresh_boundary()
+    body = multipart_body("file", filename, "application/octet-stream", data, boundary)
     return client.post(path, data=body, headers=headers or {}, content_type=f"multipart/form-data; boundary={boundary}")
 
 
