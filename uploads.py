@@ -73,6 +73,11 @@ class UploadStore:
         day = time.strftime("%Y%m%d", time.gmtime(now))
         token = secrets.token_hex(16)
         suffix = SUFFIX_BY_FORMAT.get((image_format or "").upper(), "bin")
+        facts = {  # computed outside the lock, which only has to cover finding the offset and writing
+            "received": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds"),
+            "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "format": image_format, "suffix": suffix,
+        }
         with self._lock:
             try:
                 fd = self._day_file(day)
@@ -83,12 +88,7 @@ class UploadStore:
             try:
                 offset = os.lseek(fd, 0, os.SEEK_END)
                 upload_id = f"{day}-{offset:x}-{token}"
-                header = {
-                    **record, "id": upload_id,
-                    "received": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds"),
-                    "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                    "format": image_format, "suffix": suffix,
-                }
+                header = {**record, "id": upload_id, **facts}
                 frame = json.dumps(header).encode() + b"\n" + data + b"\n"
                 self._write_all(fd, frame, offset)
             finally:
