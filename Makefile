@@ -6,10 +6,11 @@ ARGS ?=
 
 .PHONY: serve test bench train evaluate
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -r requirements.txt
+	$(VENV)/bin/pip install --quiet --no-deps -e .
 	touch $@
 
 serve: $(VENV)/.installed
@@ -19,10 +20,10 @@ test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest $(ARGS)
 
 bench: $(VENV)/.installed
-	$(VENV)/bin/python benchmark.py $(ARGS)
+	$(VENV)/bin/python -m keras_serve.tools.benchmark $(ARGS)
 
 train: $(VENV)/.installed
-	$(VENV)/bin/python train.py --data ../shared/data/cats_vs_dogs --out models/cats_vs_dogs.h5 --labels CAT,DOG $(ARGS)
+	$(VENV)/bin/python -m keras_serve.training.train --data ../shared/data/cats_vs_dogs --out models/cats_vs_dogs.h5 --labels CAT,DOG $(ARGS)
 
 evaluate: $(VENV)/.installed
-	$(VENV)/bin/python evaluate.py models/cats_vs_dogs.h5 --data ../shared/data/cats_vs_dogs --split validation $(ARGS)
+	$(VENV)/bin/python -m keras_serve.training.evaluate models/cats_vs_dogs.h5 --data ../shared/data/cats_vs_dogs --split validation $(ARGS)

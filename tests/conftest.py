@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import pytest
@@ -46,13 +43,25 @@ def colour_model_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture()
-def app(colour_model_path, tmp_path):
-    from app import create_app
+def make_app(tmp_path):
+    """create_app with a private upload folder; every app made is closed after the test."""
+    from keras_serve import create_app
 
-    app = create_app({"MODEL_PATH": str(colour_model_path), "UPLOAD_DIR": str(tmp_path / "uploads"),
-                      "MAX_CONTENT_LENGTH": 2 * 1024 * 1024, "MAX_PIXELS": 4_000_000, "TESTING": True})
-    yield app
-    app.extensions["classifier"].batcher.close()
+    apps = []
+
+    def make(**config):
+        app = create_app({"UPLOAD_DIR": str(tmp_path / "uploads"), "TESTING": True, **config})
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["classifier"].close()
+
+
+@pytest.fixture()
+def app(make_app, colour_model_path):
+    return make_app(MODEL_PATH=str(colour_model_path), MAX_CONTENT_LENGTH=2 * 1024 * 1024, MAX_PIXELS=4_000_000)
 
 
 @pytest.fixture()

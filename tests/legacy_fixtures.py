@@ -323,7 +323,7 @@ def write_keras3_weights(path: Path, arch: str = "seed", *, seed: int = 0, batch
     """
     import keras
 
-    from architectures import ARCHITECTURES
+    from keras_serve.model.architectures import ARCHITECTURES
 
     path = Path(path)
     input_shape = (150, 150, 3)

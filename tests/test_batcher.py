@@ -5,8 +5,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from batcher import DynamicBatcher
-from errors import PredictionError
+from keras_serve.pipeline.batcher import DynamicBatcher
+from keras_serve.errors import PredictionError
 
 
 def sum_model(batch: np.ndarray) -> np.ndarray:
@@ -86,16 +86,40 @@ def test_batch_waits_for_an_announced_input_but_not_for_nobody():
         return sum_model(batch)
 
     batcher = DynamicBatcher(model, max_batch=8, max_wait_ms=500)
+    decoding = threading.Event()
+
+    def slow_decode():
+        decoding.set()
+        time.sleep(0.05)  # a second request is still decoding when the first is queued
+        return np.full((1, 1), 2, np.float32)
+
     try:
-        batcher.expect()  # a second request is still decoding
-        first = batcher.submit(np.ones((1, 1), np.float32))
-        time.sleep(0.05)
-        second = batcher.submit(np.full((1, 1), 2, np.float32), expected=True)
-        assert float(first.result(5)[0]) == 1.0 and float(second.result(5)[0]) == 2.0
+        with ThreadPoolExecutor(1) as pool:
+            second = pool.submit(batcher.predict_prepared, slow_decode)
+            decoding.wait(5)
+            first = batcher.submit(np.ones((1, 1), np.float32))
+            assert float(first.result(5)[0]) == 1.0 and float(second.result(5)[0]) == 2.0
         assert calls == [2], "the announced input should have joined the forming batch"
 
         started = time.perf_counter()
         batcher.predict(np.ones((1, 1), np.float32))  # nobody else coming: no 500 ms wait
+        assert time.perf_counter() - started < 0.25
+    finally:
+        batcher.close()
+
+
+def test_a_failed_decode_leaves_no_announcement_behind():
+    batcher = DynamicBatcher(sum_model, max_batch=8, max_wait_ms=500)
+
+    def broken_decode():
+        raise ValueError("not an image")
+
+    try:
+        with pytest.raises(ValueError):
+            batcher.predict_prepared(broken_decode)
+        assert batcher.announced == 0
+        started = time.perf_counter()
+        batcher.predict(np.ones((1, 1), np.float32))  # a leaked count would make this wait 500 ms
         assert time.perf_counter() - started < 0.25
     finally:
         batcher.close()

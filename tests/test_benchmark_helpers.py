@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import benchmark  # conftest.py puts the project root on sys.path
+from keras_serve.tools import benchmark
 
 
 @pytest.mark.parametrize("q", [0, 1, 10, 50, 90, 99, 100])

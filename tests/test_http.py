@@ -3,25 +3,15 @@ from pathlib import Path
 
 import pytest
 
-from benchmark import fresh_boundary, multipart_body
 from images import BLUE, RED, image_bytes
-from errors import PredictionError
-from uploads import ID_PATTERN, StorageError, iter_day_file
+from uploading import post_file
+from keras_serve.errors import PredictionError
+from keras_serve.storage.uploads import ID_PATTERN, StorageError, iter_day_file
 
 HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 
 
-def post(client, data: bytes | None, filename="photo.jpg", headers=None, path="/file/"):
-    """POST a file as curl and browsers encode it (RFC 7578), with a fresh boundary.
-
-    Werkzeug's test-client encoder writes an empty part without the CRLF before the closing
-    delimiter, which no real client does and python-multipart rightly rejects.
-    """
-    if data is None:
-        return client.post(path, data={}, headers=headers or {}, content_type="multipart/form-data")
-    boundary = fresh_boundary()
-    body = multipart_body("file", filename, "application/octet-stream", data, boundary)
-    return client.post(path, data=body, headers=headers or {}, content_type=f"multipart/form-data; boundary={boundary}")
+post = post_file
 
 
 def test_form_page(client):
@@ -151,8 +141,7 @@ def test_unexpected_errors_are_500_without_internals(app, client, monkeypatch):
 def test_a_failed_prediction_is_503_and_keeps_the_image(app, client, monkeypatch):
     service = app.extensions["classifier"]
 
-    def failing(x, expected=False):
-        service.batcher.cancel_expect()
+    def failing(x):
         raise PredictionError("The model failed on this batch.")
 
     monkeypatch.setattr(service.batcher, "predict", failing)
@@ -184,16 +173,31 @@ def test_security_headers_on_pages(client):
     assert r.headers["X-Frame-Options"] == "DENY"
 
 
-def test_config_layers_defaults_then_environment_then_argument(colour_model_path, tmp_path, monkeypatch):
-    from app import config_from_args, create_app, parse_args
+def test_config_layers_defaults_then_environment_then_argument(make_app, colour_model_path, monkeypatch):
+    from keras_serve.cli import parse_args
+    from keras_serve.settings import from_arguments
 
-    base = {"MODEL_PATH": str(colour_model_path), "UPLOAD_DIR": str(tmp_path / "uploads")}
-    assert create_app(base).extensions["classifier"].store.fsync is False  # see README: latency
+    model = str(colour_model_path)
+    assert make_app(MODEL_PATH=model).extensions["classifier"].store.fsync is False  # see README: latency
     monkeypatch.setenv("KERAS_SERVE_UPLOAD_FSYNC", "true")
     monkeypatch.setenv("KERAS_SERVE_MAX_BATCH", "4")
-    app = create_app(base)
+    app = make_app(MODEL_PATH=model)
     assert app.extensions["classifier"].store.fsync is True and app.config["MAX_BATCH"] == 4
-    app = create_app({**base, **config_from_args(parse_args(["--no-fsync-uploads"]))})
+    app = make_app(MODEL_PATH=model, **from_arguments(parse_args(["--no-fsync-uploads", "--max-upload-mb", "1.5"])))
     assert app.extensions["classifier"].store.fsync is False and app.config["MAX_BATCH"] == 4
-    assert config_from_args(parse_args(["--fsync-uploads"]))["UPLOAD_FSYNC"] is True
-    assert "UPLOAD_FSYNC" not in config_from_args(parse_args([]))  # leaves the environment's value
+    assert app.config["MAX_CONTENT_LENGTH"] == 1536 * 1024
+    assert from_arguments(parse_args(["--fsync-uploads"]))["UPLOAD_FSYNC"] is True
+    assert "UPLOAD_FSYNC" not in from_arguments(parse_args([]))  # leaves the environment's value
+
+
+def test_a_malformed_environment_value_names_the_variable(make_app, colour_model_path, monkeypatch):
+    monkeypatch.setenv("KERAS_SERVE_MAX_BATCH", "lots")
+    with pytest.raises(ValueError, match="KERAS_SERVE_MAX_BATCH"):
+        make_app(MODEL_PATH=str(colour_model_path))
+
+
+def test_readme_options_table_is_the_settings_table():
+    from keras_serve.settings import PROJECT_ROOT, markdown_table
+
+    assert markdown_table() in (PROJECT_ROOT / "README.md").read_text(), \
+        "README's options table is stale: paste the output of `python -m keras_serve.settings`"

@@ -19,9 +19,9 @@ import h5py
 import numpy as np
 import pytest
 
-import keras_formats
-from errors import ModelLoadError
-from keras_formats import LoadedKeras, load_keras_model, patch_legacy_config
+import keras_serve.model.keras_formats as keras_formats
+from keras_serve.errors import ModelLoadError
+from keras_serve.model.keras_formats import LoadedKeras, load_keras_model, patch_legacy_config
 from legacy_fixtures import (
     ATOL,
     KERAS2_VERSIONS,
@@ -386,7 +386,7 @@ def test_importing_and_early_failures_do_not_load_tensorflow(tmp_path):
     # The web app imports this module, and bad paths should fail instantly.
     text = _write(tmp_path / "notes.h5", b"plain text")
     code = (
-        "import sys; import keras_formats as kf\n"
+        "import sys; import keras_serve.model.keras_formats as kf\n"
         "for p in ['/no/such/file.h5', sys.argv[1]]:\n"
         "    try: kf.load_keras_model(p)\n"
         "    except kf.ModelLoadError: pass\n"

@@ -7,7 +7,6 @@ order or activation changes the served answer, not just the metadata.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import subprocess
@@ -18,8 +17,9 @@ import numpy as np
 import pytest
 import requests
 
-from errors import ModelLoadError
+from keras_serve.errors import ModelLoadError
 from images import BLUE, RED, image_bytes
+from uploading import post_file
 from server_process import ROOT, ServerProcess
 
 GREEN = (20, 220, 20)
@@ -66,25 +66,14 @@ def png(colour, size=(64, 48)) -> bytes:
     return image_bytes(colour, size, fmt="PNG")  # lossless: the model sees exact pixel values
 
 
-def make_app(tmp_path, **config):
-    from app import create_app
-
-    return create_app({"UPLOAD_DIR": str(tmp_path / "uploads"), "TESTING": True,
-                       "MAX_BATCH": 4, **config})
-
-
 def post(client, data: bytes) -> dict:
-    r = client.post("/file/", data={"file": (io.BytesIO(data), "x.png")}, content_type="multipart/form-data")
+    r = post_file(client, data, "x.png")
     assert r.status_code == 200, r.get_data(as_text=True)
     return r.get_json()
 
 
-def close(app) -> None:
-    app.extensions["classifier"].batcher.close()
-
-
 def load(path, **kwargs):
-    from model_loader import ServedModel
+    from keras_serve.model.served_model import ServedModel
 
     return ServedModel.load(path, **kwargs)
 
@@ -103,25 +92,22 @@ def load_error(path, **kwargs) -> ModelLoadError:
     ((3, 24, 40), "channels_first", 3),
     ((1, 24, 40), "channels_first", 1),
 ])
-def test_input_size_layout_and_channels_come_from_the_model(tmp_path, input_shape, layout, channels):
+def test_input_size_layout_and_channels_come_from_the_model(make_app, tmp_path, input_shape, layout, channels):
     kernel, bias = red_minus_blue(channels)
     path = save(build_pooled_model(input_shape, kernel, bias, data_format=layout), tmp_path / "m.h5")
-    app = make_app(tmp_path, MODEL_PATH=str(path))
-    try:
-        model = app.extensions["classifier"].model
-        assert model.describe()["input"] == {"height": 24, "width": 40, "channels": channels, "layout": layout}
-        assert model.spec.input_shape == input_shape
-        client = app.test_client()
-        assert client.get("/model").get_json()["input"]["layout"] == layout
-        # 3 channels: red vs blue proves the channel order survives the layout change;
-        # 1 channel: the server converts to grey, bright vs dark decides.
-        high, low = (RED, BLUE) if channels == 3 else (WHITE, BLACK)
-        for colour, expected in ((high, "DOG"), (low, "CAT")):
-            body = post(client, png(colour, (100, 30)))
-            assert body["class"] == expected, (colour, body)
-            assert body["confidence"] > 0.95
-    finally:
-        close(app)
+    app = make_app(MAX_BATCH=4, MODEL_PATH=str(path))
+    model = app.extensions["classifier"].model
+    assert model.describe()["input"] == {"height": 24, "width": 40, "channels": channels, "layout": layout}
+    assert model.spec.input_shape == input_shape
+    client = app.test_client()
+    assert client.get("/model").get_json()["input"]["layout"] == layout
+    # 3 channels: red vs blue proves the channel order survives the layout change;
+    # 1 channel: the server converts to grey, bright vs dark decides.
+    high, low = (RED, BLUE) if channels == 3 else (WHITE, BLACK)
+    for colour, expected in ((high, "DOG"), (low, "CAT")):
+        body = post(client, png(colour, (100, 30)))
+        assert body["class"] == expected, (colour, body)
+        assert body["confidence"] > 0.95
 
 
 def test_card_layout_settles_shapes_the_guess_gets_wrong(tmp_path):
@@ -131,7 +117,7 @@ def test_card_layout_settles_shapes_the_guess_gets_wrong(tmp_path):
     assert guessed.describe()["input"]["layout"] == "channels_last"
     carded = load(save(model, tmp_path / "strip.h5", {"input": {"layout": "channels_first"}}))
     assert carded.describe()["input"] == {"height": 24, "width": 3, "channels": 1, "layout": "channels_first"}
-    from preprocessing import preprocess
+    from keras_serve.pipeline.preprocessing import preprocess
 
     for colour, expected in ((WHITE, "DOG"), (BLACK, "CAT")):
         row = carded.predict_batch(preprocess(png(colour), carded.spec))[0]
@@ -164,34 +150,28 @@ def test_one_sigmoid_gets_cat_dog_and_the_threshold_from_the_card(tmp_path):
     assert "CAT < 0.8 <= DOG" in carded.summary_line()
 
 
-def test_card_threshold_is_applied_to_served_answers(tmp_path):
+def test_card_threshold_is_applied_to_served_answers(make_app, tmp_path):
     path = save(constant_sigmoid(0.7), tmp_path / "m.h5", {"threshold": 0.8, "labels": ["no", "yes"]})
-    app = make_app(tmp_path, MODEL_PATH=str(path))
-    try:
-        body = post(app.test_client(), png(RED))
-        assert body["class"] == "no" and body["scores"]["yes"] == pytest.approx(0.7, abs=1e-5)
-    finally:
-        close(app)
+    app = make_app(MAX_BATCH=4, MODEL_PATH=str(path))
+    body = post(app.test_client(), png(RED))
+    assert body["class"] == "no" and body["scores"]["yes"] == pytest.approx(0.7, abs=1e-5)
 
 
-def test_softmax_over_n_classes_is_ranked_and_sums_to_one(tmp_path):
+def test_softmax_over_n_classes_is_ranked_and_sums_to_one(make_app, tmp_path):
     kernel = np.zeros((3, 5), np.float32)
     kernel[:, :3] = softmax_rgb()  # 5 classes; the last two never win
     path = save(build_pooled_model((20, 30, 3), kernel, activation="softmax"), tmp_path / "five.h5")
-    app = make_app(tmp_path, MODEL_PATH=str(path), LABELS="r,g,b,x,y")
-    try:
-        client = app.test_client()
-        assert app.extensions["classifier"].model.describe()["output"] == "softmax"
-        for colour, expected in ((RED, "r"), (GREEN, "g"), (BLUE, "b")):
-            body = post(client, png(colour))
-            assert body["class"] == expected
-            assert set(body["scores"]) == {"r", "g", "b", "x", "y"}
-            assert sum(body["scores"].values()) == pytest.approx(1.0, abs=1e-5)
-            top = [t["score"] for t in body["top"]]
-            assert body["top"][0]["label"] == expected and top == sorted(top, reverse=True)
-            assert len(body["top"]) == 5
-    finally:
-        close(app)
+    app = make_app(MAX_BATCH=4, MODEL_PATH=str(path), LABELS="r,g,b,x,y")
+    client = app.test_client()
+    assert app.extensions["classifier"].model.describe()["output"] == "softmax"
+    for colour, expected in ((RED, "r"), (GREEN, "g"), (BLUE, "b")):
+        body = post(client, png(colour))
+        assert body["class"] == expected
+        assert set(body["scores"]) == {"r", "g", "b", "x", "y"}
+        assert sum(body["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+        top = [t["score"] for t in body["top"]]
+        assert body["top"][0]["label"] == expected and top == sorted(top, reverse=True)
+        assert len(body["top"]) == 5
 
 
 def test_linear_last_layer_is_treated_as_logits(tmp_path):
@@ -277,24 +257,18 @@ def test_labels_argument_as_comma_list_or_file_overrides_the_card(rgb_softmax, t
     assert load(rgb_softmax, labels=str(labels_file)).labels == ["Red", "Green", "Blue"]
 
 
-def test_labels_file_is_served(rgb_softmax, tmp_path):
+def test_labels_file_is_served(make_app, rgb_softmax, tmp_path):
     labels_file = tmp_path / "names.txt"
     labels_file.write_text("crimson\nemerald\nnavy\n")
-    app = make_app(tmp_path, MODEL_PATH=str(rgb_softmax), LABELS=str(labels_file))
-    try:
-        client = app.test_client()
-        assert post(client, png(GREEN))["class"] == "emerald"
-        assert post(client, png(BLUE))["class"] == "navy"
-    finally:
-        close(app)
+    app = make_app(MAX_BATCH=4, MODEL_PATH=str(rgb_softmax), LABELS=str(labels_file))
+    client = app.test_client()
+    assert post(client, png(GREEN))["class"] == "emerald"
+    assert post(client, png(BLUE))["class"] == "navy"
 
 
-def test_card_labels_are_used_when_served(rgb_softmax, tmp_path):
-    app = make_app(tmp_path, MODEL_PATH=str(rgb_softmax))
-    try:
-        assert post(app.test_client(), png(RED))["class"] == "rouge"
-    finally:
-        close(app)
+def test_card_labels_are_used_when_served(make_app, rgb_softmax, tmp_path):
+    app = make_app(MAX_BATCH=4, MODEL_PATH=str(rgb_softmax))
+    assert post(app.test_client(), png(RED))["class"] == "rouge"
 
 
 # --- 4. preprocessing contract ----------------------------------------------------------
@@ -321,20 +295,17 @@ EXPECTED_RANGE = {"1/255": (0.0, 1.0), "none": (0.0, 255.0), "-1..1": (-1.0, 1.0
     ("none", "-1..1", "-1..1"), # the argument wins over the card
     ("-1..1", "none", "none"),
 ])
-def test_model_receives_pixels_in_its_scaling(tmp_path, card_scaling, arg_scaling, effective):
+def test_model_receives_pixels_in_its_scaling(make_app, tmp_path, card_scaling, arg_scaling, effective):
     card = {"preprocessing": {"scaling": card_scaling}} if card_scaling else None
-    app = make_app(tmp_path, MODEL_PATH=str(red_probe(tmp_path, card)), SCALING=arg_scaling)
-    try:
-        model = app.extensions["classifier"].model
-        assert model.describe()["preprocessing"]["scaling"] == effective
-        assert f"scaling {effective}" in model.summary_line()
-        client = app.test_client()
-        low, high = EXPECTED_RANGE[effective]
-        assert received_red(client, 0) == pytest.approx(low, abs=0.02)
-        assert received_red(client, 255) == pytest.approx(high, abs=0.02)
-        assert received_red(client, 51) == pytest.approx(low + (high - low) * 51 / 255, abs=0.02)
-    finally:
-        close(app)
+    app = make_app(MAX_BATCH=4, MODEL_PATH=str(red_probe(tmp_path, card)), SCALING=arg_scaling)
+    model = app.extensions["classifier"].model
+    assert model.describe()["preprocessing"]["scaling"] == effective
+    assert f"scaling {effective}" in model.summary_line()
+    client = app.test_client()
+    low, high = EXPECTED_RANGE[effective]
+    assert received_red(client, 0) == pytest.approx(low, abs=0.02)
+    assert received_red(client, 255) == pytest.approx(high, abs=0.02)
+    assert received_red(client, 51) == pytest.approx(low + (high - low) * 51 / 255, abs=0.02)
 
 
 def test_invalid_scaling_is_refused(tmp_path):
@@ -363,7 +334,7 @@ def test_summary_line_names_everything_settled(tmp_path):
 
 def test_keras_2_2_4_file_is_served_end_to_end_by_python_app(tmp_path):
     from legacy_fixtures import blog_forward, blog_weights, write_keras2_h5
-    from preprocessing import PreprocessSpec, preprocess
+    from keras_serve.pipeline.preprocessing import PreprocessSpec, preprocess
 
     shape = (150, 150, 3)
     write_keras2_h5(tmp_path / "blog2017.h5", keras_version="2.2.4", input_shape=shape, seed=3)
@@ -412,32 +383,29 @@ def test_softmax_with_three_labels_over_real_http(tmp_path):
 
 
 # --- 7. weights-only files ---------------------------------------------------------------
-def test_weights_only_h5_is_served_with_arch_seed(tmp_path):
+def test_weights_only_h5_is_served_with_arch_seed(make_app, tmp_path):
     from legacy_fixtures import blog_forward, blog_weights, write_keras2_weights_h5
-    from preprocessing import PreprocessSpec, preprocess
+    from keras_serve.pipeline.preprocessing import PreprocessSpec, preprocess
 
     write_keras2_weights_h5(tmp_path / "weights.h5", seed=5)
-    app = make_app(tmp_path, MODEL_PATH=str(tmp_path / "weights.h5"), ARCH="seed")
-    try:
-        client = app.test_client()
-        assert "weights.h5" in app.extensions["classifier"].model.summary_line()
-        weights = blog_weights((150, 150, 3), 5)
-        spec = PreprocessSpec()
-        for data in (png(RED, (300, 200)), png((30, 180, 90), (150, 150))):
-            p = float(blog_forward(weights, preprocess(data, spec))[0, 0])
-            body = post(client, data)
-            assert body["scores"]["DOG"] == pytest.approx(p, abs=1e-4)
-            assert set(body["scores"]) == {"CAT", "DOG"}
-    finally:
-        close(app)
+    app = make_app(MAX_BATCH=4, MODEL_PATH=str(tmp_path / "weights.h5"), ARCH="seed")
+    client = app.test_client()
+    assert "weights.h5" in app.extensions["classifier"].model.summary_line()
+    weights = blog_weights((150, 150, 3), 5)
+    spec = PreprocessSpec()
+    for data in (png(RED, (300, 200)), png((30, 180, 90), (150, 150))):
+        p = float(blog_forward(weights, preprocess(data, spec))[0, 0])
+        body = post(client, data)
+        assert body["scores"]["DOG"] == pytest.approx(p, abs=1e-4)
+        assert set(body["scores"]) == {"CAT", "DOG"}
 
 
 def test_weights_only_h5_without_arch_is_a_one_line_startup_error(tmp_path, capsys):
-    import app as app_module
+    from keras_serve import cli
     from legacy_fixtures import write_keras2_weights_h5
 
     write_keras2_weights_h5(tmp_path / "weights.h5")
-    code = app_module.main(["--model", str(tmp_path / "weights.h5"), "--upload-dir", str(tmp_path / "up")])
+    code = cli.main(["--model", str(tmp_path / "weights.h5"), "--upload-dir", str(tmp_path / "up")])
     out, err = capsys.readouterr()
     assert code != 0
     lines = [l for l in err.splitlines() if l.strip()]

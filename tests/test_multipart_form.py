@@ -5,7 +5,7 @@ import pytest
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 
-from multipart_form import MultipartFormDataParser
+from keras_serve.web.multipart_form import MultipartFormDataParser
 
 
 def body(boundary: str, *parts: bytes) -> bytes:

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from errors import CorruptImageError, EmptyImageError, ImageTooLargeError, NotAnImageError
+from keras_serve.errors import CorruptImageError, EmptyImageError, ImageTooLargeError, NotAnImageError
 from images import BLUE, RED, image_bytes, noise_jpeg
-from preprocessing import PreprocessSpec, decode_image, image_format, preprocess
+from keras_serve.pipeline.preprocessing import PreprocessSpec, decode_image, image_format, preprocess
 
 SPEC = PreprocessSpec()  # the default model's: 150x150 RGB, 1/255
 

@@ -13,11 +13,11 @@ pytestmark = pytest.mark.skipif(not VALIDATION.is_dir(),
 
 @pytest.fixture(scope="module")
 def default_app(tmp_path_factory):
-    from app import create_app
+    from keras_serve import create_app
 
     app = create_app({"MODEL_PATH": str(DEFAULT_MODEL), "UPLOAD_DIR": str(tmp_path_factory.mktemp("uploads"))})
     yield app
-    app.extensions["classifier"].batcher.close()
+    app.extensions["classifier"].close()
 
 
 def sample(per_class=40):
@@ -44,8 +44,8 @@ def test_default_model_classifies_real_photos_over_http(default_app):
 
 
 def test_server_answers_equal_the_evaluation_path(default_app):
-    from dataset import decode_files
-    from preprocessing import to_model_input
+    from keras_serve.training.dataset import decode_files
+    from keras_serve.pipeline.preprocessing import to_model_input
 
     client = default_app.test_client()
     model = default_app.extensions["classifier"].model

@@ -8,7 +8,7 @@ import requests
 
 from images import BLUE, RED, image_bytes
 from server_process import ROOT, ServerProcess
-from uploads import iter_day_file
+from keras_serve.storage.uploads import iter_day_file
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """train.py and evaluate.py on datasets the tests generate, where the right answers are known."""
-import io
 import json
 import time
 
@@ -8,7 +7,10 @@ import pytest
 from PIL import Image
 
 from images import BLUE, RED, image_bytes
-from metrics import binary_report, roc_auc
+from uploading import post_file
+
+from keras_serve.model.card import ModelCard
+from keras_serve.training.metrics import binary_report, roc_auc
 
 
 def make_folder(root, split, per_class=6, size=(60, 80)):
@@ -21,9 +23,8 @@ def make_folder(root, split, per_class=6, size=(60, 80)):
             Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{name}.{i}.jpg")
 
 
-def test_quick_training_run_produces_a_model_the_server_serves(tmp_path):
-    import train
-    from app import create_app
+def test_quick_training_run_produces_a_model_the_server_serves(make_app, tmp_path):
+    import keras_serve.training.train as train
 
     make_folder(tmp_path / "data", "train")
     make_folder(tmp_path / "data", "validation", per_class=3)
@@ -35,20 +36,18 @@ def test_quick_training_run_produces_a_model_the_server_serves(tmp_path):
     assert card["labels"] == ["CAT", "DOG"] and card["input"]["height"] == 150
     assert card["preprocessing"]["scaling"] == "1/255" and card["training"]["images"] == 12
     assert card["validation"]["images"] == 6 and "--epochs 1" in card["command"]
+    served = ModelCard.read(out)  # the one schema: what training wrote is what serving reads
+    assert served.to_json() == card and (served.height, served.width, served.scaling) == (150, 150, "1/255")
     assert out.stat().st_size < 20_000_000
 
-    app = create_app({"MODEL_PATH": str(out), "UPLOAD_DIR": str(tmp_path / "uploads")})
-    try:
-        r = app.test_client().post("/file/", data={"file": (io.BytesIO(image_bytes(RED)), "r.jpg")})
-        assert r.status_code == 200 and r.get_json()["class"] in ("CAT", "DOG")
-        assert app.extensions["classifier"].model.describe()["architecture"] == "compact"
-    finally:
-        app.extensions["classifier"].batcher.close()
+    app = make_app(MODEL_PATH=str(out))
+    r = post_file(app.test_client(), image_bytes(RED), "r.jpg")
+    assert r.status_code == 200 and r.get_json()["class"] in ("CAT", "DOG")
+    assert app.extensions["classifier"].model.describe()["architecture"] == "compact"
 
 
 def test_training_resumes_from_its_last_epoch(tmp_path):
-    import train
-
+    import keras_serve.training.train as train
     make_folder(tmp_path / "data", "train", per_class=4)
     make_folder(tmp_path / "data", "validation", per_class=2)
     args = ["--data", str(tmp_path / "data"), "--train-splits", "train", "--out", str(tmp_path / "m.h5"),
@@ -76,8 +75,7 @@ def test_metrics_on_known_answers():
 
 
 def test_evaluate_command_on_a_folder_with_a_known_answer(colour_model_path, tmp_path, capsys):
-    import evaluate
-
+    import keras_serve.training.evaluate as evaluate
     make_folder(tmp_path, "validation", per_class=5)
     (tmp_path / "validation" / "dogs" / "broken.jpg").write_bytes(b"not an image")
     report_path = tmp_path / "report.json"
@@ -91,7 +89,7 @@ def test_evaluate_command_on_a_folder_with_a_known_answer(colour_model_path, tmp
 
 
 def test_multiclass_metrics_on_known_answers():
-    from metrics import multiclass_report
+    from keras_serve.training.metrics import multiclass_report
 
     probabilities = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
     report = multiclass_report(np.array([0, 1, 2, 2]), probabilities, ["a", "b", "c"])

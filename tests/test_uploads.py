@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import uploads
-from errors import ServiceError
-from uploads import StorageError, UploadNotFound, UploadStore, iter_day_file
+import keras_serve.storage.uploads as uploads
+from keras_serve.errors import ServiceError
+from keras_serve.storage.uploads import StorageError, UploadNotFound, UploadStore, iter_day_file
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY = 86400.0
@@ -168,7 +168,7 @@ def test_export_command_writes_one_image_and_record_per_upload(tmp_path):
     ids = [store.save(b"\x89PNG fake", "PNG", {"n": 1}), store.save(b"???", None, {"n": 2})]
     store.close()
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, str(ROOT / "uploads.py"), "export", "--uploads",
+    result = subprocess.run([sys.executable, "-m", "keras_serve.storage.uploads", "export", "--uploads",
                              str(tmp_path / "uploads"), "--out", str(out)], capture_output=True, text=True, check=True)
     assert "exported 2 uploads" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(

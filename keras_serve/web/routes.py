@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify, render_template, request, url_for
 
-from classifier import ClassifierService
-from errors import MissingFileError
-from http_errors import wants_html
+from keras_serve.pipeline.service import ClassifierService
+from keras_serve.errors import MissingFileError
+from keras_serve.web.responses import wants_html
 
 bp = Blueprint("web", __name__)
 

@@ -1,4 +1,4 @@
-"""Typed exceptions raised by the core; `app.errors_http` maps them to HTTP responses.
+"""Typed exceptions raised by the core; `keras_serve.web.responses` maps them to HTTP responses.
 
 Each carries a `message` (what was wrong) and a `hint` (what the user should do),
 so the web layer never has to invent wording and never leaks internals.
@@ -51,3 +51,13 @@ class ModelLoadError(ServiceError):
 # --- server-side trouble after a request was accepted ---------------------------------
 class PredictionError(ServiceError):
     hint = "This is a server problem; try again shortly. The upload was kept."
+
+
+# --- uploads and their storage ---------------------------------------------------------
+class UploadNotFound(ServiceError):
+    hint = "Check the id; uploads are kept for a limited time."
+
+
+class StorageError(ServiceError):
+    hint = "The upload could not be saved, so it was not classified. Try again later; " \
+           "if it keeps happening, the server's disk may be full."

@@ -3,7 +3,7 @@
 
 Usage (from the project root, with the venv's python):
 
-    .venv/bin/python benchmark.py [--model models/cats_vs_dogs.h5]
+    .venv/bin/python -m keras_serve.tools.benchmark [--model models/cats_vs_dogs.h5]
         [--concurrency 1,8,32,64] [--duration 15] [--warmup 3]
         [--server-args="--max-batch 16 --max-wait-ms 5 --threads 8"]
         [--soak 10000 --soak-concurrency 32] [--json results.json]
@@ -53,9 +53,11 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+
+from keras_serve.settings import PROJECT_ROOT
 from typing import Any, Iterable, Sequence
 
-ROOT = Path(__file__).resolve().parent
+ROOT = PROJECT_ROOT
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "cats_vs_dogs" / "validation"
 DEFAULT_MODEL = ROOT / "models" / "cats_vs_dogs.h5"
 PHONE_SIZE = (4032, 3024)
@@ -321,8 +323,7 @@ def measure_raw_model(model_path: Path, image_paths: Sequence[Path], phone_path:
     import tensorflow as tf
     import keras
 
-    import preprocessing
-
+    import keras_serve.pipeline.preprocessing as preprocessing
     model = keras.saving.load_model(model_path, compile=False)
     _, height, width, channels = model.inputs[0].shape
     spec = preprocessing.PreprocessSpec(height=height, width=width, channels=channels)
@@ -401,7 +402,7 @@ def run_raw_in_child(args: argparse.Namespace, images: ImageSet, phone_path: Pat
     out_path, log_path = scratch / "raw.json", scratch / "raw.log"
     list_path = scratch / "raw_images.txt"
     list_path.write_text("\n".join(str(p) for p in images.paths))
-    command = [sys.executable, str(Path(__file__).resolve()), "--_raw-out", str(out_path),
+    command = [sys.executable, "-m", "keras_serve.tools.benchmark", "--_raw-out", str(out_path),
                "--_raw-images", str(list_path), "--model", str(args.model),
                "--raw-batches", ",".join(map(str, args.raw_batches)),
                "--raw-seconds", str(args.raw_seconds), "--raw-runs", str(args.raw_runs)]
@@ -934,7 +935,7 @@ def benchmark(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         results["server"]["exit_status"] = status
         results["server"]["stopped_by"] = server.stopped_by
         if upload_scratch is not None:
-            from uploads import iter_day_file
+            from keras_serve.storage.uploads import iter_day_file
             results["server"]["uploads_stored"] = sum(
                 1 for day in upload_scratch.glob("*.uploads") for _ in iter_day_file(day))
             shutil.rmtree(upload_scratch, ignore_errors=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from errors import CorruptImageError, EmptyImageError, ImageTooLargeError, NotAnImageError
+from keras_serve.errors import CorruptImageError, EmptyImageError, ImageTooLargeError, NotAnImageError
 
 # Part of every cache key for decoded images: bump it whenever decode_image changes output.
 DECODER_VERSION = 2

@@ -13,9 +13,8 @@ import re
 from flask import Flask, Response, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from errors import (CorruptImageError, EmptyImageError, MissingFileError, ImageTooLargeError, NotAnImageError,
-                    PredictionError, ServiceError)
-from uploads import StorageError, UploadNotFound
+from keras_serve.errors import (CorruptImageError, EmptyImageError, ImageTooLargeError, MissingFileError,
+                                NotAnImageError, PredictionError, ServiceError, StorageError, UploadNotFound)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +50,25 @@ def error_response(status: int, code: str, message: str, hint: str, **extra) -> 
         return make_response(page, status)
     body = {"error": {"status": status, "code": code, "message": message, "hint": hint, **extra}}
     return make_response(jsonify(body), status)
+
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'",
+}
+
+
+def init_app(app: Flask) -> None:
+    """Every response carries the security headers; every error leaves through here."""
+    @app.after_request
+    def security_headers(response: Response) -> Response:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+    register_error_handlers(app)
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -1,6 +1,6 @@
 """Score a model file on a labelled folder through the server's own loading and preprocessing.
 
-    python evaluate.py models/cats_vs_dogs.h5 --data ../shared/data/cats_vs_dogs --split validation
+    python -m keras_serve.training.evaluate models/cats_vs_dogs.h5 --data ../shared/data/cats_vs_dogs --split validation
 
 Class folders, sorted by name, map to the model's outputs in order (cats -> CAT, dogs -> DOG).
 Prints accuracy, the confusion matrix, ROC AUC (binary models) and calibration (ECE, Brier).
@@ -17,11 +17,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
 
-from dataset import decode_files, list_labelled_images
-from errors import ModelLoadError
-from metrics import binary_report, multiclass_report
-from model_loader import ServedModel
-from preprocessing import to_model_input
+from keras_serve.training.dataset import decode_files, list_labelled_images
+from keras_serve.errors import ModelLoadError
+from keras_serve.training.metrics import binary_report, multiclass_report
+from keras_serve.model.served_model import ServedModel
+from keras_serve.pipeline.preprocessing import to_model_input
 
 
 def evaluate(model: ServedModel, data: Path, split: str | None = "validation", batch_size: int = 64,

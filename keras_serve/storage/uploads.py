@@ -12,7 +12,7 @@ against the record, makes ids unguessable. Client file names never reach the fil
 Why frames and not a file per upload: creating a file costs 0.7 ms of CPU on this kind of
 VM (ext4 journal work included), twice per upload with a separate record; an append costs
 0.01 ms. At 32 clients the whole machine spent 8.2 ms of CPU per request before the change
-and 6.5 ms after (benchmark.py, CPU ms/req). Retention drops whole day files, and `python uploads.py export` turns a
+and 6.5 ms after (benchmark.py, CPU ms/req). Retention drops whole day files, and `python -m keras_serve.storage.uploads export` turns a
 folder of them back into one image and one JSON file per upload.
 """
 from __future__ import annotations
@@ -30,9 +30,11 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from keras_serve.settings import PROJECT_ROOT
 from typing import IO, Any, Callable, Iterator
 
-from errors import ServiceError
+from keras_serve.errors import StorageError, UploadNotFound
 
 ID_PATTERN = re.compile(r"^(\d{8})-([0-9a-f]{1,12})-([0-9a-f]{32})$")
 DAY_FILE_PATTERN = re.compile(r"^(\d{4})-(\d{2})-(\d{2})\.uploads$")
@@ -42,15 +44,6 @@ SUFFIX_BY_FORMAT = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TI
 MIMETYPE_BY_SUFFIX = {"jpg": "image/jpeg", "png": "image/png", "gif": "image/gif", "bmp": "image/bmp",
                       "tiff": "image/tiff", "webp": "image/webp", "ico": "image/x-icon",
                       "ppm": "image/x-portable-pixmap", "bin": "application/octet-stream"}
-
-
-class UploadNotFound(ServiceError):
-    hint = "Check the id; uploads are kept for a limited time."
-
-
-class StorageError(ServiceError):
-    hint = "The upload could not be saved, so it was not classified. Try again later; " \
-           "if it keeps happening, the server's disk may be full."
 
 
 class UploadStore:
@@ -247,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Work with a folder of stored uploads.")
     sub = parser.add_subparsers(dest="command", required=True)
     export_cmd = sub.add_parser("export", help="one image file and one JSON record per upload")
-    export_cmd.add_argument("--uploads", type=Path, default=Path(__file__).resolve().parent / "uploads")
+    export_cmd.add_argument("--uploads", type=Path, default=PROJECT_ROOT / "uploads")
     export_cmd.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     count = export(args.uploads, args.out)

@@ -1,7 +1,7 @@
 """Dynamic batching: concurrent requests share one forward pass.
 
-Request threads call `expect()` when they start decoding and `predict(x)` when their input
-is ready; one worker thread gathers whatever is queued (up to `max_batch`), waits at most
+Request threads call `predict_prepared(prepare)`: the batcher counts the input as on its way
+while `prepare()` decodes it, then queues it; one worker thread gathers whatever is queued (up to `max_batch`), waits at most
 `max_wait_ms` for stragglers but only while other requests are still decoding, runs the
 model once, and hands each caller its own row. A lone request therefore never waits.
 On 2 CPU cores one batched call is several times cheaper per image than many small ones,
@@ -14,11 +14,12 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 
-from errors import PredictionError
+from keras_serve.errors import PredictionError
 
 log = logging.getLogger(__name__)
 
@@ -45,32 +46,43 @@ class DynamicBatcher:
     def alive(self) -> bool:
         return self._worker.is_alive() and not self._stopped.is_set()
 
-    def expect(self) -> None:
-        """Announce an input that is being prepared; pair with `submit`/`predict` or `cancel_expect`."""
+    def predict_prepared(self, prepare: Callable[[], np.ndarray]) -> np.ndarray:
+        """Run `prepare()` (decoding) while a forming batch knows this input is on its way, then predict it.
+
+        The announcement is settled however `prepare` ends, so a failed decode can never
+        leave a count behind that would make later lone requests wait for nobody.
+        """
+        with self._announced():
+            x = prepare()
+        return self.predict(x)
+
+    @property
+    def announced(self) -> int:
+        """Inputs being prepared right now (for tests and status)."""
+        return self._expected
+
+    @contextmanager
+    def _announced(self) -> Iterator[None]:
         with self._expected_lock:
             self._expected += 1
+        try:
+            yield
+        finally:
+            with self._expected_lock:
+                self._expected -= 1
 
-    def cancel_expect(self) -> None:
-        with self._expected_lock:
-            self._expected = max(0, self._expected - 1)
-
-    def submit(self, x: np.ndarray, expected: bool = False) -> Future:
-        """Queue one input of shape (1, ...) or (...); the future resolves to its output row.
-
-        `expected=True` settles an earlier `expect()`.
-        """
-        if expected:
-            self.cancel_expect()
+    def submit(self, x: np.ndarray) -> Future:
+        """Queue one input of shape (1, ...) or (...); the future resolves to its output row."""
         if self._stopped.is_set():
             raise PredictionError("The server is shutting down.")
         future: Future = Future()
         self._queue.put((x if x.ndim and x.shape[0] == 1 else x[np.newaxis], future))
         return future
 
-    def predict(self, x: np.ndarray, expected: bool = False) -> np.ndarray:
+    def predict(self, x: np.ndarray) -> np.ndarray:
         """Blocking form of `submit`."""
         try:
-            return self.submit(x, expected).result(timeout=self.timeout_s)
+            return self.submit(x).result(timeout=self.timeout_s)
         except TimeoutError:
             raise PredictionError(f"The model did not answer within {self.timeout_s:.0f} s.") from None
 

@@ -1,6 +1,6 @@
 """Train an image classifier on a labelled folder and write the .h5 model plus its model card.
 
-    python train.py --data ../shared/data/cats_vs_dogs --out models/cats_vs_dogs.h5
+    python -m keras_serve.training.train --data ../shared/data/cats_vs_dogs --out models/cats_vs_dogs.h5
 
 Resumable: progress is backed up every epoch under --work-dir; rerunning the same command
 continues from the last finished epoch. The best epoch by validation accuracy is the one saved.
@@ -16,13 +16,16 @@ import sys
 import time
 from pathlib import Path
 
+from keras_serve.settings import PROJECT_ROOT
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from dataset import decode_files, list_labelled_images
-from metrics import binary_report
-from preprocessing import PreprocessSpec, to_model_input
+from keras_serve.model.card import ModelCard
+from keras_serve.training.dataset import decode_files, list_labelled_images
+from keras_serve.training.metrics import binary_report
+from keras_serve.pipeline.preprocessing import PreprocessSpec, to_model_input
 
 RECIPES = {
     # The 2017 Keras-blog recipe: RMSprop, batch 16, shear/zoom/flip augmentation.
@@ -47,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--labels", help="comma list of output labels (default: the class folder names)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--work-dir", type=Path, help="checkpoints for resuming (default: <out>.work/)")
-    p.add_argument("--cache-dir", type=Path, default=Path(__file__).resolve().parent / ".cache")
+    p.add_argument("--cache-dir", type=Path, default=PROJECT_ROOT / ".cache")
     p.add_argument("--quiet", action="store_true", help="one line per epoch instead of a progress bar")
     return p.parse_args(argv)
 
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     import keras
     import tensorflow as tf
 
-    from architectures import ARCHITECTURES
+    from keras_serve.model.architectures import ARCHITECTURES
 
     recipe = RECIPES[args.arch]
     epochs = args.epochs or recipe["epochs"]
@@ -157,35 +160,29 @@ def main(argv: list[str] | None = None) -> int:
     report = binary_report(val_labels, val_scores, output_labels)
     # Epoch time summed over every (possibly resumed) run: the cost of training this file.
     elapsed = best.get("train_seconds", 0.0)
-    card = {
-        "model_file": args.out.name,
-        "architecture": args.arch,
-        "parameters": int(best_model.count_params()),
-        "input": {"height": spec.height, "width": spec.width, "channels": spec.channels,
-                  "layout": "channels_last"},
-        "preprocessing": {"scaling": spec.scaling, "color": "RGB", "resize": "bilinear to 150x150, aspect not kept",
-                          "function": "preprocessing.preprocess"},
-        "output": "sigmoid",
-        "labels": output_labels,
-        "threshold": 0.5,
-        "training": {
-            "data": str(args.data), "splits": splits, "images": int(len(labels)),
-            "images_per_class": dict(zip(output_labels, counts.tolist())),
-            "class_weight": dict(zip(output_labels, np.round(class_weight, 4).tolist())),
-            "epochs": epochs, "best_epoch": best["epoch"], "batch_size": batch_size, "learning_rate": lr,
-            "optimizer": recipe["optimizer"], "augmentation": recipe["augment"], "seed": args.seed,
-            "epoch_seconds_total": round(elapsed, 1),
-            "wall_seconds_this_run": round(time.time() - started, 1),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-                       f"{'GPU' if tf.config.list_physical_devices('GPU') else 'no GPU'}",
-            "tensorflow": tf.__version__, "keras": keras.__version__,
-            "history": history,
-        },
-        "validation": {"split": args.val_split, **report},
-        "command": "python train.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-    }
-    card_path = args.out.with_suffix(".json")
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    card = ModelCard(
+        model_file=args.out.name, architecture=args.arch, parameters=int(best_model.count_params()),
+        height=spec.height, width=spec.width, channels=spec.channels, layout="channels_last",
+        scaling=spec.scaling, output="sigmoid", labels=output_labels, threshold=0.5,
+        extra={
+            "training": {
+                "data": str(args.data), "splits": splits, "images": int(len(labels)),
+                "images_per_class": dict(zip(output_labels, counts.tolist())),
+                "class_weight": dict(zip(output_labels, np.round(class_weight, 4).tolist())),
+                "epochs": epochs, "best_epoch": best["epoch"], "batch_size": batch_size, "learning_rate": lr,
+                "optimizer": recipe["optimizer"], "augmentation": recipe["augment"], "seed": args.seed,
+                "epoch_seconds_total": round(elapsed, 1),
+                "wall_seconds_this_run": round(time.time() - started, 1),
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                           f"{'GPU' if tf.config.list_physical_devices('GPU') else 'no GPU'}",
+                "tensorflow": tf.__version__, "keras": keras.__version__,
+                "history": history,
+            },
+            "validation": {"split": args.val_split, **report},
+            "command": "python -m keras_serve.training.train " + " ".join(
+                shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        })
+    card_path = card.write(args.out)
     print(f"saved {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) and {card_path}; best epoch "
           f"{best['epoch']}: validation accuracy {report['accuracy']:.4f}, ROC AUC {report['roc_auc']:.4f}, "
           f"ECE {report['ece']:.4f}; {elapsed / 60:.1f} min", flush=True)

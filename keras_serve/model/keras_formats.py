@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from errors import ModelLoadError
+from keras_serve.errors import ModelLoadError
 
 ARCH_INPUT_SHAPE = (150, 150, 3)
 
@@ -335,7 +335,7 @@ def _accepted_keys(cls: type) -> set[str]:
 
 # --- weights-only files ------------------------------------------------------------------
 def _load_weights_only(path: Path, info: _H5Info, arch: str | None) -> LoadedKeras:
-    from architectures import ARCHITECTURES
+    from keras_serve.model.architectures import ARCHITECTURES
 
     choices = "|".join(ARCHITECTURES)
     if arch is None:

@@ -12,13 +12,15 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
+from keras_serve.settings import PROJECT_ROOT
+
 import numpy as np
 
-from errors import ImageError
-from preprocessing import DECODER_VERSION, PreprocessSpec, decode_image
+from keras_serve.errors import ImageError
+from keras_serve.pipeline.preprocessing import DECODER_VERSION, PreprocessSpec, decode_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / ".cache"
+DEFAULT_CACHE_DIR = PROJECT_ROOT / ".cache"
 
 
 def list_labelled_images(root: Path, splits: list[str] | None = None) -> tuple[list[Path], np.ndarray, list[str]]:

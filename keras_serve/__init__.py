@@ -1,0 +1,41 @@
+"""Serve a Keras image classifier: an upload form for people, POST /file/ for programs.
+
+`create_app(config)` builds the Flask app around one loaded model (flaskr style); settings
+come from `keras_serve.settings` defaults, then KERAS_SERVE_* environment variables, then
+`config`. `keras_serve.cli` is the command line (`python app.py`).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up chatter out of the logs
+
+from flask import Flask
+
+from keras_serve import settings
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """Build the app and load the model once; raises ModelLoadError if it cannot be served.
+
+    `config["MODEL"]` may be a ready model object (tests); then MODEL_PATH is not read.
+    """
+    from keras_serve.web import multipart_form, responses, routes
+
+    app = Flask(__name__, template_folder=str(settings.PROJECT_ROOT / "templates"),
+                static_folder=str(settings.PROJECT_ROOT / "static"))
+    app.request_class = multipart_form.ServingRequest  # python-multipart for uploads
+    app.config.from_mapping(settings.defaults(), MODEL=None)
+    app.config.update(settings.from_environment())
+    if config:
+        app.config.update(config)
+
+    from keras_serve.pipeline.service import ClassifierService
+
+    service = ClassifierService.from_config(app.config)
+    app.extensions["classifier"] = service
+    app.register_blueprint(routes.bp)
+    responses.init_app(app)
+    service.ready = True
+    return app

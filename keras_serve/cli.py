@@ -1,0 +1,64 @@
+"""`python app.py [options]`: load the model once, then serve HTTP with waitress.
+
+    python app.py                          # default cat/dog model on http://0.0.0.0:8080/
+    python app.py --model my.h5 --labels a,b,c --port 9000
+
+Every option is a row of `keras_serve.settings.SETTINGS`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from keras_serve import create_app, settings
+from keras_serve.errors import ModelLoadError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="app.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    settings.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" is normal under load
+    try:
+        app = create_app(settings.from_arguments(args))
+    except ModelLoadError as exc:
+        print(f"error: {exc.message}" + (f"; {exc.hint}" if exc.hint else ""), file=sys.stderr)
+        return 2
+    except ValueError as exc:  # a malformed KERAS_SERVE_* value
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    service = app.extensions["classifier"]
+    host, port = app.config["HOST"], int(app.config["PORT"])
+    print(service.model.summary_line(), flush=True)
+    print(f"serving on http://{host}:{port}/ (threads {app.config['THREADS']}, max batch "
+          f"{app.config['MAX_BATCH']}, max wait {app.config['MAX_WAIT_MS']} ms, uploads in "
+          f"{app.config['UPLOAD_DIR']})", flush=True)
+
+    import waitress
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # waitress shuts down cleanly on it; containers send SIGTERM
+
+    signal.signal(signal.SIGTERM, stop)
+    with service:  # closes the batcher and the store however serving ends
+        try:
+            waitress.serve(
+                app, host=host, port=port, threads=int(app.config["THREADS"]), ident="keras-serve",
+                # Flask answers oversize bodies with a proper 413 page; waitress only stops absurd ones.
+                max_request_body_size=4 * int(app.config["MAX_CONTENT_LENGTH"]),
+                connection_limit=1000, channel_timeout=60,
+            )
+        except OSError as exc:
+            print(f"error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            pass
+    return 0

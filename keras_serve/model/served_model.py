@@ -1,0 +1,242 @@
+"""The loaded model behind one small object: load once, describe, predict a batch.
+
+`ServedModel.load(path, ...)` opens the file (any format `keras_formats` knows), reads the
+model card beside it (`<model>.json`), and settles the serving contract: input size and
+layout, pixel scaling, output kind (one sigmoid or a softmax), labels and threshold.
+The web layer only calls `spec`, `predict_batch`, `interpret` and `describe`; tests can
+pass any object with those members instead.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from keras_serve.settings import PROJECT_ROOT
+from typing import Any
+
+import numpy as np
+
+from keras_serve.errors import ModelLoadError
+from keras_serve.model.card import ModelCard, card_path
+from keras_serve.pipeline.preprocessing import SCALINGS, PreprocessSpec
+
+DEFAULT_MODEL_PATH = PROJECT_ROOT / "models" / "cats_vs_dogs.h5"
+SIGMOID_DEFAULT_LABELS = ["CAT", "DOG"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's answer: the winning label, its confidence, and the score of each label."""
+
+    label: str
+    confidence: float
+    scores: dict[str, float]
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "class": self.label,  # the key the 2017 server printed; clients grep for it
+            "label": self.label,
+            "confidence": round(self.confidence, 6),
+            "scores": {k: round(v, 6) for k, v in self.scores.items()},
+            "top": [{"label": k, "score": round(v, 6)} for k, v in self.top],
+        }
+
+
+def parse_labels(value: str | list[str] | None) -> list[str] | None:
+    """`--labels` value: a comma list, or a path to a file with one label per line."""
+    if value is None or isinstance(value, list):
+        return value
+    candidate = Path(value)
+    if "," not in value and candidate.is_file():
+        labels = [line.strip() for line in candidate.read_text().splitlines() if line.strip()]
+    else:
+        labels = [part.strip() for part in value.split(",") if part.strip()]
+    if not labels:
+        raise ModelLoadError(f"--labels {value!r} names no labels")
+    return labels
+
+
+class ServedModel:
+    """A Keras image classifier with its serving contract. Create with `ServedModel.load`."""
+
+    def __init__(self, model: Any, spec: PreprocessSpec, labels: list[str], output_kind: str,
+                 threshold: float = 0.5, info: dict[str, Any] | None = None, top_k: int = 5,
+                 apply_activation: str | None = None) -> None:
+        self.model = model
+        self.spec = spec
+        self.labels = labels
+        self.output_kind = output_kind  # "sigmoid" (one unit) or "softmax" (one unit per label)
+        self.threshold = threshold
+        self.top_k = top_k
+        self.info = info or {}
+        # "sigmoid"/"softmax" when the model ends in logits and the server must finish the job.
+        self._apply_activation = apply_activation
+        self._forward = self._compile_forward(model, spec)
+        self._lock = threading.Lock()
+
+    # --- construction -------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path = DEFAULT_MODEL_PATH, labels: str | list[str] | None = None,
+             scaling: str | None = None, arch: str | None = None,
+             max_pixels: int | None = None) -> "ServedModel":
+        """Open a model file and settle its contract; raises ModelLoadError with a one-line reason."""
+        from keras_serve.model.keras_formats import load_keras_model
+        from keras_serve.model.tf_runtime import import_tensorflow_quietly
+
+        path = Path(path)
+        card = ModelCard.read(path)
+        if path.is_file():
+            import_tensorflow_quietly()
+        loaded = load_keras_model(path, arch=arch)
+        model = loaded.model
+        spec = _input_spec(model, card, scaling, max_pixels)
+        output_units, output_kind, applies_activation = _output_contract(model)
+        labels = parse_labels(labels) or card.labels
+        if labels is None:
+            if output_units != 1:
+                raise ModelLoadError(
+                    f"{path.name} has {output_units} outputs but no labels: pass --labels a,b,c "
+                    f"or add \"labels\" to {path.with_suffix('.json').name}")
+            labels = list(SIGMOID_DEFAULT_LABELS)
+        labels = [str(l) for l in labels]
+        expected = 2 if output_units == 1 else output_units
+        if len(labels) != expected:
+            raise ModelLoadError(
+                f"{path.name} has {output_units} output unit(s), so it needs {expected} labels, "
+                f"but {len(labels)} were given: {','.join(labels)}")
+        repeated = sorted({l for l in labels if labels.count(l) > 1})
+        if repeated:  # scores are keyed by label: a repeated one would hide a class
+            raise ModelLoadError(f"label(s) {','.join(repeated)} given more than once: {','.join(labels)}")
+        info = {
+            "file": str(path),
+            "saved_by_keras": loaded.keras_version,
+            "loaded_with": loaded.loader,
+            "architecture": card.architecture or getattr(model, "name", None),
+            "parameters": int(model.count_params()),
+            "card": card_path(path).name if card.found else None,
+            "output_activation_added": applies_activation,
+        }
+        return cls(model, spec, labels, output_kind, card.threshold, info,
+                   apply_activation=applies_activation)
+
+    @staticmethod
+    def _compile_forward(model: Any, spec: PreprocessSpec):
+        # A traced function called directly skips model.predict's per-call set-up, which
+        # costs more than the forward pass itself at small batches.
+        import tensorflow as tf
+
+        signature = [tf.TensorSpec((None, *spec.input_shape), tf.float32)]
+        return tf.function(lambda x: model(x, training=False), input_signature=signature)
+
+    # --- the calls the web layer makes -------------------------------------------------
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (N, *input_shape) -> probabilities (N, units). Thread-safe."""
+        with self._lock:
+            out = self._forward(batch)
+        out = np.asarray(out, dtype=np.float64).reshape(len(batch), -1)
+        if self._apply_activation == "sigmoid":
+            out = 1.0 / (1.0 + np.exp(-out))
+        elif self._apply_activation == "softmax":
+            out = np.exp(out - out.max(axis=1, keepdims=True))
+            out /= out.sum(axis=1, keepdims=True)
+        return out
+
+    def interpret(self, row: np.ndarray) -> Prediction:
+        """One row of `predict_batch` -> the label, its confidence and every label's score."""
+        if self.output_kind == "sigmoid":
+            p = float(row[0])
+            scores = {self.labels[0]: 1.0 - p, self.labels[1]: p}
+            label = self.labels[1] if p >= self.threshold else self.labels[0]
+        else:
+            scores = {label: float(p) for label, p in zip(self.labels, row)}
+            label = max(scores, key=scores.get)
+        ranked = sorted(scores.items(), key=lambda kv: kv[1], reverse=True)[: self.top_k]
+        return Prediction(label=label, confidence=scores[label], scores=scores, top=ranked)
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
+        """Run the forward pass once per batch size so the first users do not pay for tracing."""
+        for n in batch_sizes:
+            self.predict_batch(np.zeros((n, *self.spec.input_shape), np.float32))
+
+    def describe(self) -> dict[str, Any]:
+        s = self.spec
+        return {
+            **self.info,
+            "input": {"height": s.height, "width": s.width, "channels": s.channels,
+                      "layout": "channels_first" if s.channels_first else "channels_last"},
+            "preprocessing": {"scaling": s.scaling, "max_pixels": s.max_pixels},
+            "output": self.output_kind,
+            "labels": self.labels,
+            "threshold": self.threshold if self.output_kind == "sigmoid" else None,
+        }
+
+    def summary_line(self) -> str:
+        d = self.describe()
+        i = d["input"]
+        decision = (f"sigmoid: {self.labels[0]} < {self.threshold} <= {self.labels[1]}"
+                    if self.output_kind == "sigmoid" else f"softmax over {len(self.labels)} labels")
+        return (f"model {Path(d['file']).name} (saved by Keras {d['saved_by_keras'] or 'unknown'}, "
+                f"loaded with {d['loaded_with']}, {d['parameters']:,} parameters): "
+                f"input {i['height']}x{i['width']}x{i['channels']} {i['layout']}, scaling {d['preprocessing']['scaling']}; "
+                f"output {decision}; labels {','.join(self.labels)}")
+
+
+def _input_spec(model: Any, card: ModelCard, scaling: str | None, max_pixels: int | None) -> PreprocessSpec:
+    shape = _single_shape(model.input_shape, "input")
+    if len(shape) != 4:
+        raise ModelLoadError(f"the model takes input of shape {shape}; image models take (batch, H, W, C)")
+    layout = card.layout
+    if layout is None:
+        # Channel counts are 1 or 3; spatial sizes of image models almost never are.
+        layout = "channels_first" if shape[1] in (1, 3) and shape[3] not in (1, 3) else "channels_last"
+    if layout == "channels_first":
+        channels, height, width = shape[1], shape[2], shape[3]
+    else:
+        height, width, channels = shape[1], shape[2], shape[3]
+    height = height or card.height
+    width = width or card.width
+    if not height or not width:
+        raise ModelLoadError("the model accepts any image size; set \"input\": {\"height\", \"width\"} "
+                             "in its model card so the server knows what to resize to")
+    scaling = scaling or card.scaling or "1/255"
+    if scaling not in SCALINGS:
+        raise ModelLoadError(f"unknown scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
+    if channels not in (1, 3):
+        raise ModelLoadError(f"the model takes {channels}-channel images; only 1 (grey) or 3 (RGB) are supported")
+    kwargs = {"max_pixels": max_pixels} if max_pixels else {}
+    return PreprocessSpec(int(height), int(width), int(channels), scaling, layout == "channels_first", **kwargs)
+
+
+def _output_contract(model: Any) -> tuple[int, str, str | None]:
+    """(units, "sigmoid"|"softmax", activation the server must apply itself or None)."""
+    shape = _single_shape(model.output_shape, "output")
+    if len(shape) != 2 or not shape[1]:
+        raise ModelLoadError(f"the model's output has shape {shape}; a classifier outputs (batch, classes)")
+    units = int(shape[1])
+    activation = _last_activation(model)
+    kind = "sigmoid" if units == 1 else "softmax"
+    # Only an explicitly linear last layer means logits; anything else is trusted as probabilities.
+    return units, kind, kind if activation == "linear" else None
+
+
+def _last_activation(model: Any) -> str | None:
+    """The last layer's activation name ("linear", "sigmoid", ...), or None if it has none."""
+    try:
+        layer = model.layers[-1]
+        config = layer.get_config()
+    except Exception:
+        return None
+    activation = config.get("activation")
+    if isinstance(activation, dict):  # serialised as {"class_name": ..., "config": ...}
+        activation = activation.get("config", {}).get("name") or activation.get("class_name")
+    return str(activation).lower() if activation else None
+
+
+def _single_shape(shape: Any, what: str) -> tuple:
+    if isinstance(shape, list):
+        if len(shape) != 1:
+            raise ModelLoadError(f"the model has {len(shape)} {what}s; the server serves single-{what} models")
+        shape = shape[0]
+    return tuple(shape)

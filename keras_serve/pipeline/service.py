@@ -1,0 +1,90 @@
+"""ClassifierService: the request pipeline from uploaded bytes to a stored, answered prediction.
+
+    preprocess (validates; bad input raises before anything is stored)
+    -> dynamic batch through the model
+    -> store the bytes and the answer in one append (on disk before the client hears back)
+    -> return it
+
+A failed prediction still stores the image, with the error, so the client can quote its id.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from keras_serve.pipeline.batcher import DynamicBatcher
+from keras_serve.errors import PredictionError
+from keras_serve.model.served_model import Prediction, ServedModel
+from keras_serve.pipeline.preprocessing import image_format, preprocess
+from keras_serve.storage.uploads import UploadStore
+
+
+@dataclass(frozen=True)
+class ClassifiedUpload:
+    upload_id: str
+    prediction: Prediction
+    milliseconds: float
+
+
+class ClassifierService:
+    def __init__(self, model: ServedModel, batcher: DynamicBatcher, store: UploadStore) -> None:
+        self.model = model
+        self.batcher = batcher
+        self.store = store
+        self.ready = False
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "ClassifierService":
+        """Load (or take) the model, warm it for every batch size, open the store."""
+        model = config.get("MODEL") or ServedModel.load(
+            config["MODEL_PATH"], labels=config["LABELS"], scaling=config["SCALING"],
+            arch=config["ARCH"], max_pixels=int(config["MAX_PIXELS"]))
+        max_batch = int(config["MAX_BATCH"])
+        model.warm_up(tuple(range(1, max_batch + 1)))  # every batch size the batcher can form
+        batcher = DynamicBatcher(model.predict_batch, max_batch, float(config["MAX_WAIT_MS"]))
+        try:
+            store = UploadStore(config["UPLOAD_DIR"], float(config["UPLOAD_RETENTION_DAYS"] or 0),
+                                fsync=bool(config["UPLOAD_FSYNC"]))
+            store.prune()
+        except BaseException:
+            batcher.close()
+            raise
+        return cls(model, batcher, store)
+
+    def classify(self, data: bytes, client_filename: str | None = None) -> ClassifiedUpload:
+        started = time.perf_counter()
+        audit = {
+            "client_filename": (client_filename or "")[:255],  # audit only; never used as a path
+            "model": self.model.info.get("file"),
+        }
+        try:
+            # Decoding runs while a forming batch knows this input is on its way. A decode that
+            # raises (an ImageError: bad input) stores nothing; a failed prediction stores the
+            # image with its error so the client can quote the id.
+            output = self.batcher.predict_prepared(lambda: preprocess(data, self.model.spec))
+            prediction = self.model.interpret(output)
+        except PredictionError as exc:
+            exc.upload_id = self.store.save(data, image_format(data),
+                                            {**audit, "prediction": None, "error": exc.message})
+            raise
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        upload_id = self.store.save(data, image_format(data), {
+            **audit, "prediction": prediction.as_json(), "milliseconds": round(elapsed_ms, 2)})
+        return ClassifiedUpload(upload_id, prediction, elapsed_ms)
+
+    def close(self) -> None:
+        """Stop the batcher and release the store; the one call the CLI and tests make."""
+        self.ready = False
+        self.batcher.close()
+        self.store.close()
+
+    def __enter__(self) -> "ClassifierService":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def status(self) -> dict[str, Any]:
+        return {"ready": self.ready and self.batcher.alive, "batches": self.batcher.batches,
+                "images": self.batcher.items}

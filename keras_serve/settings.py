@@ -1,0 +1,142 @@
+"""Every server setting, declared once: name, type, default, environment variable, flag, help.
+
+`create_app` takes its defaults and environment values from this table, the CLI builds its
+flags from it, and README's options table is printed by `python -m keras_serve.settings`
+(a test keeps README in step). Precedence: default, then KERAS_SERVE_<NAME>, then the
+command line or the `config` argument of `create_app`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from keras_serve.pipeline.preprocessing import SCALINGS
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "KERAS_SERVE"
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+def _optional_str(text: str) -> str | None:
+    return text or None
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str                         # the app.config key
+    default: Any
+    help: str
+    parse: Callable[[str], Any] = str  # from an environment variable or a flag's text
+    flag: str | None = None            # command-line flag; None: environment/config only
+    choices: tuple[str, ...] | None = None
+    to_config: Callable[[Any], Any] | None = None  # a flag's unit -> the config value
+    metavar: str | None = None
+
+    @property
+    def env(self) -> str:
+        return f"{ENV_PREFIX}_{self.name}"
+
+
+def _mb_to_bytes(mb: float) -> int:
+    return int(mb * 1024 * 1024)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("HOST", "0.0.0.0", "address to listen on", flag="--host"),
+    Setting("PORT", 8080, "port to listen on", int, flag="--port"),
+    Setting("MODEL_PATH", str(PROJECT_ROOT / "models" / "cats_vs_dogs.h5"),
+            "model file, .h5 or .keras (default: the shipped cat/dog model)", flag="--model", metavar="FILE"),
+    Setting("LABELS", None, "output labels: comma list or a file with one per line (default: model card)",
+            _optional_str, flag="--labels"),
+    Setting("SCALING", None, "pixel scaling (default: model card, else 1/255)", _optional_str,
+            flag="--scaling", choices=tuple(SCALINGS)),
+    Setting("ARCH", None, "architecture name for a weights-only .h5 file (see keras_serve/model/architectures.py)",
+            _optional_str, flag="--arch"),
+    Setting("UPLOAD_DIR", str(PROJECT_ROOT / "uploads"), "where uploads and their predictions are stored",
+            flag="--upload-dir", metavar="DIR"),
+    Setting("UPLOAD_RETENTION_DAYS", 30.0, "uploads older than this are deleted at start-up (0: keep all)",
+            float, flag="--retention-days"),
+    Setting("UPLOAD_FSYNC", False, "fdatasync every upload before answering, so it survives power loss",
+            _bool, flag="--fsync-uploads"),
+    Setting("MAX_CONTENT_LENGTH", 16 * 1024 * 1024, "largest request body (flag in MB, setting in bytes)",
+            int, flag="--max-upload-mb", to_config=_mb_to_bytes, metavar="MB"),
+    Setting("MAX_PIXELS", 50_000_000, "largest image in pixels", int, flag="--max-pixels"),
+    Setting("MAX_BATCH", 32, "largest inference batch", int, flag="--max-batch"),
+    Setting("MAX_WAIT_MS", 2.0, "how long a forming batch waits for requests still decoding", float,
+            flag="--max-wait-ms"),
+    Setting("THREADS", 64, "request threads (measured: more than 32 helps 64 clients, costs nothing at 1 or 32)",
+            int, flag="--threads"),
+)
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+def defaults() -> dict[str, Any]:
+    return {s.name: s.default for s in SETTINGS}
+
+
+def from_environment(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Typed values of the KERAS_SERVE_* variables that are set; raises ValueError naming a bad one."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for s in SETTINGS:
+        if s.env in environ:
+            try:
+                values[s.name] = s.parse(environ[s.env])
+            except ValueError as exc:
+                raise ValueError(f"{s.env}: {exc}") from None
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for s in SETTINGS:
+        if s.flag is None:
+            continue
+        kwargs: dict[str, Any] = {"dest": s.name, "default": None, "metavar": s.metavar,
+                                  "help": f"{s.help} (default {s.default}; env {s.env})"}
+        if s.parse is _bool:
+            kwargs.pop("metavar")
+            parser.add_argument(s.flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if s.to_config is _mb_to_bytes:
+            kwargs["type"] = float
+        elif s.parse not in (str, _optional_str):
+            kwargs["type"] = s.parse
+        if s.choices:
+            kwargs["choices"] = s.choices
+            kwargs.pop("metavar")
+        parser.add_argument(s.flag, **kwargs)
+
+
+def from_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the settings given on the command line, as config values (so env values survive)."""
+    values = {}
+    for s in SETTINGS:
+        value = getattr(args, s.name, None)
+        if value is not None:
+            values[s.name] = s.to_config(value) if s.to_config else value
+    return values
+
+
+def markdown_table() -> str:
+    rows = ["| setting | flag | environment | default | what it does |", "|---|---|---|---|---|"]
+    for s in SETTINGS:
+        default = "the shipped cat/dog model" if s.name == "MODEL_PATH" else (
+            "./uploads" if s.name == "UPLOAD_DIR" else s.default)
+        rows.append(f"| `{s.name}` | {f'`{s.flag}`' if s.flag else '-'} | `{s.env}` | `{default}` | {s.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
