@@ -1,4 +1,4 @@
-"""`python app.py [options]`: load the model once, then serve HTTP with waitress.
+"""`python app.py [options]`: load the model once, then serve HTTP (keras_serve.web.server).
 
     python app.py                          # default cat/dog model on http://0.0.0.0:8080/
     python app.py --model my.h5 --labels a,b,c --port 9000
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 
 from keras_serve import create_app, settings
@@ -42,23 +41,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{app.config['MAX_BATCH']}, max wait {app.config['MAX_WAIT_MS']} ms, uploads in "
           f"{app.config['UPLOAD_DIR']})", flush=True)
 
-    import waitress
+    from keras_serve.web import server
 
-    def stop(signum, frame):
-        raise KeyboardInterrupt  # waitress shuts down cleanly on it; containers send SIGTERM
+    def stop_being_ready() -> None:
+        service.ready = False  # /readyz answers 503 from the moment SIGTERM arrives
 
-    signal.signal(signal.SIGTERM, stop)
-    with service:  # closes the batcher and the store however serving ends
+    with service:  # closes the batcher and the store once every answered request is out
         try:
-            waitress.serve(
-                app, host=host, port=port, threads=int(app.config["THREADS"]), ident="keras-serve",
-                # Flask answers oversize bodies with a proper 413 page; waitress only stops absurd ones.
-                max_request_body_size=4 * int(app.config["MAX_CONTENT_LENGTH"]),
-                connection_limit=1000, channel_timeout=60,
-            )
+            server.serve(app, on_drain=stop_being_ready)
         except OSError as exc:
             print(f"error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            pass
     return 0

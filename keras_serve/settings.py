@@ -75,6 +75,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_BATCH", 32, "largest inference batch", int, flag="--max-batch"),
     Setting("MAX_WAIT_MS", 2.0, "how long a forming batch waits for requests still decoding", float,
             flag="--max-wait-ms"),
+    Setting("CONNECTION_LIMIT", 10_000, "most open client connections; capped by the open-file limit, "
+            "which start-up raises to its hard limit", int, flag="--connection-limit"),
+    Setting("IDLE_TIMEOUT_S", 30.0, "close a connection with no request in flight after this many seconds",
+            float, flag="--idle-timeout"),
+    Setting("HEADER_TIMEOUT_S", 30.0, "a request's headers must arrive within this many seconds (slowloris)",
+            float, flag="--header-timeout"),
+    Setting("SHUTDOWN_GRACE_S", 20.0, "on SIGTERM, answer the requests already received within this many "
+            "seconds, then exit", float, flag="--shutdown-grace"),
     Setting("THREADS", 64, "request threads (measured: more than 32 helps 64 clients, costs nothing at 1 or 32)",
             int, flag="--threads"),
 )

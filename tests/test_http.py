@@ -99,7 +99,7 @@ def test_body_over_the_size_limit_is_413(client, app):
     limit = app.config["MAX_CONTENT_LENGTH"]
     r = post(client, b"\xff\xd8" + b"0" * (limit + 10))
     assert r.status_code == 413
-    assert "larger than the 2 MB limit" in r.get_json()["error"]["message"]
+    assert "larger than the 2,097,152-byte (2 MiB) limit" in r.get_json()["error"]["message"]
 
 
 def test_wrong_method_is_405_with_allow_header(client):

@@ -44,6 +44,10 @@ def wants_html() -> bool:
     return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
 
 
+def body_too_large_message(limit: int) -> str:
+    return f"The request body is larger than the {limit:,}-byte ({limit / 2**20:g} MiB) limit."
+
+
 def error_response(status: int, code: str, message: str, hint: str, **extra) -> Response:
     if wants_html():
         page = render_template("error.html", status=status, message=message, hint=hint, **extra)
@@ -78,16 +82,15 @@ def register_error_handlers(app: Flask) -> None:
         if status >= 500:
             log.error("%s: %s", type(exc).__name__, exc.message)
         extra = {"id": exc.upload_id} if getattr(exc, "upload_id", None) else {}
-        return error_response(status, _code(type(exc).__name__), exc.message, exc.hint, **extra)
+        return error_response(status, error_code(type(exc).__name__), exc.message, exc.hint, **extra)
 
     @app.errorhandler(HTTPException)
     def handle_http_exception(exc: HTTPException):
         status = exc.code or 500
         message = exc.description or exc.name
         if status == 413:
-            limit = app.config["MAX_CONTENT_LENGTH"]
-            message = f"The request body is larger than the {limit / 2**20:g} MB limit."
-        response = error_response(status, _code(exc.name), message, HINT_BY_STATUS.get(status, ""))
+            message = body_too_large_message(int(app.config["MAX_CONTENT_LENGTH"]))
+        response = error_response(status, error_code(exc.name), message, HINT_BY_STATUS.get(status, ""))
         # Keep protocol headers such as Allow (405) that Werkzeug attached.
         for name, value in exc.get_headers():
             if name.lower() != "content-type":
@@ -100,7 +103,7 @@ def register_error_handlers(app: Flask) -> None:
         return error_response(500, "internal_error", "Something went wrong on the server.", HINT_BY_STATUS[500])
 
 
-def _code(name: str) -> str:
+def error_code(name: str) -> str:
     """'NotAnImageError' / 'Method Not Allowed' -> 'not_an_image' / 'method_not_allowed'."""
     name = re.sub(r"Error$", "", name).strip()
     name = re.sub(r"(?<=[a-z])(?=[A-Z])", "_", name)

@@ -1,0 +1,321 @@
+"""Serving over HTTP: waitress, hardened against idle and slow clients, and stopped gracefully.
+
+One process, request threads (waitress), one event loop that owns every socket. What this
+module adds to a plain `waitress.serve`:
+
+- Connections: poll() instead of select() (select cannot watch a descriptor above 1024), the
+  open-file limit raised to its hard limit at start, a connection limit derived from it (so
+  a thousand idle sockets cannot lock everyone out), an idle timeout, and a deadline for a
+  request's headers (slowloris).
+- Body size: waitress refuses a Content-Length over the limit as soon as the headers are in,
+  and a chunked body as soon as it passes the limit; nothing is spooled first. After the
+  413 the connection reads and discards what the client is still sending for a while
+  ("lingering close"), so clients that send the whole body before reading (browsers,
+  requests) see the 413 instead of a connection reset.
+- waitress's own answers (400, 413, 431, 501, 500) have the app's error body (JSON, or the
+  error page for browsers) and its security headers.
+- A request whose header lines end in a bare LF is answered 400 at once (waitress would wait
+  for CRLF CRLF until the idle timeout).
+- SIGTERM/SIGINT: readiness turns false at once, the listening socket is closed (after
+  accepting what is already in its backlog), every request already received is answered
+  (responses say `Connection: close`), idle connections are closed, and the process
+  returns when nothing is left or the grace period is over. A second signal stops at once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import resource
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from flask import Flask
+from waitress import wasyncore
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
+from waitress.server import TcpWSGIServer
+from waitress.task import ErrorTask, WSGITask
+from waitress.utilities import BadRequest
+
+from keras_serve.web.responses import SECURITY_HEADERS, body_too_large_message, error_code, error_response
+
+log = logging.getLogger(__name__)
+
+# Descriptors kept free for everything that is not a client: listening socket, model and
+# upload files, temp files for bodies over waitress's 512 KB in-memory buffer, the trigger.
+RESERVED_FDS = 256
+# After an early error answer (413 before the body), read and discard what the client still
+# sends for at most this long: browsers and `requests` send the whole body before reading,
+# and closing on unread data makes the kernel send a reset that destroys the answer.
+LINGER_S = 10.0
+ACCEPT_BATCH = 64
+BARE_LF = re.compile(rb"(?<!\r)\n")
+ERROR_HINTS = {
+    400: "Send a well-formed HTTP/1.1 request: header lines end in CRLF.",
+    413: "Send a smaller file.",
+    431: "Send fewer or shorter request headers.",
+    501: "Send the body with Content-Length or Transfer-Encoding: chunked.",
+    500: "This is a server problem; try again later.",
+}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str
+    port: int
+    threads: int
+    max_body_bytes: int            # a body of exactly this many bytes is accepted
+    connection_limit: int          # at most this many open client connections
+    idle_timeout_s: float          # close a connection with no request in flight after this
+    header_timeout_s: float        # a request's headers must arrive within this
+    shutdown_grace_s: float        # answer what was received within this after SIGTERM
+    linger_s: float = LINGER_S
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "ServerSettings":
+        """From app.config; the connection limit is capped by the (raised) open-file limit."""
+        return cls(
+            host=config["HOST"], port=int(config["PORT"]), threads=int(config["THREADS"]),
+            max_body_bytes=int(config["MAX_CONTENT_LENGTH"]),
+            connection_limit=connection_limit(int(config["CONNECTION_LIMIT"]), raise_open_file_limit()),
+            idle_timeout_s=float(config["IDLE_TIMEOUT_S"]), header_timeout_s=float(config["HEADER_TIMEOUT_S"]),
+            shutdown_grace_s=float(config["SHUTDOWN_GRACE_S"]))
+
+
+def raise_open_file_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit (systemd and Docker leave soft at 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connection_limit(requested: int, open_file_limit: int) -> int:
+    return max(min(requested, open_file_limit - RESERVED_FDS), 64)
+
+
+class StrictRequestParser(HTTPRequestParser):
+    """waitress's parser, but a bare LF in the header section is a 400 at once."""
+
+    def received(self, data: bytes) -> int:
+        scanned = len(self.header_plus)
+        consumed = super().received(data)
+        if not self.completed and self.body_rcv is None and BARE_LF.search(self.header_plus, max(scanned - 1, 0)):
+            self.parse_header(b"GET / HTTP/1.0\r\n")  # as waitress does for 431: a request to answer
+            self.error = BadRequest("Header lines must end in CRLF, not a bare LF.")
+            self.completed = True
+        return consumed
+
+
+class AppErrorTask(ErrorTask):
+    """waitress's error answers in the app's own format, with its security headers."""
+
+    def execute(self) -> None:
+        error = self.request.error
+        status = error.code
+        if status == 413:
+            message = body_too_large_message(self.channel.server.settings.max_body_bytes)
+        else:
+            message = f"{error.reason}: {error.body}"
+        # The app's error body (JSON, or the error page for a browser), built by the same code.
+        accept = self.request.headers.get("ACCEPT", "")
+        with self.channel.server.flask_app.test_request_context(headers={"Accept": accept}):
+            response = error_response(status, error_code(error.reason), message, ERROR_HINTS.get(status, ""))
+            body = response.get_data()
+        self.status = f"{status} {error.reason}"
+        self.response_headers.append(("Content-Type", response.headers["Content-Type"]))
+        self.response_headers.extend(SECURITY_HEADERS.items())
+        self.set_close_on_finish()
+        self.channel.linger_wanted = True  # the client may still be sending the body
+        self.content_length = len(body)
+        self.write(body)
+
+
+class DrainAwareTask(WSGITask):
+    def build_response_header(self) -> bytes:
+        if self.channel.server.draining:
+            self.set_close_on_finish()  # tell the client this connection ends after this answer
+        return super().build_response_header()
+
+
+class HardenedChannel(HTTPChannel):
+    parser_class = StrictRequestParser
+    error_task_class = AppErrorTask
+    task_class = DrainAwareTask
+    linger_wanted = False
+    linger_deadline: float | None = None
+    request_started = 0.0
+
+    def received(self, data: bytes) -> bool:
+        if self.request is None:
+            self.request_started = time.monotonic()
+        return super().received(data)
+
+    def handle_close(self) -> None:
+        if self.linger_wanted and self.linger_deadline is None and self.connected:
+            self.linger_wanted = False
+            try:
+                self.socket.shutdown(socket.SHUT_WR)  # the answer is out; say we send nothing more
+            except OSError:
+                return super().handle_close()
+            self.will_close = self.close_when_flushed = False
+            self.linger_deadline = time.monotonic() + self.server.settings.linger_s
+            return
+        super().handle_close()
+
+    def readable(self) -> bool:
+        if self.linger_deadline is not None:
+            return time.monotonic() < self.linger_deadline
+        return super().readable()
+
+    def writable(self) -> bool:
+        if self.linger_deadline is not None:
+            return self.will_close or time.monotonic() >= self.linger_deadline
+        return super().writable()
+
+    def handle_read(self) -> None:
+        if self.linger_deadline is None:
+            return super().handle_read()
+        try:
+            self.recv(self.adj.recv_bytes)  # discarded; closes on EOF
+        except OSError:
+            HTTPChannel.handle_close(self)
+
+    def handle_write(self) -> None:
+        if self.linger_deadline is None:
+            return super().handle_write()
+        HTTPChannel.handle_close(self)
+
+    @property
+    def busy(self) -> bool:
+        """A request is being received, served or its answer sent."""
+        partial = self.request is not None and (self.request.header_plus or self.request.body_rcv is not None)
+        return bool(self.requests or partial or self.total_outbufs_len or self.linger_deadline is not None)
+
+
+class HardenedServer(TcpWSGIServer):
+    channel_class = HardenedChannel
+    draining = False
+
+    def __init__(self, flask_app: Flask, wsgi_app, settings: ServerSettings, adj: Adjustments) -> None:
+        self.flask_app = flask_app
+        self.settings = settings
+        super().__init__(wsgi_app, adj=adj)
+
+    def maintenance(self, now: float) -> None:
+        super().maintenance(now)  # idle timeout
+        cutoff = time.monotonic() - self.settings.header_timeout_s
+        for channel in list(self.active_channels.values()):
+            request = channel.request
+            if request is not None and not request.headers_finished and channel.request_started < cutoff:
+                channel.will_close = True  # headers trickling in too slowly: slowloris
+
+    def handle_accept(self) -> None:
+        # waitress accepts one connection per loop turn, and a turn costs time in proportion to
+        # the open connections: a burst of thousands would queue for seconds. Take a batch.
+        room = self.adj.connection_limit - len(self._map)
+        self.accept_backlog(max(1, min(ACCEPT_BATCH, room)))
+
+    def accept_backlog(self, most: int = 1 << 30) -> int:
+        """Accept connections already waiting in the kernel's queue, up to `most`."""
+        accepted = 0
+        while accepted < most and (pair := self._accept_one()) is not None:
+            conn, addr = pair
+            self.channel_class(self, conn, self.fix_addr(addr), self.adj, map=self._map)
+            accepted += 1
+        return accepted
+
+    def _accept_one(self):
+        try:
+            pair = self.accept()  # None when the queue is empty
+        except OSError:  # EMFILE and the like: stop this batch, the loop comes back
+            log.warning("accept() failed", exc_info=True)
+            return None
+        if pair is not None:
+            try:
+                self.set_socket_options(pair[0])
+            except OSError:  # the client already left
+                pair[0].close()
+                return self._accept_one()
+        return pair
+
+    def stop_listening(self) -> None:
+        self.accepting = False
+        self.del_channel()
+        self.socket.close()
+
+
+def build_server(flask_app: Flask, settings: ServerSettings, wsgi_app=None) -> HardenedServer:
+    adj = Adjustments(
+        host=settings.host, port=settings.port, threads=settings.threads, ident="keras-serve",
+        # waitress refuses Content-Length >= this (and a chunked body reaching it) before reading.
+        max_request_body_size=settings.max_body_bytes + 1,
+        connection_limit=settings.connection_limit,
+        channel_timeout=int(settings.idle_timeout_s),
+        cleanup_interval=max(1, int(min(settings.idle_timeout_s, settings.header_timeout_s) / 4)),
+        asyncore_use_poll=True,  # select() fails on descriptors above 1024
+        backlog=2048,
+    )
+    return HardenedServer(flask_app, wsgi_app or flask_app, settings, adj)
+
+
+def serve(flask_app: Flask, on_drain: Callable[[], None] = lambda: None) -> int:
+    """Serve until SIGTERM/SIGINT, then drain; returns how many connections were closed unanswered.
+
+    `on_drain` runs inside the signal handler (keep it to setting a flag): it is how /readyz
+    turns 503 before anything else happens. Raises OSError if the address cannot be bound.
+    """
+    settings = ServerSettings.from_config(flask_app.config)
+    server = build_server(flask_app, settings)
+    signals = []
+
+    def on_signal(signum, frame) -> None:
+        signals.append(signum)
+        on_drain()  # /readyz turns 503 now, before the loop even wakes up
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    wakeup_fd = getattr(server.trigger, "trigger", None)  # the pipe the event loop watches
+    if isinstance(wakeup_fd, int):  # so a signal wakes poll() at once
+        os.set_blocking(wakeup_fd, False)
+        signal.set_wakeup_fd(wakeup_fd, warn_on_full_buffer=False)
+    try:
+        while not signals:
+            wasyncore.loop(timeout=settings.idle_timeout_s, map=server._map, use_poll=True, count=1)
+        return drain(server, settings.shutdown_grace_s, signals)
+    finally:
+        signal.set_wakeup_fd(-1)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def drain(server: HardenedServer, grace_s: float, signals: list[int]) -> int:
+    server.draining = True
+    accepted = server.accept_backlog()
+    server.stop_listening()
+    deadline = time.monotonic() + grace_s
+    in_flight = sum(ch.busy for ch in server.active_channels.values())
+    log.info("stopping: no longer listening; answering %d connection(s) with requests in flight "
+             "(%d just accepted), grace %.0f s", in_flight, accepted, grace_s)
+    while time.monotonic() < deadline and len(signals) < 2:
+        for channel in list(server.active_channels.values()):
+            if not channel.busy:
+                channel.will_close = True
+        if not server.active_channels:
+            break
+        wasyncore.loop(timeout=0.05, map=server._map, use_poll=True, count=1)
+    unanswered = sum(ch.busy for ch in server.active_channels.values())
+    if unanswered:
+        log.warning("grace period over: closing %d connection(s) with requests unanswered", unanswered)
+    server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
+    wasyncore.close_all(server._map)
+    return unanswered
