@@ -19,8 +19,10 @@ def index():
     return render_template("index.html", model=service().model.describe())
 
 
-# strict_slashes=False: "/file" is served directly, not redirected (curl would drop the POST body).
-@bp.post("/file/", strict_slashes=False)
+# "/file" is its own rule, not a redirect to "/file/" (curl would drop the POST body), and not
+# strict_slashes=False either, with which GET /file is a 404 instead of a 405.
+@bp.post("/file")
+@bp.post("/file/")
 def classify():
     upload = request.files.get("file")
     if upload is None:
