@@ -15,13 +15,17 @@ from typing import IO, Any
 
 from flask import Request
 from python_multipart import MultipartParser
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartState
 from werkzeug.datastructures import FileStorage, Headers
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 from werkzeug.http import parse_options_header
 
 READ_CHUNK = 64 * 1024
+# python-multipart's default (4,224 bytes per part header line) turns a long file name into
+# "no file part"; the whole request head is already capped by waitress (256 KB).
+MAX_PART_HEADER_BYTES = 64 * 1024
 
 
 class _Part:
@@ -62,9 +66,17 @@ def split_parts(stream: IO[bytes], boundary: bytes, max_parts: int | None) -> li
     parser = MultipartParser(boundary, {
         "on_part_begin": part_begin, "on_header_field": header_field, "on_header_value": header_value,
         "on_header_end": header_end, "on_part_data": part_data,
-    })
-    while chunk := stream.read(READ_CHUNK):
-        parser.write(chunk)
+    }, max_header_size=MAX_PART_HEADER_BYTES)
+    # Werkzeug's stream raises 413 on a read past max_content_length even when the body ends
+    # exactly there; a body of exactly the limit is allowed, so stop reading at the limit.
+    while not getattr(stream, "is_exhausted", False) and (chunk := stream.read(READ_CHUNK)):
+        try:
+            parser.write(chunk)
+        except MultipartParseError as exc:
+            if "header size" in str(exc):
+                raise BadRequest(f"A part header of the upload is longer than {MAX_PART_HEADER_BYTES:,} bytes; "
+                                 "send a shorter file name.") from None
+            raise
     if parser.state != MultipartState.END:  # python-multipart's finalize() does not check this yet
         raise ValueError("multipart body ends before its closing boundary")
     return [(part.headers, bytes(part.data)) for part in parts]
