@@ -198,9 +198,17 @@ class HardenedChannel(HTTPChannel):
 
     @property
     def busy(self) -> bool:
-        """A request is being received, served or its answer sent."""
+        """A request is being received, served or answered, or waits unread in the socket."""
         partial = self.request is not None and (self.request.header_plus or self.request.body_rcv is not None)
-        return bool(self.requests or partial or self.total_outbufs_len or self.linger_deadline is not None)
+        return bool(self.requests or partial or self.total_outbufs_len or self.linger_deadline is not None
+                    or self._unread_input())
+
+    def _unread_input(self) -> bool:
+        # A request can be in the kernel's buffer, sent just before SIGTERM and not read yet.
+        try:
+            return bool(self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # nothing to read (EAGAIN), or the client is gone
+            return False
 
 
 class HardenedServer(TcpWSGIServer):
