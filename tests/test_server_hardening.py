@@ -1,0 +1,254 @@
+"""The HTTP server under hostile clients and at shutdown: a real `python app.py` over raw sockets.
+
+Raw sockets because the point is what a client sees byte for byte: an answer or none, while
+it is still sending, with idle and half-sent connections open around it.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import resource
+import signal
+import socket
+import threading
+import time
+
+import pytest
+import requests
+
+from images import RED, image_bytes, noise_jpeg
+from server_process import ServerProcess
+from uploading import fresh_boundary, multipart_body
+from keras_serve.storage.uploads import iter_day_file
+from keras_serve.web.responses import SECURITY_HEADERS
+
+LIMIT = 1024 * 1024  # --max-upload-mb 1
+
+
+@pytest.fixture(scope="module")
+def server(colour_model_path, tmp_path_factory):
+    uploads = tmp_path_factory.mktemp("uploads")
+    with ServerProcess("--model", str(colour_model_path), "--upload-dir", str(uploads),
+                       "--max-upload-mb", "1") as srv:
+        srv.uploads = uploads
+        yield srv
+
+
+def connect(srv: ServerProcess, timeout: float = 10.0) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=timeout)
+    return sock
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP response: status, headers (title case), body; raises on a reset or no answer."""
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    body = response.read()
+    return response.status, {k.title(): v for k, v in response.getheaders()}, body
+
+
+def upload_request(data: bytes, filename: str = "photo.jpg", extra_headers: str = "") -> bytes:
+    boundary = fresh_boundary()
+    body = multipart_body("file", filename, "image/jpeg", data, boundary)
+    head = (f"POST /file/ HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {len(body)}\r\n{extra_headers}\r\n")
+    return head.encode() + body
+
+
+def exact_size_upload(total: int) -> tuple[bytes, str]:
+    """A multipart body of exactly `total` bytes (a JPEG padded after its end marker) and its boundary."""
+    boundary = fresh_boundary()
+    empty = multipart_body("file", "a.jpg", "image/jpeg", b"", boundary)
+    jpeg = image_bytes(RED)
+    return multipart_body("file", "a.jpg", "image/jpeg", jpeg + b"\0" * (total - len(empty) - len(jpeg)),
+                          boundary), boundary
+
+
+def healthz_seconds(srv: ServerProcess) -> float:
+    started = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=1.0)
+    conn.request("GET", "/healthz")
+    response = conn.getresponse()
+    assert response.status == 200 and json.loads(response.read()) == {"alive": True}
+    conn.close()
+    return time.monotonic() - started
+
+
+def test_healthz_answers_within_a_second_with_1000_idle_and_100_slowloris_connections(server):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))  # this process needs ~1,200
+    idle = [connect(server) for _ in range(1000)]
+    slow = [connect(server) for _ in range(100)]
+    stop = threading.Event()
+
+    def trickle():  # slowloris: a header line every half second, never the blank line
+        for sock in slow:
+            sock.sendall(b"POST /file/ HTTP/1.1\r\nHost: test\r\n")
+        while not stop.wait(0.5):
+            for sock in slow:
+                sock.sendall(b"X-Padding: a\r\n")
+
+    trickler = threading.Thread(target=trickle, daemon=True)
+    trickler.start()
+    try:
+        time.sleep(1.0)  # every connection accepted, the trickle under way
+        times = [healthz_seconds(server) for _ in range(5)]  # a 1 s timeout: raises if late
+        assert max(times) < 1.0, times
+        # Those connections were held open, not shed: an idle one still gets an answer.
+        idle[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert read_response(idle[0])[0] == 200
+    finally:
+        stop.set()
+        trickler.join()
+        for sock in idle + slow:
+            sock.close()
+
+
+def test_oversized_content_length_is_refused_before_the_body_is_sent(server):
+    with connect(server) as sock:
+        sock.sendall(b"POST /file/ HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                     b"Content-Length: 60000000\r\n\r\n" + b"x" * 1000)  # 1 KB of the announced 60 MB
+        status, headers, body = read_response(sock)
+    assert status == 413 and headers["Connection"] == "close"
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_entity_too_large" and "1,048,576-byte" in error["message"]
+    assert all(headers[name] == value for name, value in SECURITY_HEADERS.items())
+
+
+def test_oversized_chunked_body_is_refused_once_it_passes_the_limit(server):
+    with connect(server) as sock:
+        sock.sendall(b"POST /file/ HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n%s\r\n" % (64 * 1024, b"x" * 64 * 1024)
+        for _ in range(LIMIT // len(chunk) + 2):  # just past the limit, and no last chunk
+            sock.sendall(chunk)
+        status, headers, body = read_response(sock)
+    assert status == 413 and json.loads(body)["error"]["code"] == "request_entity_too_large"
+
+
+def test_client_that_sends_the_whole_oversized_body_first_still_reads_the_413(server):
+    # requests (like browsers) sends everything before reading: the server must not reset it.
+    r = requests.post(server.url + "/file/", files={"file": ("big.jpg", b"\xff" * (8 * LIMIT))}, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["status"] == 413
+
+
+def test_a_body_of_exactly_the_limit_is_accepted_one_byte_more_is_not(server):
+    body, boundary = exact_size_upload(LIMIT)
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    assert len(body) == LIMIT
+    ok = requests.post(server.url + "/file/", data=body, headers=headers, timeout=30)
+    assert ok.status_code == 200 and ok.json()["class"] == "DOG"
+    over = requests.post(server.url + "/file/", data=body + b"\n", headers=headers, timeout=30)
+    assert over.status_code == 413
+
+
+@pytest.mark.parametrize("request_bytes,status", [
+    (b"GET /healthz HTTP/1.1\nHost: test\n\n", 400),                               # bare LF line endings
+    (b"GET / HTTP/1.1\r\nHost: test\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n", 431),  # head over 256 KB
+    (b"POST /file/ HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    (b"GET /healthz HTTP/1.1\r\nHost: test\r\nContent-Length: nope\r\n\r\n", 400),
+    (b"POST /file/ HTTP/1.1\r\nHost: test\r\nContent-Length: 1048577\r\n\r\n", 413),
+])
+def test_answers_from_the_http_layer_are_the_apps_error_format_with_its_security_headers(
+        server, request_bytes, status):
+    with connect(server, timeout=5) as sock:  # waitress used to leave the bare-LF request hanging
+        sock.sendall(request_bytes)
+        got, headers, body = read_response(sock)
+    assert got == status
+    assert {name: headers.get(name) for name in SECURITY_HEADERS} == SECURITY_HEADERS
+    error = json.loads(body)["error"]
+    assert error["status"] == status and error["message"] and error["hint"]
+    assert healthz_seconds(server) < 1.0  # and the server keeps serving
+
+
+def test_http_layer_errors_are_a_page_for_browsers(server):
+    with connect(server) as sock:
+        sock.sendall(b"POST /file/ HTTP/1.1\r\nHost: test\r\nAccept: text/html,*/*;q=0.8\r\n"
+                     b"Content-Length: 99999999\r\n\r\n")
+        status, headers, body = read_response(sock)
+    assert status == 413 and headers["Content-Type"].startswith("text/html")
+    assert b"1,048,576-byte" in body and headers["Content-Security-Policy"] == SECURITY_HEADERS["Content-Security-Policy"]
+
+
+def test_a_10000_character_file_name_is_classified_and_stored_truncated(server):
+    name = "x" * 9996 + ".jpg"
+    r = requests.post(server.url + "/file/", files={"file": (name, image_bytes(RED))}, timeout=30)
+    assert r.status_code == 200 and r.json()["class"] == "DOG"
+    record = requests.get(server.url + r.json()["image_url"] + "/record", timeout=10).json()
+    assert record["client_filename"] == name[:255]
+
+
+def test_a_part_header_over_64_kib_is_a_clear_400(server):
+    r = requests.post(server.url + "/file/", files={"file": ("y" * 70_000 + ".jpg", image_bytes(RED))}, timeout=30)
+    assert r.status_code == 400 and "part header" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/file", "/file/"])
+def test_get_on_the_classify_route_is_405_with_allow_post(server, path):
+    r = requests.get(server.url + path, timeout=10)
+    assert r.status_code == 405 and "POST" in r.headers["Allow"]
+    assert requests.post(server.url + path, files={"file": ("a.jpg", image_bytes(RED))}, timeout=30).status_code == 200
+
+
+def test_idle_and_trickling_connections_are_closed_by_their_timeouts(colour_model_path, tmp_path):
+    with ServerProcess("--model", str(colour_model_path), "--upload-dir", str(tmp_path),
+                       "--idle-timeout", "1", "--header-timeout", "2") as srv:
+        idle, slow = connect(srv), connect(srv)
+        slow.sendall(b"GET /healthz HTTP/1.1\r\n")
+        started = time.monotonic()
+        closed = {}
+        while len(closed) < 2 and time.monotonic() - started < 10:
+            try:
+                slow.sendall(b"X-Padding: a\r\n")  # activity, so only the header deadline can end it
+            except OSError:
+                closed.setdefault("slow", time.monotonic() - started)
+            for name, sock in (("idle", idle), ("slow", slow)):
+                sock.settimeout(0.2)
+                try:
+                    if sock.recv(1) == b"":
+                        closed.setdefault(name, time.monotonic() - started)
+                except TimeoutError:
+                    pass
+                except OSError:
+                    closed.setdefault(name, time.monotonic() - started)
+        assert set(closed) == {"idle", "slow"}, closed
+        assert closed["idle"] >= 0.5 and closed["slow"] >= 1.5, closed
+
+
+def test_sigterm_under_load_answers_every_received_request_then_exits_0(colour_model_path, tmp_path):
+    srv = ServerProcess("--model", str(colour_model_path), "--upload-dir", str(tmp_path))
+    try:
+        images = [noise_jpeg((800, 600), seed=i, quality=95) for i in range(96)]
+        sockets = [connect(srv, timeout=60) for _ in images]
+        readiness = connect(srv, timeout=60)
+        readiness.sendall(b"GET /readyz HTTP/1.1\r\nHost: test\r\n")  # half a request, finished after SIGTERM
+        for sock, data in zip(sockets, images):
+            sock.sendall(upload_request(data))
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(ConnectionRefusedError):  # no longer listening
+            socket.create_connection(("127.0.0.1", srv.port), timeout=2).close()
+        readiness.sendall(b"\r\n")
+        status, headers, body = read_response(readiness)
+        assert status == 503 and json.loads(body)["ready"] is False and headers["Connection"] == "close"
+        answers = [read_response(sock) for sock in sockets]
+        assert [status for status, _, _ in answers] == [200] * 96
+        assert srv.proc.wait(timeout=30) == 0
+    finally:
+        output = srv.stop()
+    stored = {record["id"] for day in tmp_path.glob("*.uploads") for record, _ in iter_day_file(day)}
+    assert {json.loads(body)["id"] for _, _, body in answers} <= stored, output
+
+
+def test_shutdown_grace_period_bounds_the_wait_for_a_request_that_never_completes(colour_model_path, tmp_path):
+    srv = ServerProcess("--model", str(colour_model_path), "--upload-dir", str(tmp_path), "--shutdown-grace", "1")
+    try:
+        stuck = connect(srv)
+        stuck.sendall(b"POST /file/ HTTP/1.1\r\nHost: test\r\nContent-Length: 1000\r\n\r\nabc")  # 997 bytes short
+        started = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(timeout=15) == 0
+        assert time.monotonic() - started < 10  # the 1 s grace, not the 20 s default
+        assert "grace period over: closing 1 connection(s)" in srv.stop()
+    finally:
+        srv.stop()
