@@ -23,6 +23,7 @@ module adds to a plain `waitress.serve`:
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -128,12 +129,18 @@ class AppErrorTask(ErrorTask):
         else:
             message = f"{error.reason}: {error.body}"
         # The app's error body (JSON, or the error page for a browser), built by the same code.
+        code, hint = error_code(error.reason), ERROR_HINTS.get(status, "")
         accept = self.request.headers.get("ACCEPT", "")
-        with self.channel.server.flask_app.test_request_context(headers={"Accept": accept}):
-            response = error_response(status, error_code(error.reason), message, ERROR_HINTS.get(status, ""))
-            body = response.get_data()
+        try:
+            with self.channel.server.flask_app.test_request_context(headers={"Accept": accept}):
+                response = error_response(status, code, message, hint)
+                body, content_type = response.get_data(), response.headers["Content-Type"]
+        except Exception:  # this answer must not fail: the same JSON, by hand
+            log.exception("could not render the %d page", status)
+            body = json.dumps({"error": {"status": status, "code": code, "message": message, "hint": hint}}).encode()
+            content_type = "application/json"
         self.status = f"{status} {error.reason}"
-        self.response_headers.append(("Content-Type", response.headers["Content-Type"]))
+        self.response_headers.append(("Content-Type", content_type))
         self.response_headers.extend(SECURITY_HEADERS.items())
         self.set_close_on_finish()
         self.channel.linger_wanted = True  # the client may still be sending the body
@@ -269,7 +276,7 @@ def build_server(flask_app: Flask, settings: ServerSettings, wsgi_app=None) -> H
         # waitress refuses Content-Length >= this (and a chunked body reaching it) before reading.
         max_request_body_size=settings.max_body_bytes + 1,
         connection_limit=settings.connection_limit,
-        channel_timeout=int(settings.idle_timeout_s),
+        channel_timeout=max(1, round(settings.idle_timeout_s)),
         cleanup_interval=max(1, int(min(settings.idle_timeout_s, settings.header_timeout_s) / 4)),
         asyncore_use_poll=True,  # select() fails on descriptors above 1024
         backlog=2048,
@@ -292,10 +299,8 @@ def serve(flask_app: Flask, on_drain: Callable[[], None] = lambda: None) -> int:
         on_drain()  # /readyz turns 503 now, before the loop even wakes up
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    wakeup_fd = getattr(server.trigger, "trigger", None)  # the pipe the event loop watches
-    if isinstance(wakeup_fd, int):  # so a signal wakes poll() at once
-        os.set_blocking(wakeup_fd, False)
-        signal.set_wakeup_fd(wakeup_fd, warn_on_full_buffer=False)
+    wakeup = SignalWakeup(server._map)
+    signal.set_wakeup_fd(wakeup.write_fd, warn_on_full_buffer=False)
     try:
         while not signals:
             wasyncore.loop(timeout=settings.idle_timeout_s, map=server._map, use_poll=True, count=1)
@@ -304,6 +309,32 @@ def serve(flask_app: Flask, on_drain: Callable[[], None] = lambda: None) -> int:
         signal.set_wakeup_fd(-1)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        wakeup.close()
+
+
+class SignalWakeup(wasyncore.file_dispatcher):
+    """A pipe in the event loop that the interpreter writes to on a signal, so poll() returns."""
+
+    def __init__(self, socket_map: dict) -> None:
+        read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)
+        super().__init__(read_fd, socket_map)  # keeps its own duplicate of read_fd
+        os.close(read_fd)
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def handle_read(self) -> None:
+        self.recv(4096)  # the byte only woke the loop; the handler has already run
+
+    def close(self) -> None:
+        super().close()
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
 
 
 def drain(server: HardenedServer, grace_s: float, signals: list[int]) -> int:
@@ -325,5 +356,7 @@ def drain(server: HardenedServer, grace_s: float, signals: list[int]) -> int:
     if unanswered:
         log.warning("grace period over: closing %d connection(s) with requests unanswered", unanswered)
     server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
-    wasyncore.close_all(server._map)
+    for channel in list(server.active_channels.values()):
+        channel.close()
+    server.close()  # the trigger; the listening socket is already closed
     return unanswered
