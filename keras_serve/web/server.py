@@ -48,7 +48,7 @@ from keras_serve.web.responses import SECURITY_HEADERS, body_too_large_message, 
 log = logging.getLogger(__name__)
 
 # Descriptors kept free for everything that is not a client: listening socket, model and
-# upload files, temp files for bodies over waitress's 512 KB in-memory buffer, the trigger.
+# upload files, temp files for bodies over waitress's 512 KB in-memory buffer, wake-up pipes.
 RESERVED_FDS = 256
 # After an early error answer (413 before the body), read and discard what the client still
 # sends for at most this long: browsers and `requests` send the whole body before reading,
@@ -271,6 +271,8 @@ class HardenedServer(TcpWSGIServer):
 
 
 def build_server(flask_app: Flask, settings: ServerSettings, wsgi_app=None) -> HardenedServer:
+    """Bound and listening. `wsgi_app` (default: the Flask app) serves requests, e.g. the app
+    wrapped in middleware; `flask_app` renders the error answers waitress gives itself."""
     adj = Adjustments(
         host=settings.host, port=settings.port, threads=settings.threads, ident="keras-serve",
         # waitress refuses Content-Length >= this (and a chunked body reaching it) before reading.
