@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from keras_serve.model.engines import ENGINE_CHOICES
 from keras_serve.pipeline.preprocessing import SCALINGS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -85,6 +86,12 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds, then exit", float, flag="--shutdown-grace"),
     Setting("THREADS", 64, "request threads (measured: more than 32 helps 64 clients, costs nothing at 1 or 32)",
             int, flag="--threads"),
+    Setting("ENGINE", "auto", "what runs the forward pass: auto (fastest engine whose answers match TensorFlow's), "
+            "or force one; a converted engine that fails or differs falls back to tensorflow with a log line",
+            flag="--engine", choices=ENGINE_CHOICES),
+    Setting("WORKERS", 1, "server processes, each with its own model and batcher, sharing the port "
+            "(1: one waitress process; more: gunicorn gthread workers; see README Performance)",
+            int, flag="--workers"),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

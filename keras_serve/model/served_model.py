@@ -8,6 +8,7 @@ pass any object with those members instead.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,12 @@ from keras_serve.pipeline.preprocessing import SCALINGS, PreprocessSpec
 
 DEFAULT_MODEL_PATH = PROJECT_ROOT / "models" / "cats_vs_dogs.h5"
 SIGMOID_DEFAULT_LABELS = ["CAT", "DOG"]
+# A converted engine serves only if, on generated inputs, every served probability stays this
+# close to TensorFlow's and no label changes (issue 14: measured <= 1e-6 on real photos).
+FAITHFUL_MAX_ABS_DIFFERENCE = 1e-5
+PROBE_IMAGES = 4
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,9 @@ class ServedModel:
 
     def __init__(self, model: Any, spec: PreprocessSpec, labels: list[str], output_kind: str,
                  threshold: float = 0.5, info: dict[str, Any] | None = None, top_k: int = 5,
-                 apply_activation: str | None = None) -> None:
+                 apply_activation: str | None = None, engine: Any = None) -> None:
+        from keras_serve.model.engines import TensorFlowEngine
+
         self.model = model
         self.spec = spec
         self.labels = labels
@@ -73,15 +82,29 @@ class ServedModel:
         self.info = info or {}
         # "sigmoid"/"softmax" when the model ends in logits and the server must finish the job.
         self._apply_activation = apply_activation
-        self._forward = self._compile_forward(model, spec)
+        # What runs the forward pass (keras_serve.model.engines); `load` may pick a faster one.
+        self.engine = engine or TensorFlowEngine(model, spec.input_shape)
+        self.engine_fallback_reason: str | None = None  # why a requested engine is not serving
         self._lock = threading.Lock()
+
+    @property
+    def engine_name(self) -> str:
+        return self.engine.name
 
     # --- construction -------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path = DEFAULT_MODEL_PATH, labels: str | list[str] | None = None,
              scaling: str | None = None, arch: str | None = None,
-             max_pixels: int | None = None) -> "ServedModel":
-        """Open a model file and settle its contract; raises ModelLoadError with a one-line reason."""
+             max_pixels: int | None = None, engine: str = "auto",
+             engine_threads: int | None = None) -> "ServedModel":
+        """Open a model file and settle its contract; raises ModelLoadError with a one-line reason.
+
+        `engine` (keras_serve.model.engines.ENGINE_CHOICES) names what runs the forward pass:
+        "auto" tries the converted engines fastest first; any converted engine that fails to
+        convert or answers differently from TensorFlow is logged (one line) and TensorFlow
+        serves instead. `engine_threads`: threads for a converted engine (default: every
+        usable core).
+        """
         from keras_serve.model.keras_formats import load_keras_model
         from keras_serve.model.tf_runtime import import_tensorflow_quietly
 
@@ -118,24 +141,67 @@ class ServedModel:
             "card": card_path(path).name if card.found else None,
             "output_activation_added": applies_activation,
         }
-        return cls(model, spec, labels, output_kind, card.threshold, info,
-                   apply_activation=applies_activation)
+        served = cls(model, spec, labels, output_kind, card.threshold, info,
+                     apply_activation=applies_activation)
+        if engine != "tensorflow":
+            served._switch_engine(engine, path, arch, engine_threads)
+        return served
 
-    @staticmethod
-    def _compile_forward(model: Any, spec: PreprocessSpec):
-        # A traced function called directly skips model.predict's per-call set-up, which
-        # costs more than the forward pass itself at small batches.
-        import tensorflow as tf
+    def _switch_engine(self, requested: str, path: Path, arch: str | None, threads: int | None) -> None:
+        """Serve through the first faithful converted engine; TensorFlow (already built) stays
+        when none is, with one log line saying why."""
+        from keras_serve.model import engines
 
-        signature = [tf.TensorSpec((None, *spec.input_shape), tf.float32)]
-        return tf.function(lambda x: model(x, training=False), input_signature=signature)
+        if requested not in engines.ENGINE_CHOICES:
+            raise ModelLoadError(f"unknown engine {requested!r}; choose one of {', '.join(engines.ENGINE_CHOICES)}")
+        candidates = engines.AUTO_ORDER if requested == "auto" else (requested,)
+        reasons = []
+        for name in candidates:
+            try:
+                candidate = engines.build_converted(name, self.model, self.spec.input_shape, path,
+                                                    threads or engines.usable_cores(), variant=arch)
+                problem = self._unfaithful(candidate)
+            except engines.EngineUnavailable as exc:
+                problem = str(exc)
+            if problem is None:
+                self.engine = candidate
+                break
+            reasons.append(f"{name}: {problem}")
+        if reasons:
+            self.engine_fallback_reason = "; ".join(reasons)
+            log.warning("engine %s requested, serving with %s (%s)", requested, self.engine.name,
+                        self.engine_fallback_reason)
+
+    def _unfaithful(self, candidate: Any) -> str | None:
+        """Why `candidate` must not serve (its answers differ from TensorFlow's), or None."""
+        from keras_serve.pipeline.preprocessing import to_model_input
+
+        rng = np.random.default_rng(0)
+        s = self.spec
+        pixels = rng.integers(0, 256, (PROBE_IMAGES, s.height, s.width, s.channels), dtype=np.uint8)
+        probes = to_model_input(pixels, s)
+        for batch in (probes[:1], probes):  # a lone request and a batch
+            want = self._finish(self.engine(batch), len(batch))
+            got = self._finish(candidate(batch), len(batch))
+            if got.shape != want.shape:
+                return f"output shape {got.shape} instead of {want.shape}"
+            difference = float(np.abs(got - want).max())
+            if not difference <= FAITHFUL_MAX_ABS_DIFFERENCE:  # also catches NaN
+                return (f"outputs differ from TensorFlow's by {difference:.2g} on generated inputs "
+                        f"(allowed {FAITHFUL_MAX_ABS_DIFFERENCE:g})")
+            if any(self.interpret(a).label != self.interpret(b).label for a, b in zip(got, want)):
+                return "changes a label on generated inputs"
+        return None
 
     # --- the calls the web layer makes -------------------------------------------------
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         """float32 (N, *input_shape) -> probabilities (N, units). Thread-safe."""
         with self._lock:
-            out = self._forward(batch)
-        out = np.asarray(out, dtype=np.float64).reshape(len(batch), -1)
+            out = self.engine(batch)
+        return self._finish(out, len(batch))
+
+    def _finish(self, out: Any, rows: int) -> np.ndarray:
+        out = np.asarray(out, dtype=np.float64).reshape(rows, -1)
         if self._apply_activation == "sigmoid":
             out = 1.0 / (1.0 + np.exp(-out))
         elif self._apply_activation == "softmax":
@@ -170,6 +236,8 @@ class ServedModel:
             "output": self.output_kind,
             "labels": self.labels,
             "threshold": self.threshold if self.output_kind == "sigmoid" else None,
+            "engine": {"name": self.engine.name, "version": self.engine.version,
+                       "fallback_reason": self.engine_fallback_reason},
         }
 
     def summary_line(self) -> str:
@@ -180,7 +248,8 @@ class ServedModel:
         return (f"model {Path(d['file']).name} (saved by Keras {d['saved_by_keras'] or 'unknown'}, "
                 f"loaded with {d['loaded_with']}, {d['parameters']:,} parameters): "
                 f"input {i['height']}x{i['width']}x{i['channels']} {i['layout']}, scaling {d['preprocessing']['scaling']}; "
-                f"output {decision}; labels {','.join(self.labels)}")
+                f"output {decision}; labels {','.join(self.labels)}; "
+                f"engine {self.engine.name} {self.engine.version}")
 
 
 def _input_spec(model: Any, card: ModelCard, scaling: str | None, max_pixels: int | None) -> PreprocessSpec:

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from keras_serve.pipeline.batcher import DynamicBatcher
 from keras_serve.errors import PredictionError
+from keras_serve.model.engines import usable_cores
 from keras_serve.model.served_model import Prediction, ServedModel
 from keras_serve.pipeline.preprocessing import image_format, preprocess
 from keras_serve.storage.uploads import UploadStore
@@ -39,7 +40,9 @@ class ClassifierService:
         """Load (or take) the model, warm it for every batch size, open the store."""
         model = config.get("MODEL") or ServedModel.load(
             config["MODEL_PATH"], labels=config["LABELS"], scaling=config["SCALING"],
-            arch=config["ARCH"], max_pixels=int(config["MAX_PIXELS"]))
+            arch=config["ARCH"], max_pixels=int(config["MAX_PIXELS"]), engine=config["ENGINE"],
+            # Worker processes share the cores rather than each starting one thread per core.
+            engine_threads=max(1, usable_cores() // max(1, int(config["WORKERS"]))))
         max_batch = int(config["MAX_BATCH"])
         model.warm_up(tuple(range(1, max_batch + 1)))  # every batch size the batcher can form
         batcher = DynamicBatcher(model.predict_batch, max_batch, float(config["MAX_WAIT_MS"]))

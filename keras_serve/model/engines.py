@@ -1,0 +1,193 @@
+"""Engines: what runs a loaded Keras model's forward pass on the CPU.
+
+Keras and TensorFlow always load the file (every Keras era needs them); the forward pass can
+then run elsewhere. Measured on the 2-core development VM with the default model (README,
+"Performance"), ONNX Runtime and LiteRT both beat TensorFlow's traced `tf.function` with
+outputs within 1e-6 of it, so `auto` tries ONNX Runtime, then LiteRT, and keeps TensorFlow
+when neither converts or either answers differently (`ServedModel` checks that at start-up).
+
+Each conversion is done once and cached beside the model, `<model dir>/.cache/<sha256 of the
+model file>.<engine suffix>`: a changed file has a new hash, so a stale conversion is never
+read, and the start-up check would catch a damaged one anyway.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ENGINE_CHOICES = ("auto", "tensorflow", "onnxruntime", "litert")
+AUTO_ORDER = ("onnxruntime", "litert")  # fastest first, by measurement; TensorFlow is the fallback
+ONNX_OPSET = 17
+
+
+class EngineUnavailable(Exception):
+    """This engine cannot run this model; the message says why in one line."""
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class TensorFlowEngine:
+    """A traced `tf.function` called directly: it skips `model.predict`'s per-call set-up,
+    which costs more than the forward pass itself at small batches."""
+
+    name = "tensorflow"
+
+    def __init__(self, model: Any, input_shape: tuple[int, ...]) -> None:
+        import tensorflow as tf
+
+        signature = [tf.TensorSpec((None, *input_shape), tf.float32)]
+        self.forward = tf.function(lambda x: model(x, training=False), input_signature=signature)
+        self.version = tf.__version__
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.forward(batch))
+
+
+class OnnxRuntimeEngine:
+    name = "onnxruntime"
+    suffix = ".onnx"
+
+    def __init__(self, model_bytes: bytes, threads: int) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise EngineUnavailable(f"onnxruntime is not installed ({exc})") from None
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Idle pool threads would spin for a while after each call, taking the CPU that the
+        # request threads need for decoding; measured: spinning off costs nothing at batch 32.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        self._input = self._session.get_inputs()[0].name
+        self.version = ort.__version__
+
+    @staticmethod
+    def convert(model: Any, input_shape: tuple[int, ...]) -> bytes:
+        try:
+            import tensorflow as tf
+            import tf2onnx
+        except ImportError as exc:
+            raise EngineUnavailable(f"tf2onnx is not installed ({exc})") from None
+
+        @tf.function
+        def forward(x):
+            return model(x, training=False)
+
+        signature = [tf.TensorSpec((None, *input_shape), tf.float32, name="input")]
+        logging.getLogger("tf2onnx").setLevel(logging.WARNING)  # its INFO lines narrate every pass
+        proto, _ = tf2onnx.convert.from_function(forward, input_signature=signature, opset=ONNX_OPSET)
+        return proto.SerializeToString()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self._session.run(None, {self._input: batch})[0]
+
+
+class LiteRtEngine:
+    name = "litert"
+    suffix = ".tflite"
+
+    def __init__(self, model_bytes: bytes, threads: int) -> None:
+        try:
+            import ai_edge_litert
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError as exc:
+            raise EngineUnavailable(f"ai-edge-litert is not installed ({exc})") from None
+        self._interpreter = Interpreter(model_content=model_bytes, num_threads=threads)
+        self._interpreter.allocate_tensors()
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        self._output = self._interpreter.get_output_details()[0]["index"]
+        self._shape: tuple[int, ...] | None = None
+        self.version = getattr(ai_edge_litert, "__version__", "")
+
+    @staticmethod
+    def convert(model: Any, input_shape: tuple[int, ...]) -> bytes:
+        import tensorflow as tf
+        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+        forward = tf.function(lambda x: model(x, training=False),
+                              input_signature=[tf.TensorSpec((None, *input_shape), tf.float32)])
+        # Frozen: a function that still reads variables converts to READ_VARIABLE ops, which
+        # LiteRT runs with uninitialised values (NaN answers) instead of failing.
+        frozen = convert_variables_to_constants_v2(forward.get_concrete_function())
+        return tf.lite.TFLiteConverter.from_concrete_functions([frozen]).convert()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        # The interpreter has one shape at a time; a new batch size costs a re-allocation
+        # (README: measured), which the batcher's steady batch sizes make rare.
+        if batch.shape != self._shape:
+            self._interpreter.resize_tensor_input(self._input, batch.shape, strict=True)
+            self._interpreter.allocate_tensors()
+            self._shape = batch.shape
+        self._interpreter.set_tensor(self._input, np.ascontiguousarray(batch, np.float32))
+        self._interpreter.invoke()
+        return self._interpreter.get_tensor(self._output).copy()
+
+
+CONVERTED_ENGINES: dict[str, type] = {"onnxruntime": OnnxRuntimeEngine, "litert": LiteRtEngine}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_path(model_path: Path, engine: str, variant: str | None = None) -> Path:
+    """Where the conversion of this model file for this engine is cached. `variant` names what
+    else decides the model (the --arch of a weights-only file)."""
+    key = file_sha256(model_path) + (f".{variant}" if variant else "")
+    return Path(model_path).parent / ".cache" / f"{key}{CONVERTED_ENGINES[engine].suffix}"
+
+
+def converted_bytes(model_path: Path | None, engine: str, convert: Callable[[], bytes],
+                    variant: str | None = None) -> bytes:
+    """The cached conversion, else `convert()` and cache it (best effort: a read-only model
+    folder only means converting again at the next start)."""
+    if model_path is None:
+        return convert()
+    path = cache_path(model_path, engine, variant)
+    try:
+        return path.read_bytes()
+    except OSError:
+        pass
+    data = convert()
+    try:
+        path.parent.mkdir(exist_ok=True)
+        # Written whole, then renamed: two servers starting at once never read half a file.
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as part:
+            part.write(data)
+        os.chmod(part.name, 0o644)  # like any file the model folder holds, not private to this user
+        os.replace(part.name, path)
+    except OSError as exc:
+        log.info("conversion for %s not cached (%s); it will be redone at the next start", engine, exc)
+    return data
+
+
+def build_converted(engine: str, model: Any, input_shape: tuple[int, ...], model_path: Path | None,
+                    threads: int, variant: str | None = None):
+    """A converted engine ready to call, or EngineUnavailable with the reason."""
+    cls = CONVERTED_ENGINES[engine]
+    try:
+        data = converted_bytes(model_path, engine, lambda: cls.convert(model, input_shape), variant)
+        return cls(data, threads)
+    except EngineUnavailable:
+        raise
+    except Exception as exc:  # a converter or runtime lacking an op fails in its own words
+        message = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise EngineUnavailable(f"{type(exc).__name__}: {message}") from None

@@ -1,0 +1,102 @@
+"""The engines behind ServedModel: every Keras era converts and answers as the Keras model does,
+conversions are cached by the model file's hash, and a converted engine that cannot load or
+answers differently gives way to TensorFlow with one log line."""
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+
+from keras_serve.model import engines
+from keras_serve.model.served_model import FAITHFUL_MAX_ABS_DIFFERENCE, ServedModel
+from legacy_fixtures import write_keras2_h5, write_keras3_model, write_tf_keras_h5
+
+FIXTURES = {
+    "keras-2.0.8 .h5": lambda d: write_keras2_h5(d / "k208.h5", "2.0.8"),
+    "keras-2.2.4 .h5": lambda d: write_keras2_h5(d / "k224.h5", "2.2.4"),
+    "tf.keras .h5": lambda d: write_tf_keras_h5(d / "tfk.h5"),
+    "keras 3 .keras": lambda d: write_keras3_model(d / "k3.keras"),
+}
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "litert"])
+@pytest.mark.parametrize("era", sorted(FIXTURES))
+def test_converted_engine_serves_every_keras_era_with_the_same_answers(tmp_path, era, engine):
+    fixture = FIXTURES[era](tmp_path)
+    served = ServedModel.load(fixture.path, engine=engine)
+    assert served.engine_name == engine, served.engine_fallback_reason
+    got = served.predict_batch(fixture.inputs)
+    assert np.abs(got - fixture.expected).max() <= FAITHFUL_MAX_ABS_DIFFERENCE
+    assert served.describe()["engine"]["name"] == engine
+    assert f"engine {engine}" in served.summary_line()
+
+
+def test_auto_picks_onnxruntime_and_caches_the_conversion_by_file_hash(tmp_path):
+    fixture = write_keras3_model(tmp_path / "m.keras")
+    served = ServedModel.load(fixture.path)
+    assert served.engine_name == "onnxruntime"
+    cached = engines.cache_path(fixture.path, "onnxruntime")
+    assert cached.parent == tmp_path / ".cache" and cached.name == engines.file_sha256(fixture.path) + ".onnx"
+    assert cached.is_file()
+    # A copy of the model under another name shares the conversion: the key is the content.
+    copy = tmp_path / "copy.keras"
+    shutil.copy(fixture.path, copy)
+    assert engines.cache_path(copy, "onnxruntime") == cached
+    mtime = cached.stat().st_mtime_ns
+    again = ServedModel.load(copy)
+    assert again.engine_name == "onnxruntime" and cached.stat().st_mtime_ns == mtime  # read, not redone
+    assert np.allclose(again.predict_batch(fixture.inputs), fixture.expected, atol=FAITHFUL_MAX_ABS_DIFFERENCE)
+
+
+def test_forced_tensorflow_converts_nothing(tmp_path):
+    fixture = write_keras3_model(tmp_path / "m.keras")
+    served = ServedModel.load(fixture.path, engine="tensorflow")
+    assert served.engine_name == "tensorflow" and served.engine_fallback_reason is None
+    assert not (tmp_path / ".cache").exists()
+    assert np.allclose(served.predict_batch(fixture.inputs), fixture.expected, atol=1e-5)
+
+
+def test_a_conversion_that_answers_differently_falls_back_to_tensorflow(tmp_path, caplog):
+    # Another model's (valid) conversion where this model's should be: the start-up check
+    # on generated inputs must notice the answers differ.
+    fixture = write_keras3_model(tmp_path / "m.keras", seed=0)
+    other = write_keras3_model(tmp_path / "other.keras", seed=1)
+    ServedModel.load(other.path, engine="onnxruntime")
+    shutil.copy(engines.cache_path(other.path, "onnxruntime"), engines.cache_path(fixture.path, "onnxruntime"))
+    with caplog.at_level(logging.WARNING, logger="keras_serve.model.served_model"):
+        served = ServedModel.load(fixture.path, engine="onnxruntime")
+    assert served.engine_name == "tensorflow"
+    assert "outputs differ from TensorFlow's" in served.engine_fallback_reason
+    lines = [r.getMessage() for r in caplog.records if "serving with tensorflow" in r.getMessage()]
+    assert len(lines) == 1 and "onnxruntime" in lines[0] and "\n" not in lines[0]
+    assert np.allclose(served.predict_batch(fixture.inputs), fixture.expected, atol=1e-5)
+
+
+def test_auto_falls_through_a_broken_engine_to_the_next(tmp_path, caplog):
+    fixture = write_keras3_model(tmp_path / "m.keras")
+    cached = engines.cache_path(fixture.path, "onnxruntime")
+    cached.parent.mkdir()
+    cached.write_bytes(b"not an onnx model")  # a damaged cache file: ONNX Runtime refuses it
+    with caplog.at_level(logging.WARNING, logger="keras_serve.model.served_model"):
+        served = ServedModel.load(fixture.path, engine="auto")
+    assert served.engine_name == "litert"
+    assert served.engine_fallback_reason.startswith("onnxruntime: ")
+    assert any("serving with litert" in r.getMessage() for r in caplog.records)
+
+
+def test_unknown_engine_is_a_load_error(tmp_path):
+    from keras_serve.errors import ModelLoadError
+
+    fixture = write_keras3_model(tmp_path / "m.keras")
+    with pytest.raises(ModelLoadError, match="unknown engine 'cuda'"):
+        ServedModel.load(fixture.path, engine="cuda")
+
+
+def test_read_only_model_folder_still_serves_converted(tmp_path):
+    fixture = write_keras3_model(tmp_path / "m.keras")
+    (tmp_path / ".cache").write_text("a file where the cache folder would go")
+    served = ServedModel.load(fixture.path, engine="onnxruntime")
+    assert served.engine_name == "onnxruntime"
+    assert np.allclose(served.predict_batch(fixture.inputs), fixture.expected, atol=FAITHFUL_MAX_ABS_DIFFERENCE)
