@@ -27,7 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" is normal under load
     try:
-        app = create_app(settings.from_arguments(args))
+        given = settings.from_arguments(args)
+        effective = {**settings.defaults(), **settings.from_environment(), **given}
+        if int(effective["WORKERS"]) > 1:  # several processes: gunicorn forks them (keras_serve/workers.py)
+            from keras_serve.workers import serve_workers
+
+            return serve_workers(effective)
+        app = create_app(given)
     except ModelLoadError as exc:
         print(f"error: {exc.message}" + (f"; {exc.hint}" if exc.hint else ""), file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ A failed prediction still stores the image, with the error, so the client can qu
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -89,5 +90,6 @@ class ClassifierService:
         self.close()
 
     def status(self) -> dict[str, Any]:
+        # pid: with --workers N each process answers for itself; tools tell them apart by it.
         return {"ready": self.ready and self.batcher.alive, "batches": self.batcher.batches,
-                "images": self.batcher.items}
+                "images": self.batcher.items, "pid": os.getpid()}

@@ -1,0 +1,89 @@
+"""`--workers N` (N > 1): N server processes on one port, each with its own model and batcher.
+
+Gunicorn's arbiter binds the port, forks the workers and restarts any that die. It forks
+before anything heavy is imported (thread pools of TensorFlow and ONNX Runtime do not
+survive a fork), so each worker loads the model itself through `create_app` and answers with
+gunicorn's gthread worker (THREADS request threads). The kernel hands each new connection to
+one worker; a keep-alive connection stays with it. One worker process (the default) is
+served by waitress in `keras_serve.cli` instead, with no arbiter in between.
+
+Sizing (README "Performance"): each worker's converted engine gets cores / workers threads.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from keras_serve import create_app
+from keras_serve.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# gunicorn's Arbiter.WORKER_BOOT_ERROR: a worker exiting with it makes the arbiter stop
+# instead of restarting the worker forever, and exit with the same status.
+WORKER_BOOT_ERROR = 3
+
+
+class WorkerProcesses(BaseApplication):
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.app_config = config
+        self.service = None  # this worker's ClassifierService, once loaded
+        super().__init__()
+
+    def load_config(self) -> None:
+        c = self.app_config
+        for key, value in {
+            "bind": f"{c['HOST']}:{c['PORT']}",
+            "workers": int(c["WORKERS"]),
+            "worker_class": "gthread",
+            "threads": int(c["THREADS"]),
+            "worker_connections": 1000,
+            # Loading TensorFlow and converting the model take a while; the arbiter must not
+            # take a worker that is still loading for a hung one.
+            "timeout": 180,
+            "graceful_timeout": 30,
+            "keepalive": 60,  # like waitress's channel_timeout in single-process mode
+            "limit_request_field_size": 8190,
+            "accesslog": None,
+            "errorlog": "-",
+            "proc_name": "keras-serve",
+            "worker_exit": self._worker_exit,
+        }.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        """Runs in each worker after the fork: its own model, batcher and store."""
+        try:
+            app = create_app(self.app_config)
+        except ModelLoadError as exc:
+            print(f"error: {exc.message}" + (f"; {exc.hint}" if exc.hint else ""), file=sys.stderr, flush=True)
+            sys.exit(WORKER_BOOT_ERROR)
+        self.service = app.extensions["classifier"]
+        print(f"worker {os.getpid()} ready: {self.service.model.summary_line()}", flush=True)
+        return app
+
+    def _worker_exit(self, server: Any, worker: Any) -> None:
+        if self.service is not None:
+            self.service.close()
+
+
+def serve_workers(config: dict[str, Any]) -> int:
+    """Run the arbiter until SIGTERM/SIGINT; 0 after a clean stop, 2 if workers cannot start."""
+    print(f"serving on http://{config['HOST']}:{config['PORT']}/ ({config['WORKERS']} worker processes "
+          f"with gunicorn, threads {config['THREADS']} each, max batch {config['MAX_BATCH']}, "
+          f"max wait {config['MAX_WAIT_MS']} ms, uploads in {config['UPLOAD_DIR']})", flush=True)
+    arbiter_pid = os.getpid()
+    try:
+        WorkerProcesses(config).run()
+    except SystemExit as exc:
+        if os.getpid() != arbiter_pid:
+            raise  # a worker ending: its exit unwinds through the fork, and the arbiter reads its status
+        if exc.code not in (None, 0):
+            print(f"error: the worker processes could not start or keep running (gunicorn exit status "
+                  f"{exc.code}; see the lines above)", file=sys.stderr)
+            return 2
+    return 0

@@ -1,0 +1,58 @@
+"""`--workers N`: N processes on one port, each with its own model, started and stopped as one."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from images import BLUE, RED, image_bytes
+from server_process import ROOT, ServerProcess
+from keras_serve.storage.uploads import iter_day_file
+
+
+def ready_pids(url: str, attempts: int = 200) -> set[int]:
+    """Worker pids that answer /readyz as ready (a new connection each time, so the kernel
+    spreads them over the workers)."""
+    pids: set[int] = set()
+    for _ in range(attempts):
+        status = requests.get(url + "/readyz", headers={"Connection": "close"}, timeout=10).json()
+        if status["ready"]:
+            pids.add(status["pid"])
+        if len(pids) >= 2:
+            break
+        time.sleep(0.05)
+    return pids
+
+
+def test_two_workers_share_the_port_and_both_answer(colour_model_path, tmp_path):
+    srv = ServerProcess("--model", str(colour_model_path), "--upload-dir", str(tmp_path), "--workers", "2",
+                        "--threads", "4")
+    try:
+        pids = ready_pids(srv.url)
+        assert len(pids) == 2 and srv.proc.pid not in pids  # two workers, neither is the arbiter
+        images = [image_bytes(RED if i % 2 else BLUE, (64 + i, 48)) for i in range(16)]
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda i: requests.post(
+                srv.url + "/file/", files={"file": ("x.jpg", images[i], "image/jpeg")}, timeout=60), range(16)))
+        assert [r.status_code for r in answers] == [200] * 16
+        assert [r.json()["class"] for r in answers] == ["DOG" if i % 2 else "CAT" for i in range(16)]
+        stored = {record["id"] for day in tmp_path.glob("*.uploads") for record, _ in iter_day_file(day)}
+        assert {r.json()["id"] for r in answers} <= stored  # both processes append to the same day file
+    finally:
+        output = srv.stop()  # SIGTERM: gunicorn stops its workers gracefully
+    assert srv.proc.returncode == 0, output
+    assert output.count(" ready: model colour.h5") == 2 and "2 worker processes" in output
+    for pid in pids:  # no worker outlives the arbiter
+        assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0
+
+
+def test_a_model_that_cannot_load_stops_every_worker_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "app.py", "--host", "127.0.0.1", "--port", "0", "--workers", "2",
+                             "--model", str(tmp_path / "missing.h5"), "--upload-dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "error: model file not found" in result.stderr and "Traceback" not in result.stderr
