@@ -1,4 +1,4 @@
-"""The pure helpers of benchmark.py (no model, no server)."""
+"""The pure helpers of the benchmark package (no model, no server)."""
 from __future__ import annotations
 
 import email.parser
@@ -8,44 +8,44 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keras_serve.tools import benchmark
+from keras_serve.tools.benchmark import inputs, procstats, stats
 
 
 @pytest.mark.parametrize("q", [0, 1, 10, 50, 90, 99, 100])
 def test_percentile_matches_numpy_linear(q: float) -> None:
     values = sorted(np.random.default_rng(3).exponential(10.0, size=101).tolist())
-    assert benchmark.percentile(values, q) == pytest.approx(np.percentile(values, q))
+    assert stats.percentile(values, q) == pytest.approx(np.percentile(values, q))
 
 
 def test_percentile_edge_cases() -> None:
-    assert math.isnan(benchmark.percentile([], 50))
-    assert benchmark.percentile([7.0], 99) == 7.0
-    assert benchmark.percentile([1.0, 3.0], 50) == 2.0
+    assert math.isnan(stats.percentile([], 50))
+    assert stats.percentile([7.0], 99) == 7.0
+    assert stats.percentile([1.0, 3.0], 50) == 2.0
     with pytest.raises(ValueError):
-        benchmark.percentile([1.0], 101)
+        stats.percentile([1.0], 101)
 
 
 def test_latency_summary_converts_to_ms() -> None:
-    summary = benchmark.latency_summary_ms([0.010, 0.020, 0.030])
+    summary = stats.latency_summary_ms([0.010, 0.020, 0.030])
     assert summary["count"] == 3
     assert summary["p50"] == pytest.approx(20.0)
     assert summary["max"] == pytest.approx(30.0)
     assert summary["mean"] == pytest.approx(20.0)
-    assert math.isnan(benchmark.latency_summary_ms([])["p99"])
+    assert math.isnan(stats.latency_summary_ms([])["p99"])
 
 
 def test_parse_int_list() -> None:
-    assert benchmark.parse_int_list("1,8, 32,64") == [1, 8, 32, 64]
-    assert benchmark.parse_int_list("4") == [4]
+    assert stats.parse_int_list("1,8, 32,64") == [1, 8, 32, 64]
+    assert stats.parse_int_list("4") == [4]
     for bad in ("", "0,1", "a", "1,-2"):
         with pytest.raises(ValueError):
-            benchmark.parse_int_list(bad)
+            stats.parse_int_list(bad)
 
 
 def test_multipart_body_parses_back_to_the_file() -> None:
     data = bytes(range(256)) * 4 + b"\r\n--not-a-boundary\r\n"
-    boundary = benchmark.fresh_boundary()
-    body = benchmark.multipart_body("file", "cat.1.jpg", "image/jpeg", data, boundary)
+    boundary = inputs.fresh_boundary()
+    body = inputs.multipart_body("file", "cat.1.jpg", "image/jpeg", data, boundary)
     header = f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode()
     message = email.parser.BytesParser().parsebytes(header + body)
     parts = message.get_payload()
@@ -56,7 +56,7 @@ def test_multipart_body_parses_back_to_the_file() -> None:
 
 
 def test_each_upload_request_has_a_fresh_boundary_and_parses_back() -> None:
-    upload = benchmark.Upload(b"\xff\xd8 jpeg \r\n-- bytes", "dog.7.jpg")
+    upload = inputs.Upload(b"\xff\xd8 jpeg \r\n-- bytes", "dog.7.jpg")
     (first, first_headers), (second, second_headers) = upload.request(), upload.request()
     assert first_headers["Content-Type"] != second_headers["Content-Type"]
     for body, headers in ((first, first_headers), (second, second_headers)):
@@ -66,43 +66,43 @@ def test_each_upload_request_has_a_fresh_boundary_and_parses_back() -> None:
 
 
 def test_percent_change() -> None:
-    assert benchmark.percent_change(100.0, 110.0) == pytest.approx(10.0)
-    assert benchmark.percent_change(200.0, 150.0) == pytest.approx(-25.0)
-    assert math.isnan(benchmark.percent_change(0.0, 5.0))
+    assert stats.percent_change(100.0, 110.0) == pytest.approx(10.0)
+    assert stats.percent_change(200.0, 150.0) == pytest.approx(-25.0)
+    assert math.isnan(stats.percent_change(0.0, 5.0))
 
 
 def test_parse_vmrss_kb() -> None:
     status = "Name:\tpython\nVmPeak:\t 900 kB\nVmRSS:\t  123456 kB\nThreads:\t40\n"
-    assert benchmark.parse_vmrss_kb(status) == 123456
-    assert benchmark.parse_vmrss_kb("Name:\tkthreadd\n") is None
+    assert procstats.parse_vmrss_kb(status) == 123456
+    assert procstats.parse_vmrss_kb("Name:\tkthreadd\n") is None
 
 
 def test_parse_cpu_ticks_handles_odd_process_names() -> None:
     # Fields after the name: state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime ...
     rest = "S 1 2 3 4 5 6 7 8 9 10 111 222 0 0 20 0 1"
-    assert benchmark.parse_cpu_ticks(f"42 (python) {rest}") == 333
-    assert benchmark.parse_cpu_ticks(f"42 (a b) (c) {rest}") == 333
+    assert procstats.parse_cpu_ticks(f"42 (python) {rest}") == 333
+    assert procstats.parse_cpu_ticks(f"42 (a b) (c) {rest}") == 333
 
 
 def test_parse_cpu_ticks_of_this_process() -> None:
     text = Path("/proc/self/stat").read_text() if Path("/proc/self/stat").exists() else None
     if text is None:
         pytest.skip("no /proc on this system")
-    assert benchmark.parse_cpu_ticks(text) >= 0
+    assert procstats.parse_cpu_ticks(text) >= 0
 
 
 def test_parse_machine_ticks_counts_all_but_idle_and_iowait() -> None:
     # user nice system idle iowait irq softirq steal guest guest_nice
     text = "cpu  100 1 20 300 5 2 3 4 50 0\ncpu0 50 0 10 150 2 1 1 2 25 0\nintr 1 2\n"
-    busy, total = benchmark.parse_machine_ticks(text)
+    busy, total = procstats.parse_machine_ticks(text)
     assert total == 100 + 1 + 20 + 300 + 5 + 2 + 3 + 4
     assert busy == total - 300 - 5
     with pytest.raises(ValueError):
-        benchmark.parse_machine_ticks("intr 1 2\n")
+        procstats.parse_machine_ticks("intr 1 2\n")
 
 
 def test_format_table_aligns_columns() -> None:
-    table = benchmark.format_table(["conc", "req/s"], [[1, 12.345], [64, 1234.5], [8, math.nan]])
+    table = stats.format_table(["conc", "req/s"], [[1, 12.345], [64, 1234.5], [8, math.nan]])
     lines = table.splitlines()
     assert lines[0] == "conc  req/s"
     assert lines[1] == "   1  12.35"

@@ -1,7 +1,6 @@
 """`--workers N`: N processes on one port, each with its own model, started and stopped as one."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
