@@ -41,12 +41,13 @@ class WorkerProcesses(BaseApplication):
             "workers": int(c["WORKERS"]),
             "worker_class": "gthread",
             "threads": int(c["THREADS"]),
-            "worker_connections": 1000,
+            # The single-process server's limits, as near as gunicorn has them (README "Limits").
+            "worker_connections": int(c.get("CONNECTION_LIMIT", 1000)),
+            "keepalive": max(1, round(float(c.get("IDLE_TIMEOUT_S", 30)))),
+            "graceful_timeout": max(1, round(float(c.get("SHUTDOWN_GRACE_S", 20)))),
             # Loading TensorFlow and converting the model take a while; the arbiter must not
             # take a worker that is still loading for a hung one.
             "timeout": 180,
-            "graceful_timeout": 30,
-            "keepalive": 60,  # like waitress's channel_timeout in single-process mode
             "limit_request_field_size": 8190,
             "accesslog": None,
             "errorlog": "-",
