@@ -32,7 +32,7 @@ class EmptyImageError(ImageError):
 
 
 class NotAnImageError(ImageError):
-    hint = "Send a JPEG, PNG, GIF, BMP, TIFF or WebP image."
+    hint = "Send a JPEG, PNG, GIF, WebP, BMP, TIFF, HEIC/HEIF or AVIF image."
 
 
 class CorruptImageError(ImageError):
@@ -41,6 +41,12 @@ class CorruptImageError(ImageError):
 
 class ImageTooLargeError(ImageError):
     hint = "Downscale the image (for example to 4000x4000 or less) and try again."
+
+
+class DecodeBusyError(ServiceError):
+    """Large images already being decoded hold the memory budget; this one waited too long."""
+
+    hint = "The server is busy decoding other large images; try again in a few seconds, or send a smaller image."
 
 
 # --- operator mistakes at startup ------------------------------------------------------

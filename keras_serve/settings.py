@@ -73,6 +73,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_CONTENT_LENGTH", 16 * 1024 * 1024, "largest request body (flag in MB, setting in bytes)",
             int, flag="--max-upload-mb", to_config=_mb_to_bytes, metavar="MB"),
     Setting("MAX_PIXELS", 50_000_000, "largest image in pixels", int, flag="--max-pixels"),
+    Setting("MAX_DECODE_BYTES", 384 * 1024 * 1024,
+            "most memory one image may take to decode, estimated from its header; more is refused with 413 "
+            "(flag in MB, setting in bytes)", int, flag="--max-decode-mb", to_config=_mb_to_bytes, metavar="MB"),
+    Setting("DECODE_BUDGET_BYTES", 768 * 1024 * 1024,
+            "memory all images being decoded at once may take; large images wait for their turn "
+            "(flag in MB, setting in bytes)", int, flag="--decode-budget-mb", to_config=_mb_to_bytes, metavar="MB"),
+    Setting("DECODE_WAIT_SECONDS", 30.0, "how long an image may wait for decode memory before a 503", float,
+            flag="--decode-wait-seconds", metavar="SECONDS"),
     Setting("MAX_BATCH", 32, "largest inference batch", int, flag="--max-batch"),
     Setting("MAX_WAIT_MS", 2.0, "how long a forming batch waits for requests still decoding", float,
             flag="--max-wait-ms"),

@@ -95,7 +95,7 @@ class ServedModel:
     @classmethod
     def load(cls, path: str | Path = DEFAULT_MODEL_PATH, labels: str | list[str] | None = None,
              scaling: str | None = None, arch: str | None = None,
-             max_pixels: int | None = None, engine: str = "auto",
+             max_pixels: int | None = None, max_decode_bytes: int | None = None, engine: str = "auto",
              engine_threads: int | None = None) -> "ServedModel":
         """Open a model file and settle its contract; raises ModelLoadError with a one-line reason.
 
@@ -114,7 +114,7 @@ class ServedModel:
             import_tensorflow_quietly()
         loaded = load_keras_model(path, arch=arch)
         model = loaded.model
-        spec = _input_spec(model, card, scaling, max_pixels)
+        spec = _input_spec(model, card, scaling, max_pixels, max_decode_bytes)
         output_units, output_kind, applies_activation = _output_contract(model)
         labels = parse_labels(labels) or card.labels
         if labels is None:
@@ -232,7 +232,8 @@ class ServedModel:
             **self.info,
             "input": {"height": s.height, "width": s.width, "channels": s.channels,
                       "layout": "channels_first" if s.channels_first else "channels_last"},
-            "preprocessing": {"scaling": s.scaling, "max_pixels": s.max_pixels},
+            "preprocessing": {"scaling": s.scaling, "max_pixels": s.max_pixels,
+                              "max_decode_bytes": s.max_decode_bytes},
             "output": self.output_kind,
             "labels": self.labels,
             "threshold": self.threshold if self.output_kind == "sigmoid" else None,
@@ -252,7 +253,8 @@ class ServedModel:
                 f"engine {self.engine.name} {self.engine.version}")
 
 
-def _input_spec(model: Any, card: ModelCard, scaling: str | None, max_pixels: int | None) -> PreprocessSpec:
+def _input_spec(model: Any, card: ModelCard, scaling: str | None, max_pixels: int | None,
+                max_decode_bytes: int | None = None) -> PreprocessSpec:
     shape = _single_shape(model.input_shape, "input")
     if len(shape) != 4:
         raise ModelLoadError(f"the model takes input of shape {shape}; image models take (batch, H, W, C)")
@@ -275,6 +277,8 @@ def _input_spec(model: Any, card: ModelCard, scaling: str | None, max_pixels: in
     if channels not in (1, 3):
         raise ModelLoadError(f"the model takes {channels}-channel images; only 1 (grey) or 3 (RGB) are supported")
     kwargs = {"max_pixels": max_pixels} if max_pixels else {}
+    if max_decode_bytes:
+        kwargs["max_decode_bytes"] = max_decode_bytes
     return PreprocessSpec(int(height), int(width), int(channels), scaling, layout == "channels_first", **kwargs)
 
 

@@ -18,6 +18,7 @@ from keras_serve.pipeline.batcher import DynamicBatcher
 from keras_serve.errors import PredictionError
 from keras_serve.model.engines import usable_cores
 from keras_serve.model.served_model import Prediction, ServedModel
+from keras_serve.pipeline.decode_budget import UNLIMITED, DecodeBudget
 from keras_serve.pipeline.preprocessing import image_format, preprocess
 from keras_serve.storage.uploads import UploadStore
 
@@ -30,18 +31,24 @@ class ClassifiedUpload:
 
 
 class ClassifierService:
-    def __init__(self, model: ServedModel, batcher: DynamicBatcher, store: UploadStore) -> None:
+    def __init__(self, model: ServedModel, batcher: DynamicBatcher, store: UploadStore,
+                 decode_budget: DecodeBudget = UNLIMITED) -> None:
         self.model = model
         self.batcher = batcher
         self.store = store
+        self.decode_budget = decode_budget  # bounds the pixels decoded at once across requests
         self.ready = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ClassifierService":
         """Load (or take) the model, warm it for every batch size, open the store."""
+        # No single image may need more than the whole budget, or it would never get its turn.
+        budget = DecodeBudget(int(config["DECODE_BUDGET_BYTES"]), float(config["DECODE_WAIT_SECONDS"]))
+        max_decode_bytes = min(int(config["MAX_DECODE_BYTES"]), budget.capacity_bytes)
         model = config.get("MODEL") or ServedModel.load(
             config["MODEL_PATH"], labels=config["LABELS"], scaling=config["SCALING"],
-            arch=config["ARCH"], max_pixels=int(config["MAX_PIXELS"]), engine=config["ENGINE"],
+            arch=config["ARCH"], max_pixels=int(config["MAX_PIXELS"]), max_decode_bytes=max_decode_bytes,
+            engine=config["ENGINE"],
             # Worker processes share the cores rather than each starting one thread per core.
             engine_threads=max(1, usable_cores() // max(1, int(config["WORKERS"]))))
         max_batch = int(config["MAX_BATCH"])
@@ -54,7 +61,7 @@ class ClassifierService:
         except BaseException:
             batcher.close()
             raise
-        return cls(model, batcher, store)
+        return cls(model, batcher, store, budget)
 
     def classify(self, data: bytes, client_filename: str | None = None) -> ClassifiedUpload:
         started = time.perf_counter()
@@ -66,7 +73,7 @@ class ClassifierService:
             # Decoding runs while a forming batch knows this input is on its way. A decode that
             # raises (an ImageError: bad input) stores nothing; a failed prediction stores the
             # image with its error so the client can quote the id.
-            output = self.batcher.predict_prepared(lambda: preprocess(data, self.model.spec))
+            output = self.batcher.predict_prepared(lambda: preprocess(data, self.model.spec, self.decode_budget))
             prediction = self.model.interpret(output)
         except PredictionError as exc:
             exc.upload_id = self.store.save(data, image_format(data),

@@ -13,7 +13,7 @@ import re
 from flask import Flask, Response, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from keras_serve.errors import (CorruptImageError, EmptyImageError, ImageTooLargeError, MissingFileError,
+from keras_serve.errors import (CorruptImageError, DecodeBusyError, EmptyImageError, ImageTooLargeError, MissingFileError,
                                 NotAnImageError, PredictionError, ServiceError, StorageError, UploadNotFound)
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     UploadNotFound: 404,
     PredictionError: 503,
     StorageError: 503,
+    DecodeBusyError: 503,
 }
 
 HINT_BY_STATUS = {
@@ -82,7 +83,10 @@ def register_error_handlers(app: Flask) -> None:
         if status >= 500:
             log.error("%s: %s", type(exc).__name__, exc.message)
         extra = {"id": exc.upload_id} if getattr(exc, "upload_id", None) else {}
-        return error_response(status, error_code(type(exc).__name__), exc.message, exc.hint, **extra)
+        response = error_response(status, error_code(type(exc).__name__), exc.message, exc.hint, **extra)
+        if isinstance(exc, DecodeBusyError):
+            response.headers["Retry-After"] = "5"
+        return response
 
     @app.errorhandler(HTTPException)
     def handle_http_exception(exc: HTTPException):
