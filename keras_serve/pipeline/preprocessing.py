@@ -131,7 +131,7 @@ def decode_image(data: bytes, spec: PreprocessSpec, budget: DecodeBudget = UNLIM
     except MemoryError:
         raise ImageTooLargeError("The image needs more memory to decode than the server allows.") from None
     except Exception as exc:  # decoders raise assorted errors on damaged data
-        log.info("decoder refused an image: %s: %s", type(exc).__name__, exc)
+        log.debug("decoder refused an image: %s: %s", type(exc).__name__, exc)
         raise CorruptImageError(f"The image data is truncated or corrupt ({type(exc).__name__}).") from None
     if array.ndim == 2:
         array = array[:, :, np.newaxis]

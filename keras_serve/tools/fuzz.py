@@ -164,8 +164,11 @@ ODD_TAGS = (
 def make_exif(rng: random.Random) -> tuple[str, bytes]:
     fmt = rng.choice(("JPEG", "PNG", "WEBP", "TIFF"))
     image = _picture(rng, "RGB", (rng.randint(8, 200), rng.randint(8, 200)))
-    exif = Image.Exif()
     orientation = rng.choice(ODD_ORIENTATIONS)
+    if rng.random() < 0.5:  # entries of random types: Pillow's own exif_transpose raised on these
+        fmt = "JPEG" if fmt == "TIFF" else fmt
+        return f"{fmt} raw exif orientation={orientation!r}", _encode(image, fmt, exif=_raw_exif(rng, orientation))
+    exif = Image.Exif()
     tags = rng.sample(ODD_TAGS, rng.randint(0, 3))
     for tag, value in [(0x0112, orientation), *tags]:
         exif[tag] = value
