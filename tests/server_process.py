@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -47,10 +48,16 @@ class ServerProcess:
             [sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(self.port), *args],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **(env or {})})
+        # Read the output as it comes: a server that logs more than a pipe holds (64 KB; libtiff
+        # alone prints a line per damaged strip) would otherwise block in its next write.
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=lambda: self._lines.extend(self.proc.stdout), daemon=True)
+        self._reader.start()
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.proc.stdout.read()}")
+                self._reader.join(10)
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {''.join(self._lines)}")
             try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
                     if json.load(r).get("ready"):
@@ -67,7 +74,8 @@ class ServerProcess:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        return self.proc.stdout.read() if self.proc.stdout else ""
+        self._reader.join(10)
+        return "".join(self._lines)
 
     def __enter__(self) -> "ServerProcess":
         return self

@@ -200,3 +200,11 @@ def test_model_and_records_name_the_model_file_without_its_folder(client, colour
     record = client.get(f"/uploads/{answer['id']}/record").get_json()
     assert record["model"] == "colour.h5"
     assert str(colour_model_path.parent) not in json.dumps(record)
+
+
+def test_multi_picture_jpeg_from_cameras_is_a_jpeg_and_its_first_picture_is_used(client):
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 64), RED).save(buf, "MPO", save_all=True, append_images=[Image.new("RGB", (96, 64), BLUE)])
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    response = post_file(client, buf.getvalue(), "camera.jpg")
+    assert response.status_code == 200 and response.get_json()["class"] == "DOG"
