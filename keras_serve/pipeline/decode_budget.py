@@ -61,18 +61,30 @@ class DecodeBudget:
 UNLIMITED = DecodeBudget(2**62)
 
 
-def _load_malloc_trim():
+def _glibc_function(name: str, *argtypes):
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
         return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
+    function.argtypes = list(argtypes)
+    function.restype = ctypes.c_int
+    return function
 
 
-_malloc_trim = _load_malloc_trim()
+_malloc_trim = _glibc_function("malloc_trim", ctypes.c_size_t)
+_mallopt = _glibc_function("mallopt", ctypes.c_int, ctypes.c_int)
+M_ARENA_MAX = -8  # from glibc's malloc.h
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Make glibc share `arenas` heaps among all threads instead of up to 8 per core.
+
+    With 64 request threads each large decode leaves its freed pages in the arena of the
+    thread that ran it. Measured (memory_check --phase worst, 64 clients, 7000x7000 files):
+    RSS 3 s afterwards was +17% of idle with glibc's default, -1% with 2 arenas, for the same
+    peak. Call before the request threads start; the same as MALLOC_ARENA_MAX=2.
+    """
+    return bool(_mallopt and _mallopt(M_ARENA_MAX, arenas))
 
 
 def release_free_memory() -> None:

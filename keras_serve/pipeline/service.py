@@ -18,7 +18,7 @@ from keras_serve.pipeline.batcher import DynamicBatcher
 from keras_serve.errors import PredictionError
 from keras_serve.model.engines import usable_cores
 from keras_serve.model.served_model import Prediction, ServedModel
-from keras_serve.pipeline.decode_budget import UNLIMITED, DecodeBudget
+from keras_serve.pipeline.decode_budget import UNLIMITED, DecodeBudget, limit_malloc_arenas
 from keras_serve.pipeline.preprocessing import image_format, preprocess
 from keras_serve.storage.uploads import UploadStore
 
@@ -44,6 +44,7 @@ class ClassifierService:
         """Load (or take) the model, warm it for every batch size, open the store."""
         # No single image may need more than the whole budget, or it would never get its turn.
         budget = DecodeBudget(int(config["DECODE_BUDGET_BYTES"]), float(config["DECODE_WAIT_SECONDS"]))
+        limit_malloc_arenas()  # so what large decodes free goes back to the kernel (see there)
         max_decode_bytes = min(int(config["MAX_DECODE_BYTES"]), budget.capacity_bytes)
         model = config.get("MODEL") or ServedModel.load(
             config["MODEL_PATH"], labels=config["LABELS"], scaling=config["SCALING"],

@@ -180,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     sampler = RssSampler(proc.pid)
     try:
         print(f"server pid {proc.pid}, args {args.server_args or '(defaults)'}, env {env or '(inherited)'}")
-        # Warm up: every code path a request takes, so the idle figure is not the bare start-up.
-        fuzz.send(url, (fuzz.Case(0, i, "photo", "photo", b) for i, b in enumerate(good_photos(64))), 8)
+        # Warm up every request thread on every code path, so "idle" is not the bare start-up.
+        photos = good_photos()
+        fuzz.send(url, (fuzz.Case(0, i, "photo", "photo", photos[i % len(photos)]) for i in range(4 * args.clients)),
+                  args.clients)
         if args.phase in ("worst", "both"):
             worst_phase(url, proc.pid, sampler, args.clients)
         if args.phase in ("soak", "both"):
