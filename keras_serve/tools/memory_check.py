@@ -11,7 +11,7 @@ every 10 ms:
   soak   N requests from 64 keep-alive clients, 80% real photos (../shared/data/cats_vs_dogs/
          validation, else generated JPEGs) and 20% hostile files from the fuzz generator: RSS
          after the first 10% (warm-up) against RSS at the end.
-Prints numbers; take /work/timing.lock (or your machine's equivalent) while it runs.
+Prints numbers; run it on an otherwise idle machine.
 """
 from __future__ import annotations
 
