@@ -98,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    f"model; env {ENV_PREFIX}_MODEL_PATH)")
     p.add_argument("--labels", help="output labels: comma list or a file with one per line (default: model card)")
     p.add_argument("--scaling", choices=sorted(SCALINGS), help="pixel scaling (default: model card, else 1/255)")
-    p.add_argument("--arch", choices=["seed", "compact"], help="architecture for a weights-only .h5 file")
+    p.add_argument("--arch", choices=["seed", "compact", "resnet"], help="architecture for a weights-only .h5 file")
     p.add_argument("--upload-dir", help="where uploads and their predictions are stored (default ./uploads)")
     p.add_argument("--max-upload-mb", type=float, help="largest request body in MB (default 16)")
     p.add_argument("--max-pixels", type=int, help="largest image in pixels (default 50,000,000)")
