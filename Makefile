@@ -22,7 +22,7 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/python benchmark.py $(ARGS)
 
 train: $(VENV)/.installed
-	$(VENV)/bin/python train.py --data ../shared/data/cats_vs_dogs --out models/cats_vs_dogs.h5 --labels CAT,DOG $(ARGS)
+	$(VENV)/bin/python train.py --data ../shared/data/cats_vs_dogs --arch resnet --seed 3 --out models/cats_vs_dogs.h5 --labels CAT,DOG $(ARGS)
 
 evaluate: $(VENV)/.installed
 	$(VENV)/bin/python evaluate.py models/cats_vs_dogs.h5 --data ../shared/data/cats_vs_dogs --split validation $(ARGS)
