@@ -1,5 +1,7 @@
 #!/bin/bash
-# Issue 15 on one H100 (Keras 3 + JAX): the final resnet run and the ablations, all at once.
+# Issue 15 on one H100 (Keras 3 + JAX): the first full resnet run and the 25-epoch ablations, all at once.
+# Ran before train.py had mix_off_epochs: the "final" here mixed batches to the end (ECE 0.034 on the
+# original photos); to rerun it now add --set mix_off_epochs=0 to the final run.
 # Run in the repository root of the GPU machine with .whl/ (keras 3.15.1, namex, optree wheels)
 # and .gpu_data/cats_vs_dogs.npz (pack_data.py). Results go to $OUT.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
