@@ -23,7 +23,7 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/python -m keras_serve.tools.benchmark $(ARGS)
 
 train: $(VENV)/.installed
-	$(VENV)/bin/python -m keras_serve.training.train --data ../shared/data/cats_vs_dogs --out models/cats_vs_dogs.h5 --labels CAT,DOG $(ARGS)
+	$(VENV)/bin/python -m keras_serve.training.train --data ../shared/data/cats_vs_dogs --arch resnet --seed 3 --out models/cats_vs_dogs.h5 --labels CAT,DOG $(ARGS)
 
 evaluate: $(VENV)/.installed
 	$(VENV)/bin/python -m keras_serve.training.evaluate models/cats_vs_dogs.h5 --data ../shared/data/cats_vs_dogs --split validation $(ARGS)

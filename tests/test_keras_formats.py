@@ -242,7 +242,7 @@ def test_weights_only_without_arch_says_so(which, request):
     fx: Fixture = request.getfixturevalue(which)
     err = load_error(fx.path)
     assert err.message == f"{fx.path} holds weights but no architecture (written by save_weights)"
-    assert err.hint == "save it with model.save(...) or pass --arch seed|compact"
+    assert err.hint == "save it with model.save(...) or pass --arch seed|compact|resnet"
 
 
 def test_keras2_layout_weights_with_arch(keras2_seed_weights):
@@ -284,9 +284,9 @@ def test_seed_weights_of_another_input_size_are_refused(files):
 
 
 def test_unknown_arch_is_refused(keras2_seed_weights):
-    err = load_error(keras2_seed_weights.path, arch="resnet")
-    assert err.message == f"unknown architecture 'resnet' for weights file {keras2_seed_weights.path}"
-    assert err.hint == "pass --arch seed|compact"
+    err = load_error(keras2_seed_weights.path, arch="vgg16")
+    assert err.message == f"unknown architecture 'vgg16' for weights file {keras2_seed_weights.path}"
+    assert err.hint == "pass --arch seed|compact|resnet"
 
 
 # --- everything that is not a loadable model file ---------------------------------------------

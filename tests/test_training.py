@@ -98,3 +98,70 @@ def test_multiclass_metrics_on_known_answers():
     # bins: 0.5 wrong, 0.7 right, 0.8 right twice -> |0.5-0| + |0.7-1| + 2 * |0.8-1|, over 4
     assert report["ece"] == pytest.approx((0.5 + 0.3 + 0.4) / 4)
     assert report["brier"] == pytest.approx((0.06 + 0.14 + 0.98 + 0.06) / 4)
+
+
+def test_resnet_recipe_trains_from_a_packed_file_and_the_server_loads_it(tmp_path):
+    import keras_serve.training.evaluate as evaluate
+    import keras
+    import keras_serve.training.pack_data as pack_data
+    import keras_serve.training.train as train
+    from keras_serve.model.served_model import ServedModel
+
+    make_folder(tmp_path / "data", "train", per_class=4)
+    make_folder(tmp_path / "data", "validation", per_class=2)
+    packed = tmp_path / "packed.npz"
+    assert pack_data.main(["--data", str(tmp_path / "data"), "--out", str(packed), "--train-splits", "train"]) == 0
+    pixels, labels, meta = pack_data.load_packed(packed, "train", workers=1)
+    assert pixels.shape == (8, 150, 150, 3) and labels.tolist() == [0] * 4 + [1] * 4
+    assert meta["parts"]["validation"]["images"] == 4 and meta["class_names"] == ["cats", "dogs"]
+
+    out = tmp_path / "m.h5"
+    assert train.main(["--packed", str(packed), "--arch", "resnet", "--out", str(out), "--epochs", "1",
+                       "--batch-size", "4", "--labels", "CAT,DOG", "--quiet", "--workers", "1",
+                       "--set", "mix_off_epochs=0", "--set", "mix_prob=1.0"]) == 0
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["architecture"] == "resnet" and card["training"]["packed"]["parts"]["train"]["images"] == 8
+    assert card["training"]["recipe"]["mix_prob"] == 1.0 and card["training"]["backend"] == keras.backend.backend()
+    assert "--packed" in card["command"] and card["parameters"] == 662_089
+
+    served = ServedModel.load(out)  # a plain Keras model: no augmentation layers travel with it
+    assert [layer.name for layer in served.model.layers if "augment" in layer.name or "random" in layer.name] == []
+    x = np.random.default_rng(0).random((3, 150, 150, 3), dtype=np.float32)
+    np.testing.assert_allclose(served.predict_batch(x), keras.saving.load_model(out, compile=False).predict(x, verbose=0),
+                               atol=1e-6)
+
+    assert evaluate.main([str(out), "--data", str(tmp_path / "data"), "--update-card"]) == 0
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["validation"]["scored_by"] == "evaluate.py" and card["validation"]["images"] == 4
+    assert card["validation_at_training"]["images"] == 4
+
+
+def test_mixed_batches_are_reproducible_and_mix_labels_like_images():
+    from keras_serve.training.augmentation import MixedBatches, build_augmenter
+    from keras_serve.pipeline.preprocessing import PreprocessSpec
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    labels = np.arange(16) % 2
+    data = MixedBatches(pixels, labels, np.ones(16), PreprocessSpec(8, 8, 3), 8, seed=1, mix_prob=1.0)
+    assert len(data) == 2
+    x, y, w = data[0]
+    x2, y2, _ = data[0]
+    np.testing.assert_array_equal(x, x2)
+    np.testing.assert_array_equal(y, y2)
+    assert x.dtype == np.float32 and x.shape == (8, 8, 8, 3) and y.shape == (8, 1) and 0.0 <= x.min() <= x.max() <= 1.0
+    assert ((y > 0) & (y < 1)).any(), "mixing images of both classes must mix their labels"
+    data.mix_until = 0  # the clean epochs at the end
+    _, y_clean, _ = data[0]
+    assert set(np.unique(y_clean)) <= {0.0, 1.0}
+    data.epoch = 1
+    assert not np.array_equal(data.order(), MixedBatches(pixels, labels, np.ones(16), PreprocessSpec(8, 8, 3),
+                                                          8, seed=1).order())
+
+    augment = build_augmenter({"flip": True, "zoom_in": 0.35, "zoom_out": 0.1, "translate": 0.1, "color": 0.2}, 1)
+    images = rng.random((4, 20, 20, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(augment(images, training=False)), images)
+    out = np.asarray(augment(images, training=True))
+    assert out.shape == images.shape and 0.0 <= out.min() <= out.max() <= 1.0 and not np.allclose(out, images)
+    still = build_augmenter({"flip": False}, 1)  # no crop, no shift, no jitter: the identity resampling
+    np.testing.assert_allclose(np.asarray(still(images, training=True)), images, atol=1e-5)

@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--labels", help="labels if the model has no card")
     p.add_argument("--scaling", help="pixel scaling if the model has no card")
     p.add_argument("--json", type=Path, help="also write the full report here")
+    p.add_argument("--update-card", action="store_true",
+                   help="write the report into the model card (model.json) as its 'validation'; the one "
+                        "training wrote (e.g. on packed images) is kept as 'validation_at_training'")
     args = p.parse_args(argv)
     try:
         model = ServedModel.load(args.model, labels=args.labels, scaling=args.scaling)
@@ -79,7 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.update_card:
+        update_card(args.model.with_suffix(".json"), report, args.split)
     return 0
+
+
+def update_card(card_path: Path, report: dict, split: str) -> None:
+    card = json.loads(card_path.read_text())
+    previous = card.get("validation")
+    if previous and previous.get("scored_by") != "evaluate.py":
+        card["validation_at_training"] = previous
+    card["validation"] = {"scored_by": "evaluate.py", "split": split, "data": report["data"],
+                          **{k: v for k, v in report.items() if k not in ("model", "data", "split")}}
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
 
 
 if __name__ == "__main__":

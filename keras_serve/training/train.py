@@ -4,6 +4,11 @@
 
 Resumable: progress is backed up every epoch under --work-dir; rerunning the same command
 continues from the last finished epoch. The best epoch by validation accuracy is the one saved.
+
+The `resnet` recipe (the default model's) also trains from a file written by pack_data.py, under
+any Keras backend, e.g. on a GPU machine with JAX and no TensorFlow:
+
+    KERAS_BACKEND=jax python -m keras_serve.training.train --packed .gpu_data/cats_vs_dogs.npz --arch resnet --out m.h5
 """
 from __future__ import annotations
 
@@ -34,12 +39,23 @@ RECIPES = {
     # The default: AdamW with warm-up + cosine decay, a little more geometric augmentation.
     "compact": {"optimizer": "adamw", "lr": 3e-3, "batch_size": 32, "epochs": 16,
                 "augment": {"flip": True, "shear": 0.1, "zoom": 0.2, "rotate": 0.05, "translate": 0.1}},
+    # Issue 15 (the default since): compact's convs with residual adds, 100 epochs of warm-up +
+    # cosine, batch 128, crops/flips/colour jitter in the graph, mixup/cutmix but not in the last
+    # 15 epochs (which alone may be chosen as best: calibration), EMA of the weights. No tf.data
+    # (augmentation.py), so it also trains under Keras's JAX backend on a GPU. Any key can be
+    # changed for an experiment with --set KEY=JSON (recorded in the model card).
+    "resnet": {"optimizer": "adamw", "lr": 3e-3, "batch_size": 128, "epochs": 100, "pipeline": "mixed",
+               "architecture": "resnet",
+               "weight_decay": 0.05, "warmup_epochs": 5, "ema": 0.999, "label_smoothing": 0.0,
+               "mix_prob": 0.5, "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "mix_off_epochs": 15,
+               "augment": {"flip": True, "zoom_in": 0.35, "zoom_out": 0.1, "translate": 0.1, "color": 0.2}},
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="folder with <split>/<class>/<image> files")
+    p.add_argument("--data", type=Path, help="folder with <split>/<class>/<image> files")
+    p.add_argument("--packed", type=Path, help="train from a file written by pack_data.py instead of --data")
     p.add_argument("--train-splits", default="train,train_extra", help="comma list of training sub-folders")
     p.add_argument("--val-split", default="validation")
     p.add_argument("--out", type=Path, required=True, help="model file to write (.h5)")
@@ -49,10 +65,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, help="default: the recipe's")
     p.add_argument("--labels", help="comma list of output labels (default: the class folder names)")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                   help="override a recipe setting, e.g. --set mix_prob=0 --set augment.color=0")
     p.add_argument("--work-dir", type=Path, help="checkpoints for resuming (default: <out>.work/)")
     p.add_argument("--cache-dir", type=Path, default=PROJECT_ROOT / ".cache")
     p.add_argument("--quiet", action="store_true", help="one line per epoch instead of a progress bar")
-    return p.parse_args(argv)
+    p.add_argument("--workers", type=int, default=4, help="threads preparing batches (resnet recipe)")
+    args = p.parse_args(argv)
+    if (args.data is None) == (args.packed is None):
+        p.error("give exactly one of --data and --packed")
+    return args
+
+
+def recipe_for(args: argparse.Namespace) -> dict:
+    recipe = json.loads(json.dumps(RECIPES[args.arch]))
+    for item in args.set:
+        key, _, value = item.partition("=")
+        *path, last = key.split(".")
+        target = recipe
+        for part in path:
+            target = target[part]
+        if last not in target:
+            raise SystemExit(f"--set {item}: the {args.arch} recipe has no setting {key!r}")
+        target[last] = json.loads(value)
+    return recipe
+
+
+def machine_description() -> tuple[str, dict]:
+    """'x86_64, 16 CPU cores, GPU (NVIDIA H100 ...)' and the framework versions, any backend."""
+    import keras
+
+    backend = keras.backend.backend()
+    versions = {"keras": keras.__version__, "backend": backend}
+    gpu = None
+    if backend == "tensorflow":
+        import tensorflow as tf
+        versions["tensorflow"] = tf.__version__
+        gpu = "GPU" if tf.config.list_physical_devices("GPU") else None
+    elif backend == "jax":
+        import jax
+        versions["jax"] = jax.__version__
+        gpus = [d for d in jax.devices() if d.platform == "gpu"]
+        gpu = f"GPU ({gpus[0].device_kind})" if gpus else None
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu or 'no GPU'}", versions
 
 
 def make_augmenter(cfg: dict, seed: int):
@@ -105,29 +160,41 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
     import keras
-    import tensorflow as tf
 
     from keras_serve.model.architectures import ARCHITECTURES
 
-    recipe = RECIPES[args.arch]
+    recipe = recipe_for(args)
     epochs = args.epochs or recipe["epochs"]
     batch_size = args.batch_size or recipe["batch_size"]
     lr = args.lr or recipe["lr"]
     keras.utils.set_random_seed(args.seed)
     spec = PreprocessSpec(150, 150, 3, "1/255")
 
-    splits = [s for s in args.train_splits.split(",") if s]
-    paths, labels, class_names = list_labelled_images(args.data, splits)
-    val_paths, val_labels, val_classes = list_labelled_images(args.data, [args.val_split])
-    if val_classes != class_names or len(class_names) != 2:
-        sys.exit(f"train.py trains binary classifiers: found classes {class_names} / {val_classes}")
+    if args.packed:
+        from keras_serve.training.pack_data import load_packed
+
+        pixels, labels, packed_meta = load_packed(args.packed, "train")
+        val_pixels, val_labels, _ = load_packed(args.packed, "validation")
+        splits, class_names = packed_meta["parts"]["train"]["splits"], packed_meta["class_names"]
+        if packed_meta["size"] != spec.height:
+            sys.exit(f"{args.packed} holds {packed_meta['size']}px images; the model takes {spec.height}px")
+        print(f"loaded {len(pixels)} training and {len(val_pixels)} validation images from {args.packed}", flush=True)
+    else:
+        packed_meta = None
+        splits = [s for s in args.train_splits.split(",") if s]
+        paths, labels, class_names = list_labelled_images(args.data, splits)
+        val_paths, val_labels, val_classes = list_labelled_images(args.data, [args.val_split])
+        if val_classes != class_names:
+            sys.exit(f"training and validation classes differ: {class_names} / {val_classes}")
+        print(f"decoding {len(paths)} training and {len(val_paths)} validation images "
+              f"(cached in {args.cache_dir})...", flush=True)
+        pixels, ok = decode_files(paths, spec, args.cache_dir)
+        pixels, labels = pixels[ok], labels[ok]
+        val_pixels, val_ok = decode_files(val_paths, spec, args.cache_dir)
+        val_pixels, val_labels = val_pixels[val_ok], val_labels[val_ok]
+    if len(class_names) != 2:
+        sys.exit(f"train.py trains binary classifiers: found classes {class_names}")
     output_labels = args.labels.split(",") if args.labels else class_names
-    print(f"decoding {len(paths)} training and {len(val_paths)} validation images "
-          f"(cached in {args.cache_dir})...", flush=True)
-    pixels, ok = decode_files(paths, spec, args.cache_dir)
-    pixels, labels = pixels[ok], labels[ok]
-    val_pixels, val_ok = decode_files(val_paths, spec, args.cache_dir)
-    val_pixels, val_labels = val_pixels[val_ok], val_labels[val_ok]
     counts = np.bincount(labels, minlength=2)
     # Balanced class weights: each class contributes equally to the loss whatever its count.
     class_weight = len(labels) / (2.0 * counts)
@@ -135,47 +202,58 @@ def main(argv: list[str] | None = None) -> int:
     print(f"training images per class: {dict(zip(class_names, counts.tolist()))}; "
           f"class weights {dict(zip(class_names, np.round(class_weight, 3).tolist()))}", flush=True)
 
-    train_ds, val_ds = make_datasets(pixels, labels, weights, val_pixels, val_labels, spec, batch_size,
-                                     make_augmenter(recipe["augment"], args.seed), args.seed)
     steps_per_epoch = len(pixels) // batch_size
-    model = ARCHITECTURES[args.arch](spec.input_shape)
-    if recipe["optimizer"] == "rmsprop":
-        optimizer = keras.optimizers.RMSprop(lr)
+    architecture = recipe.get("architecture", args.arch)
+    model = ARCHITECTURES[architecture](spec.input_shape)
+    extra_callbacks = []
+    if recipe.get("pipeline") == "mixed":  # compiles its own training model
+        train_ds, val_ds, model, extra_callbacks = _mixed_pipeline(
+            model, recipe, pixels, labels, weights, val_pixels, val_labels, spec, batch_size, epochs, lr, args)
     else:
-        schedule = keras.optimizers.schedules.CosineDecay(
-            0.0, decay_steps=max(1, steps_per_epoch * (epochs - 1)), warmup_target=lr, warmup_steps=steps_per_epoch)
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=5e-4)
-    model.compile(optimizer=optimizer, loss="binary_crossentropy", weighted_metrics=["accuracy"],
-                  metrics=[keras.metrics.AUC(name="auc")])
+        train_ds, val_ds = make_datasets(pixels, labels, weights, val_pixels, val_labels, spec, batch_size,
+                                         make_augmenter(recipe["augment"], args.seed), args.seed)
+        if recipe["optimizer"] == "rmsprop":
+            optimizer = keras.optimizers.RMSprop(lr)
+        else:
+            schedule = keras.optimizers.schedules.CosineDecay(
+                0.0, decay_steps=max(1, steps_per_epoch * (epochs - 1)), warmup_target=lr,
+                warmup_steps=steps_per_epoch)
+            optimizer = keras.optimizers.AdamW(schedule, weight_decay=5e-4)
+        model.compile(optimizer=optimizer, loss="binary_crossentropy", weighted_metrics=["accuracy"],
+                      metrics=[keras.metrics.AUC(name="auc")])
 
     work_dir = args.work_dir or args.out.with_suffix(".work")
     work_dir.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    history = _fit(model, train_ds, val_ds, epochs, work_dir, args)
+    history = _fit(model, train_ds, val_ds, epochs, work_dir, args, extra_callbacks)
 
     best = json.loads((work_dir / "best.json").read_text())
     best_model = keras.models.load_model(work_dir / "best.keras")
     best_model.save(args.out, include_optimizer=False)  # full model (architecture + weights) in HDF5, as the server expects
-    val_scores = best_model.predict(to_model_input(val_pixels, spec), batch_size=64, verbose=0)[:, 0]
+    val_scores = np.concatenate([np.asarray(best_model(to_model_input(val_pixels[i:i + 64], spec), training=False))
+                                 for i in range(0, len(val_pixels), 64)])[:, 0]
     report = binary_report(val_labels, val_scores, output_labels)
     # Epoch time summed over every (possibly resumed) run: the cost of training this file.
     elapsed = best.get("train_seconds", 0.0)
+    machine, versions = machine_description()
     card = ModelCard(
-        model_file=args.out.name, architecture=args.arch, parameters=int(best_model.count_params()),
+        model_file=args.out.name, architecture=architecture, parameters=int(best_model.count_params()),
         height=spec.height, width=spec.width, channels=spec.channels, layout="channels_last",
         scaling=spec.scaling, output="sigmoid", labels=output_labels, threshold=0.5,
         extra={
+            "recipe": args.arch,
             "training": {
-                "data": str(args.data), "splits": splits, "images": int(len(labels)),
+                "data": str(args.data or packed_meta["source"]), "splits": splits, "images": int(len(labels)),
+                **({"packed": {"file": args.packed.name, **{k: v for k, v in packed_meta.items() if k != "source"}}}
+                   if packed_meta else {}),
                 "images_per_class": dict(zip(output_labels, counts.tolist())),
                 "class_weight": dict(zip(output_labels, np.round(class_weight, 4).tolist())),
                 "epochs": epochs, "best_epoch": best["epoch"], "batch_size": batch_size, "learning_rate": lr,
                 "optimizer": recipe["optimizer"], "augmentation": recipe["augment"], "seed": args.seed,
+                **({"recipe": recipe, "overrides": args.set} if recipe.get("pipeline") else {}),
                 "epoch_seconds_total": round(elapsed, 1),
                 "wall_seconds_this_run": round(time.time() - started, 1),
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-                           f"{'GPU' if tf.config.list_physical_devices('GPU') else 'no GPU'}",
-                "tensorflow": tf.__version__, "keras": keras.__version__,
+                "machine": machine, **versions,
                 "history": history,
             },
             "validation": {"split": args.val_split, **report},
@@ -189,7 +267,39 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fit(model, train_ds, val_ds, epochs: int, work_dir: Path, args) -> list[dict]:
+def _mixed_pipeline(model, recipe, pixels, labels, weights, val_pixels, val_labels, spec, batch_size, epochs, lr,
+                    args):
+    """The resnet recipe: PyDataset + in-graph augmentation; returns what fit needs and the model to compile."""
+    import keras
+
+    from keras_serve.training.augmentation import EpochSetter, MixedBatches, build_augmenter
+
+    train_ds = MixedBatches(pixels, labels, weights, spec, batch_size, args.seed, recipe["mix_prob"],
+                            recipe["mixup_alpha"], recipe["cutmix_alpha"],
+                            mix_until=epochs - recipe["mix_off_epochs"], workers=args.workers)
+    val_ds = (to_model_input(val_pixels, spec), val_labels.astype(np.float32)[:, None])
+    inputs = keras.Input(spec.input_shape)
+    trainer = keras.Model(inputs, model(build_augmenter(recipe["augment"], args.seed)(inputs)), name="trainer")
+    trainer.served = model  # what KeepBest saves: the model without its augmentation layers
+    # Mixed batches leave the model underconfident: choose the best epoch among the clean ones.
+    trainer.select_from = epochs - recipe["mix_off_epochs"] + 1 if recipe["mix_prob"] else 1
+    steps = len(train_ds)
+    warmup = steps * recipe["warmup_epochs"]
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=max(1, steps * epochs - warmup), warmup_target=lr, warmup_steps=warmup)
+    ema = recipe["ema"]
+    optimizer = keras.optimizers.AdamW(schedule, weight_decay=recipe["weight_decay"],
+                                       use_ema=bool(ema), ema_momentum=ema or 0.99)
+    trainer.compile(optimizer=optimizer,
+                    loss=keras.losses.BinaryCrossentropy(label_smoothing=recipe["label_smoothing"]),
+                    weighted_metrics=["accuracy"], metrics=[keras.metrics.AUC(name="auc")])
+    callbacks = [EpochSetter(train_ds)]
+    if ema:  # validate and keep the averaged weights; train on the raw ones
+        callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+    return train_ds, val_ds, trainer, callbacks
+
+
+def _fit(model, train_ds, val_ds, epochs: int, work_dir: Path, args, extra_callbacks=()) -> list[dict]:
     """model.fit with per-epoch backup (resume) and best-by-validation saving that survive restarts."""
     import keras
 
@@ -209,8 +319,9 @@ def _fit(model, train_ds, val_ds, epochs: int, work_dir: Path, args) -> list[dic
             history = [h for h in history if h["epoch"] < epoch + 1] + [row]
             history_file.write_text(json.dumps(history, indent=1))
             best = json.loads(best_file.read_text()) if best_file.exists() else {"val_accuracy": -1.0}
-            if logs.get("val_accuracy", -1.0) > best["val_accuracy"]:
-                self.model.save(work_dir / "best.keras")
+            eligible = epoch + 1 >= min(getattr(self.model, "select_from", 1), epochs)
+            if eligible and logs.get("val_accuracy", -1.0) > best["val_accuracy"]:
+                getattr(self.model, "served", self.model).save(work_dir / "best.keras")
                 best = {"epoch": epoch + 1, "val_accuracy": float(logs["val_accuracy"])}
             best["train_seconds"] = sum(h["seconds"] for h in history)
             best_file.write_text(json.dumps(best))
@@ -218,6 +329,7 @@ def _fit(model, train_ds, val_ds, epochs: int, work_dir: Path, args) -> list[dic
     callbacks = [
         # Restores weights, optimizer state and the epoch counter after an interruption.
         keras.callbacks.BackupAndRestore(str(work_dir / "backup"), save_freq="epoch", delete_checkpoint=False),
+        *extra_callbacks,  # before KeepBest: SwapEMAWeights puts the averaged weights in place to be kept
         KeepBest(),
     ]
     model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks, shuffle=False,
