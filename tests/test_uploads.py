@@ -388,3 +388,20 @@ def test_import_command_on_a_folder_of_day_files(storage_config, tmp_path):
     result = run_storage_command(storage_config, "export")
     assert json.loads(result.stdout)["id"] == ids[0]
     assert run_storage_command(storage_config, "import-dayfiles", str(tmp_path / "nope")).returncode == 1
+
+
+def test_copy_to_moves_a_single_machine_store_to_postgresql_and_s3(local_storage_config, remote_storage_config):
+    from keras_serve.storage.__main__ import copy_store
+
+    source, target = UploadStore.from_config(local_storage_config), UploadStore.from_config(remote_storage_config)
+    try:
+        ids = [source.save(image_bytes(RED, fmt="PNG"), "PNG", {"prediction": {"class": "DOG"}}),
+               source.save(b"???", None, {"error": "failed"})]
+        assert copy_store(source, target) == {"copied": 2, "already_present": 0, "missing_image": 0}
+        for upload_id in ids:
+            assert target.read_image(upload_id) == source.read_image(upload_id)
+            assert target.read_record(upload_id) == source.read_record(upload_id)
+        assert copy_store(source, target)["already_present"] == 2
+    finally:
+        source.close()
+        target.close()

@@ -3,6 +3,7 @@
     python -m keras_serve.storage export --format csv > uploads.csv
     python -m keras_serve.storage export --format jsonl --images exported/
     python -m keras_serve.storage import-dayfiles uploads/      # the files of earlier versions
+    python -m keras_serve.storage copy-to --to-database-url postgresql+psycopg://... --to-image-store s3://b/p
     python -m keras_serve.storage prune
 
 The store is chosen like the server's: --upload-dir, --database-url, --image-store, or their
@@ -81,6 +82,25 @@ def import_day_files(store: UploadStore, folder: Path, log: IO[str] = sys.stderr
     return counts
 
 
+def copy_store(source: UploadStore, target: UploadStore) -> dict[str, int]:
+    """Every upload of `source` into `target` (image, then row), keeping ids; safe to run again."""
+    counts = {"copied": 0, "already_present": 0, "missing_image": 0}
+    for row in source.records.all():
+        if target.records.get(row["id"]) is not None:
+            counts["already_present"] += 1
+            continue
+        data = source.images.get(row["image_key"])
+        if data is None:
+            counts["missing_image"] += 1
+            continue
+        target.images.put(row["image_key"], data, MIMETYPE_BY_SUFFIX[suffix_for(row["format"])])
+        if target.records.insert_if_absent(row):
+            counts["copied"] += 1
+        else:
+            counts["already_present"] += 1
+    return counts
+
+
 def store_from_args(args: argparse.Namespace) -> UploadStore:
     config: dict[str, Any] = {**settings.defaults(), **settings.from_environment()}
     for name in ("UPLOAD_DIR", "DATABASE_URL", "IMAGE_STORE", "UPLOAD_RETENTION_DAYS"):
@@ -102,6 +122,10 @@ def main(argv: Iterable[str] | None = None) -> int:
     export_cmd.add_argument("--images", type=Path, help="also write each image as <id>.<ext> into this folder")
     import_cmd = sub.add_parser("import-dayfiles", help="import the YYYY-MM-DD.uploads files of earlier versions")
     import_cmd.add_argument("folder", type=Path)
+    copy_cmd = sub.add_parser("copy-to", help="copy every upload into another store (one machine -> several)")
+    copy_cmd.add_argument("--to-database-url", required=True)
+    copy_cmd.add_argument("--to-image-store", help="s3://bucket/prefix (default: files in --to-upload-dir)")
+    copy_cmd.add_argument("--to-upload-dir")
     prune_cmd = sub.add_parser("prune", help="delete uploads past retention and orphaned images now")
     prune_cmd.add_argument("--retention-days", dest="UPLOAD_RETENTION_DAYS", type=float)
     args = parser.parse_args(list(argv) if argv is not None else None)
@@ -123,6 +147,16 @@ def main(argv: Iterable[str] | None = None) -> int:
             counts = import_day_files(store, args.folder)
             print(f"imported {counts['imported']} uploads ({counts['already_present']} were already present)",
                   file=sys.stderr)
+        elif args.command == "copy-to":
+            target = UploadStore.from_config({"UPLOAD_DIR": args.to_upload_dir or args.UPLOAD_DIR or ".",
+                                              "DATABASE_URL": args.to_database_url,
+                                              "IMAGE_STORE": args.to_image_store})
+            try:
+                counts = copy_store(store, target)
+            finally:
+                target.close()
+            print(f"copied {counts['copied']} uploads ({counts['already_present']} were already there, "
+                  f"{counts['missing_image']} had lost their image)", file=sys.stderr)
         else:
             result = store.prune()
             print(f"removed {result['expired']} expired uploads and {result['orphans']} orphaned images",
