@@ -140,3 +140,19 @@ def test_kill_9_during_concurrent_uploads_loses_no_answered_upload(colour_model_
 
 def post_file_http(url: str, data: bytes) -> requests.Response:
     return requests.post(url + "/file/", files={"file": ("x.jpg", data)}, timeout=30)
+
+
+def test_the_server_starts_while_the_database_is_down_and_serves_once_it_is_up(make_app, colour_model_path):
+    from services import running_postgres
+
+    with running_postgres() as pg:
+        pg.stop()
+        app = make_app(MODEL_PATH=str(colour_model_path), DATABASE_URL=pg.url())
+        client = app.test_client()
+        assert client.get("/readyz").status_code == 503
+        assert post_file(client, image_bytes(RED)).status_code == 503
+        pg.start()
+        assert client.get("/readyz").status_code == 200
+        body = post_file(client, image_bytes(RED)).get_json()  # the schema is made on the way
+        assert client.get(body["image_url"]).data == image_bytes(RED)
+        app.extensions["classifier"].close()

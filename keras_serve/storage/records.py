@@ -80,13 +80,20 @@ class RecordStore:
             self.engine = sa.create_engine(
                 self.url, pool_pre_ping=True, pool_size=8, max_overflow=24, pool_timeout=10,
                 connect_args={"connect_timeout": 5} if self.url.get_backend_name() == "postgresql" else {})
-        self.migrate()
+        self._schema_ready = False
+        try:
+            self.migrate()
+        except StorageError as exc:
+            # Start anyway: /readyz says the store is down, uploads get 503, and the first
+            # request after the database is back creates the schema.
+            log.warning("upload database not ready at start-up: %s", exc.message)
 
     # -- schema --------------------------------------------------------------------------
 
     def migrate(self) -> None:
-        with self._errors("prepare the upload database"), self.engine.begin() as conn:
+        with self._errors("prepare"), self.engine.begin() as conn:
             self._migrate(conn)
+        self._schema_ready = True
 
     @staticmethod
     def _migrate(conn: sa.Connection) -> None:
@@ -207,12 +214,17 @@ class RecordStore:
                 yield conn
 
     def _ensure_schema(self, conn: sa.Connection) -> None:
-        # A SQLite file made anew (the old one was deleted while serving) has no tables yet.
-        # Checked once per pooled connection; a new file always comes with a new connection.
-        if self.is_sqlite and not conn.info.get("schema_ready"):
+        if self.is_sqlite:
+            # A SQLite file made anew (the old one was deleted while serving) has no tables yet.
+            # Checked once per pooled connection; a new file always comes with a new connection.
+            if not conn.info.get("schema_ready"):
+                with conn.begin():
+                    self._migrate(conn)
+                conn.info["schema_ready"] = True
+        elif not self._schema_ready:  # the database was down when the server started
             with conn.begin():
                 self._migrate(conn)
-            conn.info["schema_ready"] = True
+            self._schema_ready = True
 
     @contextmanager
     def _errors(self, what: str, read: bool = False) -> Iterator[None]:
