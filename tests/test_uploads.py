@@ -221,7 +221,7 @@ def test_a_full_disk_is_a_storage_error(local_store, monkeypatch):
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(images.tempfile, "mkstemp", no_space)
+    monkeypatch.setattr(images.os, "open", no_space)
     with pytest.raises(StorageError, match="disk is full"):
         store.save(b"x", "PNG", {})
     monkeypatch.undo()

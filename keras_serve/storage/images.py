@@ -10,7 +10,6 @@ import errno
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterator, Protocol
 from urllib.parse import urlsplit
@@ -67,14 +66,19 @@ class LocalImageStore:
             raise _write_error(exc) from None
 
     def _write(self, path: Path, data: bytes) -> None:
-        fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+        # The temporary name is the key's own (ids are unique), so no name search is needed;
+        # O_EXCL still refuses to follow or reuse anything already there.
+        temp = path.with_name(TEMP_PREFIX + path.name)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
                 if self.fsync:
-                    handle.flush()
-                    os.fdatasync(handle.fileno())
-            os.chmod(temp, 0o644)  # mkstemp's 0600 would hide uploads from the operator's tools
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
             os.replace(temp, path)
         except BaseException:
             try:
