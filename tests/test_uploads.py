@@ -160,7 +160,9 @@ def test_a_failed_row_leaves_no_image_behind(store, monkeypatch):
 
 def test_a_damaged_image_is_a_storage_error_not_wrong_bytes(store):
     upload_id = store.save(b"original bytes", "PNG", {})
-    store.images.put(store.read_record(upload_id)["image_key"], b"tampered bytes", "image/png")
+    key = store.read_record(upload_id)["image_key"]
+    store.images.delete(key)  # (a file is never overwritten in place: linkat refuses an existing name)
+    store.images.put(key, b"tampered bytes", "image/png")
     with pytest.raises(StorageError, match="damaged"):
         store.read_image(upload_id)
 
@@ -405,3 +407,28 @@ def test_copy_to_moves_a_single_machine_store_to_postgresql_and_s3(local_storage
     finally:
         source.close()
         target.close()
+
+
+def test_where_nameless_files_are_not_supported_images_are_renamed_into_place(local_store, monkeypatch):
+    import errno
+
+    import keras_serve.storage.images as images
+
+    real_open = os.open
+
+    def no_tmpfile(path, flags, *args, **kwargs):
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(images.os, "open", no_tmpfile)
+    upload_id = local_store.save(b"renamed", "PNG", {})
+    assert local_store.images._anonymous_files is False
+    assert local_store.read_image(upload_id)[0] == b"renamed"
+    assert not list(Path(local_store.images.root).rglob(".tmp-*"))
+
+
+def test_fsync_uploads_writes_and_reads_back(make_store):
+    store = make_store(UPLOAD_FSYNC=True)
+    assert store.fsync is True
+    assert store.read_image(store.save(b"durable", "PNG", {}))[0] == b"durable"
