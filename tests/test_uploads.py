@@ -432,3 +432,24 @@ def test_fsync_uploads_writes_and_reads_back(make_store):
     store = make_store(UPLOAD_FSYNC=True)
     assert store.fsync is True
     assert store.read_image(store.save(b"durable", "PNG", {}))[0] == b"durable"
+
+
+def test_a_failed_group_commit_fails_every_upload_in_it_and_the_next_ones_succeed(local_store, local_storage_config):
+    store, root = local_store, Path(local_storage_config["UPLOAD_DIR"])
+    store.save(b"first", "PNG", {})
+    for name in ("uploads.db", "uploads.db-wal", "uploads.db-shm"):
+        (root / name).unlink(missing_ok=True)
+    (root / "uploads.db").mkdir()  # the database cannot be opened at all now
+
+    def save(i):
+        try:
+            return store.save(bytes([i]) * 100, "PNG", {})
+        except StorageError:
+            return None
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(save, range(16))) == [None] * 16
+    (root / "uploads.db").rmdir()
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(save, range(16)))
+    assert all(ids) and [store.read_image(i)[0] for i in ids] == [bytes([i]) * 100 for i in range(16)]
