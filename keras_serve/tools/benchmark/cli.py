@@ -274,6 +274,17 @@ def benchmark(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
+def count_stored_uploads(upload_dir: Path) -> int:
+    """Rows in the server's SQLite store; or frames in day files (a server before the database)."""
+    import sqlite3
+
+    from keras_serve.storage.dayfiles import day_files, iter_day_file
+
+    if (upload_dir / "uploads.db").exists():
+        with contextlib.closing(sqlite3.connect(upload_dir / "uploads.db")) as db:
+            return db.execute("SELECT count(*) FROM uploads").fetchone()[0]
+    return sum(1 for path in day_files(upload_dir) for _ in iter_day_file(path))
+
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -304,14 +315,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def count_stored_uploads(upload_dir: Path) -> int:
-    """Rows in the server's SQLite store; or frames in day files (a server before the database)."""
-    import sqlite3
-
-    from keras_serve.storage.dayfiles import day_files, iter_day_file
-
-    if (upload_dir / "uploads.db").exists():
-        with contextlib.closing(sqlite3.connect(upload_dir / "uploads.db")) as db:
-            return db.execute("SELECT count(*) FROM uploads").fetchone()[0]
-    return sum(1 for path in day_files(upload_dir) for _ in iter_day_file(path))
