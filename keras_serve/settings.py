@@ -66,10 +66,18 @@ SETTINGS: tuple[Setting, ...] = (
             _optional_str, flag="--arch"),
     Setting("UPLOAD_DIR", str(PROJECT_ROOT / "uploads"), "where uploads and their predictions are stored",
             flag="--upload-dir", metavar="DIR"),
-    Setting("UPLOAD_RETENTION_DAYS", 30.0, "uploads older than this are deleted at start-up (0: keep all)",
-            float, flag="--retention-days"),
-    Setting("UPLOAD_FSYNC", False, "fdatasync every upload before answering, so it survives power loss",
-            _bool, flag="--fsync-uploads"),
+    Setting("UPLOAD_RETENTION_DAYS", 30.0, "uploads older than this are deleted at start-up and every hour "
+            "(0: keep all)", float, flag="--retention-days"),
+    Setting("UPLOAD_FSYNC", False, "fsync every upload (image file and SQLite commit) before answering, so it "
+            "survives power loss", _bool, flag="--fsync-uploads"),
+    Setting("DATABASE_URL", None, "where upload records go: a SQLAlchemy URL such as "
+            "postgresql+psycopg://user@host/db (default: SQLite, UPLOAD_DIR/uploads.db)",
+            _optional_str, flag="--database-url", metavar="URL"),
+    Setting("IMAGE_STORE", None, "where upload images go: s3://bucket/prefix, endpoint and credentials from "
+            "the AWS_* environment (default: files under UPLOAD_DIR)", _optional_str, flag="--image-store",
+            metavar="URL"),
+    Setting("UPLOAD_ORPHAN_MINUTES", 15.0, "an image with no record older than this is removed with retention "
+            "(a crash between image and record)", float),
     Setting("MAX_CONTENT_LENGTH", 16 * 1024 * 1024, "largest request body (flag in MB, setting in bytes)",
             int, flag="--max-upload-mb", to_config=_mb_to_bytes, metavar="MB"),
     Setting("MAX_PIXELS", 50_000_000, "largest image in pixels", int, flag="--max-pixels"),

@@ -67,3 +67,79 @@ def app(make_app, colour_model_path):
 @pytest.fixture()
 def client(app):
     return app.test_client()
+
+
+# --- storage back ends: every storage test runs on each -------------------------------------
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the whole session (tests/services.py)."""
+    from services import running_postgres
+
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def seaweedfs():
+    """A real S3 server (SeaweedFS) for the whole session (tests/services.py)."""
+    from services import running_seaweedfs
+
+    with running_seaweedfs() as server:
+        yield server
+
+
+def _storage_config(kind, request, tmp_path, monkeypatch):
+    config = {"UPLOAD_DIR": str(tmp_path / "uploads")}
+    if kind == "sqlite+files":
+        yield config
+        return
+    postgres, s3 = request.getfixturevalue("postgres"), request.getfixturevalue("seaweedfs")
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    database_url = postgres.create_database()
+    config.update(DATABASE_URL=database_url, IMAGE_STORE=f"s3://{s3.bucket}/{tmp_path.name}")
+    yield config
+    postgres.drop_database(database_url)
+
+
+@pytest.fixture(params=["sqlite+files", "postgresql+s3"])
+def storage_config(request, tmp_path, monkeypatch):
+    """Settings of a fresh, empty upload store on one back end: SQLite + files in a temp
+    folder, or a new PostgreSQL database + a new prefix in the S3 bucket (AWS_* set here too).
+    """
+    yield from _storage_config(request.param, request, tmp_path, monkeypatch)
+
+
+@pytest.fixture()
+def local_storage_config(request, tmp_path, monkeypatch):
+    """The SQLite + files back end only, for what only it has (a folder, a disk)."""
+    yield from _storage_config("sqlite+files", request, tmp_path, monkeypatch)
+
+
+@pytest.fixture()
+def remote_storage_config(request, tmp_path, monkeypatch):
+    """The PostgreSQL + S3 back end only."""
+    yield from _storage_config("postgresql+s3", request, tmp_path, monkeypatch)
+
+
+@pytest.fixture()
+def make_store(storage_config):
+    """UploadStore.from_config on the test's back end; closed after the test."""
+    from keras_serve.storage.uploads import UploadStore
+
+    stores = []
+
+    def make(**overrides):
+        store = UploadStore.from_config({"UPLOAD_RETENTION_DAYS": 30, **storage_config, **overrides})
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+@pytest.fixture()
+def store(make_store):
+    return make_store()

@@ -1,12 +1,14 @@
 """The HTTP API and pages through Flask's test client, against a tiny colour model."""
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from images import BLUE, RED, image_bytes
 from uploading import post_file
-from keras_serve.errors import PredictionError
-from keras_serve.storage.uploads import ID_PATTERN, StorageError, iter_day_file
+from keras_serve.errors import PredictionError, StorageError
+from keras_serve.storage.uploads import is_upload_id
 
 HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 
@@ -32,25 +34,24 @@ def test_json_answer_for_curl_and_api_clients(client, app):
         assert body["confidence"] > 0.9
         assert set(body["scores"]) == {"CAT", "DOG"}
         assert abs(sum(body["scores"].values()) - 1.0) < 1e-6
-        assert ID_PATTERN.match(body["id"])
+        assert is_upload_id(body["id"]) and len(body["id"]) == 32
     assert post(client, image_bytes(BLUE)).get_json()["class"] == "CAT"
 
 
 def test_upload_is_stored_with_its_prediction(client, app):
     data = image_bytes(BLUE, fmt="PNG")
-    body = post(client, data, filename="../../etc/passwd.png").get_json()
+    body = post(client, data, filename="../../etc/passwd.jpg").get_json()
     upload_dir = Path(app.config["UPLOAD_DIR"])
-    [(record, stored)] = [frame for day in upload_dir.glob("*.uploads") for frame in iter_day_file(day)]
-    assert stored == data and record["id"] == body["id"]
-    assert record["prediction"]["class"] == "CAT" and record["format"] == "PNG"
-    assert record["client_filename"] == "../../etc/passwd.png"  # kept for audit, never used as a path
-    day = body["id"][:8]
-    assert [p.name for p in upload_dir.iterdir() if p.name != ".gitkeep"] == [
-        f"{day[:4]}-{day[4:6]}-{day[6:]}.uploads"]
+    # named by the server: the day and the detected format, never the client's name
+    [stored] = [p for p in upload_dir.rglob("*") if p.is_file() and not p.name.startswith("uploads.db")]
+    assert stored.relative_to(upload_dir).as_posix() == time.strftime("%Y/%m/%d/", time.gmtime()) + f"{body['id']}.png"
+    assert stored.read_bytes() == data
+    record = client.get(f"/uploads/{body['id']}/record").get_json()
+    assert record["id"] == body["id"] and record["prediction"]["class"] == "CAT" and record["format"] == "PNG"
+    assert record["client_filename"] == "../../etc/passwd.jpg"  # kept for audit, never used as a path
     image = client.get(body["image_url"])
     assert image.status_code == 200 and image.data == data and image.mimetype == "image/png"
     assert image.headers["X-Content-Type-Options"] == "nosniff"
-    assert client.get(f"/uploads/{body['id']}/record").get_json()["id"] == body["id"]
 
 
 def test_browser_gets_a_result_page(client):
@@ -84,7 +85,8 @@ def test_bad_input_gets_the_right_status_and_a_helpful_body(client, app, data, s
     assert error["message"] and error["hint"]
     # nothing rejected is stored, and the server keeps serving
     upload_dir = Path(app.config["UPLOAD_DIR"])
-    assert not [p for p in upload_dir.iterdir() if p.name != ".gitkeep"]
+    assert not [p for p in upload_dir.rglob("*") if p.is_file() and not p.name.startswith("uploads.db")]
+    assert app.extensions["classifier"].store.records.older_than(datetime(3000, 1, 1)) == []
     assert post(client, image_bytes(RED)).status_code == 200
 
 
@@ -122,6 +124,7 @@ def test_health_readiness_and_model_description(client):
     assert client.get("/healthz").get_json() == {"alive": True}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.get_json()["ready"] is True
+    assert ready.get_json()["storage"]["ok"] is True
     model = client.get("/model").get_json()
     assert model["labels"] == ["CAT", "DOG"] and model["input"]["height"] == 32
 

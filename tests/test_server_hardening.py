@@ -5,11 +5,13 @@ it is still sending, with idle and half-sent connections open around it.
 """
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import resource
 import signal
 import socket
+import sqlite3
 import threading
 import time
 
@@ -19,7 +21,6 @@ import requests
 from images import RED, image_bytes, noise_jpeg
 from server_process import ServerProcess
 from uploading import fresh_boundary, multipart_body
-from keras_serve.storage.uploads import iter_day_file
 from keras_serve.web.responses import SECURITY_HEADERS
 
 LIMIT = 1024 * 1024  # --max-upload-mb 1
@@ -236,7 +237,8 @@ def test_sigterm_under_load_answers_every_received_request_then_exits_0(colour_m
         assert srv.proc.wait(timeout=30) == 0
     finally:
         output = srv.stop()
-    stored = {record["id"] for day in tmp_path.glob("*.uploads") for record, _ in iter_day_file(day)}
+    with contextlib.closing(sqlite3.connect(tmp_path / "uploads.db")) as db:
+        stored = {upload_id for (upload_id,) in db.execute("SELECT id FROM uploads")}
     assert {json.loads(body)["id"] for _, _, body in answers} <= stored, output
 
 

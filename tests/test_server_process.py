@@ -8,7 +8,8 @@ import requests
 
 from images import BLUE, RED, image_bytes
 from server_process import ROOT, ServerProcess
-from keras_serve.storage.uploads import iter_day_file
+import json
+import sqlite3
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +44,12 @@ def test_sixteen_concurrent_uploads_with_the_same_name_are_all_answered_and_stor
     assert all(bodies[i]["class"] == ("DOG" if i % 2 else "CAT") for i in bodies)
     ids = {b["id"] for b in bodies.values()}
     assert len(ids) == 16
-    stored = {record["id"]: (record, data) for day in server.uploads.glob("*.uploads")
-              for record, data in iter_day_file(day)}
+    with sqlite3.connect(server.uploads / "uploads.db") as db:  # as README tells operators to query
+        stored = {row[0]: (row[1], json.loads(row[2])) for row in
+                  db.execute("SELECT id, image_key, prediction FROM uploads")}
     for i, body in bodies.items():
-        record, data = stored[body["id"]]
-        assert data == images[i] and record["prediction"]["class"] == body["class"]
+        key, prediction = stored[body["id"]]
+        assert (server.uploads / key).read_bytes() == images[i] and prediction["class"] == body["class"]
         assert requests.get(server.url + body["image_url"], timeout=10).content == images[i]
 
 

@@ -1,6 +1,8 @@
 """`--workers N`: N processes on one port, each with its own model, started and stopped as one."""
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import subprocess
 import sys
 import time
@@ -10,7 +12,6 @@ import requests
 
 from images import BLUE, RED, image_bytes
 from server_process import ROOT, ServerProcess
-from keras_serve.storage.uploads import iter_day_file
 
 
 def ready_pids(url: str, attempts: int = 200) -> set[int]:
@@ -39,8 +40,9 @@ def test_two_workers_share_the_port_and_both_answer(colour_model_path, tmp_path)
                 srv.url + "/file/", files={"file": ("x.jpg", images[i], "image/jpeg")}, timeout=60), range(16)))
         assert [r.status_code for r in answers] == [200] * 16
         assert [r.json()["class"] for r in answers] == ["DOG" if i % 2 else "CAT" for i in range(16)]
-        stored = {record["id"] for day in tmp_path.glob("*.uploads") for record, _ in iter_day_file(day)}
-        assert {r.json()["id"] for r in answers} <= stored  # both processes append to the same day file
+        with contextlib.closing(sqlite3.connect(tmp_path / "uploads.db")) as db:
+            stored = {upload_id for (upload_id,) in db.execute("SELECT id FROM uploads")}
+        assert {r.json()["id"] for r in answers} <= stored  # both processes write to the same uploads.db
     finally:
         output = srv.stop()  # SIGTERM: gunicorn stops its workers gracefully
     assert srv.proc.returncode == 0, output

@@ -2,7 +2,7 @@
 
     preprocess (validates; bad input raises before anything is stored)
     -> dynamic batch through the model
-    -> store the bytes and the answer in one append (on disk before the client hears back)
+    -> store the image, then its record (both durable before the client hears back)
     -> return it
 
 A failed prediction still stores the image, with the error, so the client can quote its id.
@@ -56,9 +56,8 @@ class ClassifierService:
         model.warm_up(tuple(range(1, max_batch + 1)))  # every batch size the batcher can form
         batcher = DynamicBatcher(model.predict_batch, max_batch, float(config["MAX_WAIT_MS"]))
         try:
-            store = UploadStore(config["UPLOAD_DIR"], float(config["UPLOAD_RETENTION_DAYS"] or 0),
-                                fsync=bool(config["UPLOAD_FSYNC"]))
-            store.prune()
+            store = UploadStore.from_config(config)
+            store.start_maintenance()  # retention and orphan sweep now, then hourly, in the background
         except BaseException:
             batcher.close()
             raise

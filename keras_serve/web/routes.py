@@ -72,4 +72,6 @@ def healthz():
 @bp.get("/readyz")
 def readyz():
     status = service().status()
+    status["storage"] = service().store.health()
+    status["ready"] = status["ready"] and status["storage"]["ok"]
     return jsonify(status), 200 if status["ready"] else 503

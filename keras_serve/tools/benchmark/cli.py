@@ -30,6 +30,7 @@ printed so a busy machine shows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -261,9 +262,7 @@ def benchmark(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         results["server"]["exit_status"] = status
         results["server"]["stopped_by"] = server.stopped_by
         if upload_scratch is not None:
-            from keras_serve.storage.uploads import iter_day_file
-            results["server"]["uploads_stored"] = sum(
-                1 for day in upload_scratch.glob("*.uploads") for _ in iter_day_file(day))
+            results["server"]["uploads_stored"] = count_stored_uploads(upload_scratch)
             shutil.rmtree(upload_scratch, ignore_errors=True)
         log(f"server stopped by {server.stopped_by or 'itself'} (exit status {status})")
 
@@ -274,6 +273,17 @@ def benchmark(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+def count_stored_uploads(upload_dir: Path) -> int:
+    """Rows in the server's SQLite store; or frames in day files (a server before the database)."""
+    import sqlite3
+
+    from keras_serve.storage.dayfiles import day_files, iter_day_file
+
+    if (upload_dir / "uploads.db").exists():
+        with contextlib.closing(sqlite3.connect(upload_dir / "uploads.db")) as db:
+            return db.execute("SELECT count(*) FROM uploads").fetchone()[0]
+    return sum(1 for path in day_files(upload_dir) for _ in iter_day_file(path))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,3 +314,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -1,0 +1,173 @@
+"""Maintenance of the upload store, with the same settings as the server.
+
+    python -m keras_serve.storage export --format csv > uploads.csv
+    python -m keras_serve.storage export --format jsonl --images exported/
+    python -m keras_serve.storage import-dayfiles uploads/      # the files of earlier versions
+    python -m keras_serve.storage copy-to --to-database-url postgresql+psycopg://... --to-image-store s3://b/p
+    python -m keras_serve.storage prune
+
+The store is chosen like the server's: --upload-dir, --database-url, --image-store, or their
+KERAS_SERVE_* environment variables (and AWS_* for S3).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import IO, Any, Iterable
+
+from keras_serve import settings
+from keras_serve.errors import StorageError
+from keras_serve.storage import dayfiles
+from keras_serve.storage.uploads import (MIMETYPE_BY_SUFFIX, UploadStore, image_key, is_upload_id, public_record,
+                                         suffix_for)
+
+FIELDS = ("id", "received", "bytes", "sha256", "format", "client_filename", "model", "prediction", "error",
+          "milliseconds", "image_key")
+
+
+def export(store: UploadStore, out: IO[str], fmt: str, images: Path | None = None) -> int:
+    """Every record, oldest first, as CSV or JSON lines; with `images`, each image as <id>.<ext>."""
+    writer = csv.DictWriter(out, FIELDS) if fmt == "csv" else None
+    if writer:
+        writer.writeheader()
+    if images:
+        images.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for row in store.records.all():
+        record = public_record(row)
+        if writer:
+            writer.writerow({**record, "prediction": json.dumps(record["prediction"]) if record["prediction"] else ""})
+        else:
+            out.write(json.dumps(record) + "\n")
+        if images and is_upload_id(record["id"]):  # never let stored text choose a path
+            data = store.images.get(row["image_key"])
+            if data is not None:
+                (images / f"{record['id']}.{suffix_for(record['format'])}").write_bytes(data)
+        count += 1
+    return count
+
+
+def import_day_files(store: UploadStore, folder: Path, log: IO[str] = sys.stderr) -> dict[str, int]:
+    """Copy every intact upload of the old day files into the store; safe to run again."""
+    from keras_serve.pipeline.preprocessing import image_format
+
+    counts = {"imported": 0, "already_present": 0}
+    for path in dayfiles.day_files(folder):
+        before = counts["imported"]
+        for upload in dayfiles.iter_day_file(path):
+            if store.records.get(upload.upload_id) is not None:
+                counts["already_present"] += 1
+                continue
+            detected = image_format(upload.data)  # the name of the extension comes from content only
+            key = image_key(upload.upload_id, upload.received, detected)
+            store.images.put(key, upload.data, MIMETYPE_BY_SUFFIX[suffix_for(detected)])
+            record = upload.record
+            prediction = record.get("prediction")
+            row = {"id": upload.upload_id, "received": upload.received, "bytes": len(upload.data),
+                   "sha256": record["sha256"], "format": detected, "image_key": key,
+                   "client_filename": dayfiles.text_or_none(record.get("client_filename"), 255),
+                   "model": dayfiles.text_or_none(record.get("model")),
+                   "prediction": prediction if isinstance(prediction, dict) else None,
+                   "error": dayfiles.text_or_none(record.get("error")),
+                   "milliseconds": dayfiles.number_or_none(record.get("milliseconds"))}
+            if store.records.insert_if_absent(row):
+                counts["imported"] += 1
+            else:
+                counts["already_present"] += 1
+        print(f"{path.name}: {counts['imported'] - before} imported", file=log)
+    return counts
+
+
+def copy_store(source: UploadStore, target: UploadStore) -> dict[str, int]:
+    """Every upload of `source` into `target` (image, then row), keeping ids; safe to run again."""
+    counts = {"copied": 0, "already_present": 0, "missing_image": 0}
+    for row in source.records.all():
+        if target.records.get(row["id"]) is not None:
+            counts["already_present"] += 1
+            continue
+        data = source.images.get(row["image_key"])
+        if data is None:
+            counts["missing_image"] += 1
+            continue
+        target.images.put(row["image_key"], data, MIMETYPE_BY_SUFFIX[suffix_for(row["format"])])
+        if target.records.insert_if_absent(row):
+            counts["copied"] += 1
+        else:
+            counts["already_present"] += 1
+    return counts
+
+
+def store_from_args(args: argparse.Namespace) -> UploadStore:
+    config: dict[str, Any] = {**settings.defaults(), **settings.from_environment()}
+    for name in ("UPLOAD_DIR", "DATABASE_URL", "IMAGE_STORE", "UPLOAD_RETENTION_DAYS"):
+        if getattr(args, name, None) is not None:
+            config[name] = getattr(args, name)
+    return UploadStore.from_config(config)
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m keras_serve.storage", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--upload-dir", dest="UPLOAD_DIR")
+    parser.add_argument("--database-url", dest="DATABASE_URL")
+    parser.add_argument("--image-store", dest="IMAGE_STORE")
+    sub = parser.add_subparsers(dest="command", required=True)
+    export_cmd = sub.add_parser("export", help="every record, oldest first, as CSV or JSON lines")
+    export_cmd.add_argument("--format", choices=["csv", "jsonl"], default="jsonl")
+    export_cmd.add_argument("--out", type=Path, help="file to write (default: standard output)")
+    export_cmd.add_argument("--images", type=Path, help="also write each image as <id>.<ext> into this folder")
+    import_cmd = sub.add_parser("import-dayfiles", help="import the YYYY-MM-DD.uploads files of earlier versions")
+    import_cmd.add_argument("folder", type=Path)
+    copy_cmd = sub.add_parser("copy-to", help="copy every upload into another store (one machine -> several)")
+    copy_cmd.add_argument("--to-database-url", required=True)
+    copy_cmd.add_argument("--to-image-store", help="s3://bucket/prefix (default: files in --to-upload-dir)")
+    copy_cmd.add_argument("--to-upload-dir")
+    prune_cmd = sub.add_parser("prune", help="delete uploads past retention and orphaned images now")
+    prune_cmd.add_argument("--retention-days", dest="UPLOAD_RETENTION_DAYS", type=float)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+
+    try:
+        store = store_from_args(args)
+    except StorageError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    try:
+        if args.command == "export":
+            with open(args.out, "w", newline="") if args.out else contextlib.nullcontext(sys.stdout) as out:
+                count = export(store, out, args.format, args.images)
+            print(f"exported {count} uploads", file=sys.stderr)
+        elif args.command == "import-dayfiles":
+            if not args.folder.is_dir():
+                print(f"error: {args.folder} is not a folder", file=sys.stderr)
+                return 1
+            counts = import_day_files(store, args.folder)
+            print(f"imported {counts['imported']} uploads ({counts['already_present']} were already present)",
+                  file=sys.stderr)
+        elif args.command == "copy-to":
+            target = UploadStore.from_config({"UPLOAD_DIR": args.to_upload_dir or args.UPLOAD_DIR or ".",
+                                              "DATABASE_URL": args.to_database_url,
+                                              "IMAGE_STORE": args.to_image_store})
+            try:
+                counts = copy_store(store, target)
+            finally:
+                target.close()
+            print(f"copied {counts['copied']} uploads ({counts['already_present']} were already there, "
+                  f"{counts['missing_image']} had lost their image)", file=sys.stderr)
+        else:
+            result = store.prune()
+            print(f"removed {result['expired']} expired uploads and {result['orphans']} orphaned images",
+                  file=sys.stderr)
+    except StorageError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

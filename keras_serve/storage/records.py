@@ -1,0 +1,296 @@
+"""Upload records: one row per upload in SQLite (the default) or PostgreSQL, via SQLAlchemy Core.
+
+SQLite lives at `<upload dir>/uploads.db` in WAL mode, so readers never block the writer and
+`sqlite3 uploads/uploads.db` works while the server runs. PostgreSQL is chosen by a URL
+(`postgresql+psycopg://user@host/db`) for several servers sharing one store. Either way the
+schema is created, or migrated, on start; the versions applied are in `schema_migrations`.
+
+Every database failure leaves here as `StorageError` (503), and the server recovers by itself:
+PostgreSQL connections are checked before use (`pool_pre_ping`), and a SQLite file that was
+deleted or replaced while serving is noticed on the next checkout, then reopened (folder and
+schema made again), instead of writes going on into a file nobody can see any more.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from keras_serve.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+metadata = sa.MetaData()
+
+uploads = sa.Table(
+    "uploads", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),       # 32 random hex; imported day-file ids are longer
+    sa.Column("received", sa.DateTime(), nullable=False),   # UTC
+    sa.Column("bytes", sa.BigInteger(), nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("format", sa.String(16)),                     # detected from the content, never the name
+    sa.Column("client_filename", sa.Text()),                # audit data only, never a path
+    sa.Column("model", sa.Text()),
+    sa.Column("prediction", sa.JSON()),
+    sa.Column("error", sa.Text()),
+    sa.Column("milliseconds", sa.Float()),
+    sa.Column("image_key", sa.String(255), nullable=False),  # YYYY/MM/DD/<id>.<ext> in the image store
+    # SQLite: the id is the table's key, not a second index beside a rowid (one page less per commit)
+    sqlite_with_rowid=False,
+)
+received_index = sa.Index("uploads_received", uploads.c.received)
+
+schema_migrations = sa.Table(
+    "schema_migrations", metadata,
+    sa.Column("version", sa.Integer(), primary_key=True),
+    sa.Column("applied", sa.DateTime(), nullable=False),
+)
+
+# Each migration is idempotent DDL, so two servers starting at once cannot trip over each other.
+MIGRATIONS: tuple[tuple[int, tuple[Any, ...]], ...] = (
+    (1, (sa.schema.CreateTable(uploads, if_not_exists=True),
+         sa.schema.CreateIndex(received_index, if_not_exists=True))),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+UNAVAILABLE_HINT = "The upload database is unavailable; try again shortly. If it keeps happening, " \
+                   "check the database server (or the disk holding uploads.db)."
+
+
+def sqlite_url(upload_dir: str | Path) -> str:
+    return f"sqlite:///{Path(upload_dir).resolve() / 'uploads.db'}"
+
+
+class RecordStore:
+    def __init__(self, url: str, fsync: bool = False) -> None:
+        self.url = sa.engine.make_url(url)
+        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        self.description = self.url.render_as_string(hide_password=True)
+        if self.is_sqlite:
+            if not self.url.database or self.url.database == ":memory:":
+                raise ValueError("SQLite needs a file path: the records must outlive the process")
+            self.path = Path(self.url.database)
+            self.engine = sa.create_engine(self.url, pool_size=8, max_overflow=56, pool_timeout=10)
+            self._install_sqlite_hooks(synchronous="FULL" if fsync else "NORMAL")
+        else:
+            self.engine = sa.create_engine(
+                self.url, pool_pre_ping=True, pool_size=8, max_overflow=24, pool_timeout=10,
+                connect_args={"connect_timeout": 5} if self.url.get_backend_name() == "postgresql" else {})
+        self._schema_ready = False
+        self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+        self._queue_lock = threading.Lock()
+        self._queue: list[_QueuedRow] = []
+        try:
+            self.migrate()
+        except StorageError as exc:
+            # Start anyway: /readyz says the store is down, uploads get 503, and the first
+            # request after the database is back creates the schema.
+            log.warning("upload database not ready at start-up: %s", exc.message)
+
+    # -- schema --------------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        with self._errors("prepare"), self.engine.begin() as conn:
+            self._migrate(conn)
+        self._schema_ready = True
+
+    @staticmethod
+    def _migrate(conn: sa.Connection) -> None:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(1270412)"))  # one migrator at a time
+        conn.execute(sa.schema.CreateTable(schema_migrations, if_not_exists=True))
+        applied = set(conn.execute(sa.select(schema_migrations.c.version)).scalars())
+        for version, statements in MIGRATIONS:
+            if version in applied:
+                continue
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(schema_migrations.insert().values(version=version, applied=datetime.now(timezone.utc).replace(tzinfo=None)))
+
+    def _install_sqlite_hooks(self, synchronous: str) -> None:
+        @sa.event.listens_for(self.engine, "connect")
+        def on_connect(dbapi_conn: sqlite3.Connection, record) -> None:
+            cursor = dbapi_conn.cursor()
+            # WAL: readers (and `sqlite3` in a shell) never block the writer. NORMAL in WAL mode
+            # loses nothing when the process dies, only on power loss; FULL with --fsync-uploads.
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
+            cursor.execute("PRAGMA busy_timeout=10000")  # several processes may share the file
+            cursor.close()
+            record.info["inode"] = _inode(self.path)
+
+        @sa.event.listens_for(self.engine, "checkout")
+        def on_checkout(dbapi_conn, record, proxy) -> None:
+            # A connection to a file that was deleted (or replaced) would go on writing into the
+            # unlinked inode: answered 200, then gone. Drop it; the pool opens the new file.
+            if record.info.get("inode") != _inode(self.path):
+                raise sa_exc.DisconnectionError("uploads.db was replaced or removed")
+
+        @sa.event.listens_for(self.engine, "do_connect")
+        def before_connect(dialect, conn_rec, cargs, cparams) -> None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)  # deleted while serving: make it again
+            except OSError:
+                pass  # then sqlite3 cannot open the file either, and says so (a StorageError)
+
+    # -- rows ----------------------------------------------------------------------------
+
+    def insert(self, row: dict[str, Any]) -> None:
+        if not self.is_sqlite:
+            with self._errors("record the upload in"), self._begin() as conn:
+                conn.execute(uploads.insert(), row)
+            return
+        # Group commit: SQLite takes one writer at a time, so the thread that gets the write
+        # lock commits every row queued meanwhile in one transaction, and the others find
+        # theirs done. At 32 clients this pays the lock hand-over, the transaction and the WAL
+        # append once per group instead of once per upload.
+        waiter = _QueuedRow(row)
+        with self._queue_lock:
+            self._queue.append(waiter)
+        with self._write_lock:
+            if not waiter.done:
+                with self._queue_lock:
+                    group, self._queue = self._queue, []
+                error = None
+                try:
+                    with self._errors("record the upload in"), self.engine.connect() as conn:
+                        self._ensure_schema(conn)
+                        with conn.begin():
+                            conn.execute(uploads.insert(), [queued.row for queued in group])
+                except StorageError as exc:
+                    error = exc
+                for queued in group:
+                    queued.error, queued.done = error, True
+        if waiter.error is not None:
+            raise StorageError(waiter.error.message, waiter.error.hint)  # one instance per thread
+
+    def insert_if_absent(self, row: dict[str, Any]) -> bool:
+        """For imports: False (and nothing written) when the id is already there."""
+        try:
+            with self._begin() as conn:
+                conn.execute(uploads.insert(), row)
+            return True
+        except sa_exc.IntegrityError:
+            return False
+        except sa_exc.SQLAlchemyError as exc:
+            raise self._error("record the upload in", exc) from None
+
+    def get(self, upload_id: str) -> dict[str, Any] | None:
+        with self._errors("read", read=True), self._connect() as conn:
+            row = conn.execute(uploads.select().where(uploads.c.id == upload_id)).mappings().first()
+        return dict(row) if row else None
+
+    def keys_of(self, upload_ids: Iterable[str]) -> dict[str, str]:
+        """id -> image key for those of `upload_ids` that have a row."""
+        ids = list(upload_ids)
+        if not ids:
+            return {}
+        with self._errors("read", read=True), self._connect() as conn:
+            rows = conn.execute(sa.select(uploads.c.id, uploads.c.image_key).where(uploads.c.id.in_(ids)))
+            return {row.id: row.image_key for row in rows}
+
+    def older_than(self, cutoff: datetime, limit: int = 500) -> list[tuple[str, str]]:
+        with self._errors("read", read=True), self._connect() as conn:
+            rows = conn.execute(sa.select(uploads.c.id, uploads.c.image_key)
+                                .where(uploads.c.received < cutoff).order_by(uploads.c.received).limit(limit))
+            return [(row.id, row.image_key) for row in rows]
+
+    def delete(self, upload_ids: Iterable[str]) -> None:
+        ids = list(upload_ids)
+        if ids:
+            with self._errors("delete from"), self._begin() as conn:
+                conn.execute(uploads.delete().where(uploads.c.id.in_(ids)))
+
+    def all(self, batch: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every row, oldest first, read in batches (an export must not hold the database)."""
+        after: tuple[datetime, str] | None = None
+        while True:
+            query = sa.select(uploads).order_by(uploads.c.received, uploads.c.id).limit(batch)
+            if after:
+                query = query.where(sa.tuple_(uploads.c.received, uploads.c.id) > sa.tuple_(*after))
+            with self._errors("read", read=True), self._connect() as conn:
+                rows = [dict(row) for row in conn.execute(query).mappings()]
+            yield from rows
+            if len(rows) < batch:
+                return
+            after = (rows[-1]["received"], rows[-1]["id"])
+
+    def health(self) -> None:
+        with self._errors("reach", read=True), self._connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    @contextmanager
+    def _connect(self) -> Iterator[sa.Connection]:
+        with self.engine.connect() as conn:
+            self._ensure_schema(conn)
+            yield conn
+
+    @contextmanager
+    def _begin(self) -> Iterator[sa.Connection]:
+        # SQLite has one writer at a time. Threads that race for its lock back off in sleeps of
+        # up to 100 ms (its busy handler); queueing them on a Python lock instead costs nothing.
+        # Other processes sharing the file still wait through busy_timeout.
+        with self._write_lock, self.engine.connect() as conn:
+            self._ensure_schema(conn)
+            with conn.begin():
+                yield conn
+
+    def _ensure_schema(self, conn: sa.Connection) -> None:
+        if self.is_sqlite:
+            # A SQLite file made anew (the old one was deleted while serving) has no tables yet.
+            # Checked once per pooled connection; a new file always comes with a new connection.
+            if not conn.info.get("schema_ready"):
+                with conn.begin():
+                    self._migrate(conn)
+                conn.info["schema_ready"] = True
+        elif not self._schema_ready:  # the database was down when the server started
+            with conn.begin():
+                self._migrate(conn)
+            self._schema_ready = True
+
+    @contextmanager
+    def _errors(self, what: str, read: bool = False) -> Iterator[None]:
+        try:
+            yield
+        except sa_exc.SQLAlchemyError as exc:
+            raise self._error(what, exc, read) from None
+
+    def _error(self, what: str, exc: Exception, read: bool = False) -> StorageError:
+        # The details (host names, SQL) go to the log, not to the client.
+        log.warning("upload database %s: could not %s it: %s", self.description, what, exc)
+        text = str(getattr(exc, "orig", exc)).lower()
+        if "disk is full" in text or "no space" in text:
+            message = "The server's disk is full, so the upload could not be recorded."
+        else:
+            message = f"Could not {what} the upload database."
+        return StorageError(message, UNAVAILABLE_HINT if read else None)
+
+
+class _QueuedRow:
+    __slots__ = ("row", "done", "error")
+
+    def __init__(self, row: dict[str, Any]) -> None:
+        self.row = row
+        self.done = False
+        self.error: StorageError | None = None
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

