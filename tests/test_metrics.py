@@ -140,7 +140,7 @@ def test_two_apps_in_one_process_count_separately(make_app, colour_model_path, c
 
 def test_multiprocess_dir_set_after_import_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    with pytest.raises(RuntimeError, match="before the server starts"):
+    with pytest.raises(ValueError, match="before the server starts"):
         web_metrics.init_app(Flask("late"))
 
 

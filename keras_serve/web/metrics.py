@@ -91,8 +91,9 @@ def multiprocess_dir() -> Path | None:
     if values.ValueClass is values.MutexValue:
         # prometheus-client chose in-memory values when it was imported: this process's counts
         # would never reach the folder, and /metrics would silently show other processes only.
-        raise RuntimeError(f"{MULTIPROC_ENV} was set after prometheus_client was imported; "
-                           "set it in the environment before the server starts.")
+        # ValueError: the CLI prints it as one line, like a malformed KERAS_SERVE_* value.
+        raise ValueError(f"{MULTIPROC_ENV} was set after prometheus_client was imported; "
+                         "set it in the environment before the server starts.")
     Path(path).mkdir(parents=True, exist_ok=True)
     return Path(path)
 
