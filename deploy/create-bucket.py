@@ -14,7 +14,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 bucket = urlsplit(os.environ["KERAS_SERVE_IMAGE_STORE"]).netloc
 s3 = boto3.client("s3")
-for attempt in range(30):
+for _ in range(30):  # about a minute while the store starts
     try:
         s3.create_bucket(Bucket=bucket)
         print(f"created bucket {bucket}")
