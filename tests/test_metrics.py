@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from images import BLUE, RED, image_bytes
 from uploading import post_file
 from keras_serve.web import metrics as web_metrics
+from keras_serve.web import metrics_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 Samples = dict[tuple[str, frozenset], float]
@@ -230,7 +231,7 @@ def test_a_killed_worker_stops_counting_as_in_progress_after_child_exit(tmp_path
     assert value(s, "keras_serve_http_requests_total", route="/ping", method="GET", status="200") == 1
 
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(shared))
-    web_metrics.child_exit(server=None, worker=SimpleNamespace(pid=worker.pid))  # what gunicorn calls
+    metrics_processes.child_exit(server=None, worker=SimpleNamespace(pid=worker.pid))  # what gunicorn calls
     s = aggregate(shared)
     assert value(s, "keras_serve_http_requests_in_progress") == 0
     # Counters of a dead worker stay: the requests it answered did happen.
@@ -242,5 +243,74 @@ def test_clear_multiprocess_dir_empties_the_folder(tmp_path, monkeypatch):
     finish(run_worker(shared, "1", "1", "1"))
     assert list(shared.iterdir())
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(shared))
-    web_metrics.clear_multiprocess_dir()
+    metrics_processes.clear_multiprocess_dir()
     assert shared.is_dir() and not list(shared.iterdir())
+
+
+MANAGER = r"""
+import os, sys
+from keras_serve.web import metrics_processes
+
+if "--import-prometheus-first" in sys.argv:
+    import prometheus_client  # the mistake the module exists to prevent
+assert ("prometheus_client" in sys.modules) == ("--import-prometheus-first" in sys.argv)
+folder = metrics_processes.share_between_processes()
+workers = []
+for requests in (2, 3):
+    pid = os.fork()
+    if pid == 0:  # a worker, as gunicorn forks them
+        from flask import Flask
+        from keras_serve.web import metrics
+        app = Flask("worker")
+        app.add_url_rule("/ping", "ping", lambda: "pong")
+        try:
+            metrics.init_app(app)
+        except ValueError as exc:
+            print(exc, flush=True)
+            os._exit(7)
+        client = app.test_client()
+        for _ in range(requests):
+            client.get("/ping")
+        os._exit(0)
+    workers.append(pid)
+print("exit codes", [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in workers], flush=True)
+print("folder", folder)
+"""
+
+
+def run_manager(env: dict[str, str], *args: str) -> str:
+    result = subprocess.run([sys.executable, "-c", MANAGER, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env={k: v for k, v in {**os.environ, **env}.items()
+                                             if k != "PROMETHEUS_MULTIPROC_DIR" or v})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_a_manager_that_forks_workers_shares_their_counts(tmp_path):
+    shared = tmp_path / "prometheus"
+    shared.mkdir()
+    (shared / "counter_999999.db").write_bytes(b"left by an earlier run")
+    out = run_manager({"PROMETHEUS_MULTIPROC_DIR": str(shared)})
+    assert "exit codes [0, 0]" in out
+    assert not (shared / "counter_999999.db").exists()
+    s = aggregate(shared)
+    assert value(s, "keras_serve_http_requests_total", route="/ping", method="GET", status="200") == 5
+
+
+def test_without_a_folder_the_manager_makes_a_private_one():
+    out = run_manager({"PROMETHEUS_MULTIPROC_DIR": ""})
+    folder = Path(out.split("folder ", 1)[1].strip())
+    try:
+        assert "exit codes [0, 0]" in out
+        assert folder.name.startswith("keras-serve-metrics-") and oct(folder.stat().st_mode)[-3:] == "700"
+        s = aggregate(folder)
+        assert value(s, "keras_serve_http_requests_total", route="/ping", method="GET", status="200") == 5
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_workers_of_a_manager_that_imported_prometheus_too_early_refuse_to_start():
+    # The variable is unset when prometheus_client is imported, and set (by the manager) after.
+    out = run_manager({"PROMETHEUS_MULTIPROC_DIR": ""}, "--import-prometheus-first")
+    shutil.rmtree(out.split("folder ", 1)[1].strip())
+    assert "exit codes [7, 7]" in out and "before the server starts" in out

@@ -14,30 +14,24 @@ returns the `ServingMetrics` that the core (batcher, service) reports to:
 `route` is the URL rule (`/uploads/<upload_id>`), never the path a client sent, and
 `unmatched` for 404s and 405s, so a scanner cannot create a series per URL.
 
-Several server processes (gunicorn workers) each keep their own counts. Run them with
-PROMETHEUS_MULTIPROC_DIR set to an empty folder that all of them can write: prometheus-client
-then keeps every value in a file per process there, and `/metrics`, whichever process
-answers, adds up all processes' files. The variable must be set before the server starts
-(prometheus-client reads it on import); the folder must be emptied before each start
-(`clear_multiprocess_dir`), and the process manager should call `child_exit` when a worker
-dies, so that its in-progress requests stop counting. A gunicorn config file:
-
-    from keras_serve.web.metrics import child_exit, clear_multiprocess_dir
-    def on_starting(server): clear_multiprocess_dir()
+Several server processes (gunicorn workers) each keep their own counts. With
+PROMETHEUS_MULTIPROC_DIR set to an empty folder that all of them can write, prometheus-client
+keeps every value in a file per process there, and `/metrics`, whichever process answers, adds
+up all processes' files. `keras_serve.web.metrics_processes` has what the process manager
+needs: setting and emptying the folder before the workers start, and gunicorn's `child_exit`.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 from flask import Flask, Response, g, request
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                ProcessCollector, generate_latest, multiprocess, values)
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+from keras_serve.web.metrics_processes import MULTIPROC_ENV
+
 UNMATCHED_ROUTE = "unmatched"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -96,23 +90,6 @@ def multiprocess_dir() -> Path | None:
                          "set it in the environment before the server starts.")
     Path(path).mkdir(parents=True, exist_ok=True)
     return Path(path)
-
-
-def clear_multiprocess_dir() -> None:
-    """Empty the shared folder before the first worker starts (old pids' files would add up)."""
-    path = os.environ.get(MULTIPROC_ENV)
-    if path and Path(path).is_dir():
-        for entry in Path(path).iterdir():
-            if entry.is_dir():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-
-
-def child_exit(server: Any, worker: Any) -> None:
-    """gunicorn's child_exit hook: a dead worker's live gauges stop counting."""
-    if os.environ.get(MULTIPROC_ENV):
-        multiprocess.mark_process_dead(worker.pid)
 
 
 def init_app(app: Flask) -> PrometheusMetrics:
