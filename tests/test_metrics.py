@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from images import BLUE, RED, image_bytes
+from server_process import free_port, wait_for_port
 from uploading import post_file
 from keras_serve.web import metrics as web_metrics
 from keras_serve.web import metrics_processes
@@ -314,3 +317,64 @@ def test_workers_of_a_manager_that_imported_prometheus_too_early_refuse_to_start
     out = run_manager({"PROMETHEUS_MULTIPROC_DIR": ""}, "--import-prometheus-first")
     shutil.rmtree(out.split("folder ", 1)[1].strip())
     assert "exit codes [7, 7]" in out and "before the server starts" in out
+
+
+GUNICORN_CONFIG = """
+from keras_serve.web import metrics_processes
+
+metrics_processes.share_between_processes()
+child_exit = metrics_processes.child_exit
+"""
+
+
+def get(url: str, timeout: float = 10) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
+
+
+def test_real_gunicorn_workers_answer_metrics_for_all_of_them(tmp_path):
+    shared, config, slow_pid = tmp_path / "prometheus", tmp_path / "gunicorn.conf.py", tmp_path / "slow.pid"
+    config.write_text(GUNICORN_CONFIG)
+    port = free_port()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(shared), "SLOW_PID_FILE": str(slow_pid)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", str(config), "--workers", "2", "--bind", f"127.0.0.1:{port}",
+         "--pythonpath", str(ROOT / "tests"), "--timeout", "120", "metrics_app:create()"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_port(port, server)
+        answers: list[str] = []
+        senders = [threading.Thread(target=lambda: answers.append(get(url + "/pid"))) for _ in range(8)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        assert len(answers) == 8 and len(set(answers)) == 2, answers  # both workers answered
+        # Whichever worker answers the scrape, it reports both workers' requests.
+        for _ in range(6):
+            s = parse(get(url + "/metrics"))
+            assert value(s, "keras_serve_http_requests_total", route="/pid", method="GET", status="200") == 8
+
+        slow = threading.Thread(target=lambda: pytest.raises(Exception, get, url + "/slow", 30), daemon=True)
+        slow.start()
+        deadline = time.monotonic() + 20
+        while not slow_pid.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert value(parse(get(url + "/metrics")), "keras_serve_http_requests_in_progress") == 2  # slow + scrape
+        os.kill(int(slow_pid.read_text()), signal.SIGKILL)  # gunicorn reaps it and calls child_exit
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            s = parse(get(url + "/metrics"))
+            if value(s, "keras_serve_http_requests_in_progress") == 1:
+                break
+            time.sleep(0.1)
+        assert value(s, "keras_serve_http_requests_in_progress") == 1  # only this scrape
+        assert value(s, "keras_serve_http_requests_total", route="/pid", method="GET", status="200") == 8
+    finally:
+        server.terminate()
+        try:
+            server.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.communicate()
