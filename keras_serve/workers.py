@@ -20,6 +20,7 @@ from gunicorn.app.base import BaseApplication
 
 from keras_serve import create_app
 from keras_serve.errors import ModelLoadError
+from keras_serve.web import metrics_processes
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class WorkerProcesses(BaseApplication):
             "errorlog": "-",
             "proc_name": "keras-serve",
             "worker_exit": self._worker_exit,
+            "child_exit": metrics_processes.child_exit,  # a dead worker's requests stop counting as in progress
         }.items():
             self.cfg.set(key, value)
 
@@ -79,7 +81,9 @@ def serve_workers(config: dict[str, Any]) -> int:
           f"max wait {config['MAX_WAIT_MS']} ms, uploads in {config['UPLOAD_DIR']})", flush=True)
     arbiter_pid = os.getpid()
     try:
-        WorkerProcesses(config).run()
+        # /metrics adds up every worker's counts from files in one folder (README "Metrics").
+        with metrics_processes.share_between_processes():
+            WorkerProcesses(config).run()
     except SystemExit as exc:
         if os.getpid() != arbiter_pid:
             raise  # a worker ending: its exit unwinds through the fork, and the arbiter reads its status

@@ -257,27 +257,34 @@ from keras_serve.web import metrics_processes
 if "--import-prometheus-first" in sys.argv:
     import prometheus_client  # the mistake the module exists to prevent
 assert ("prometheus_client" in sys.modules) == ("--import-prometheus-first" in sys.argv)
-folder = metrics_processes.share_between_processes()
-workers = []
-for requests in (2, 3):
-    pid = os.fork()
-    if pid == 0:  # a worker, as gunicorn forks them
-        from flask import Flask
-        from keras_serve.web import metrics
-        app = Flask("worker")
-        app.add_url_rule("/ping", "ping", lambda: "pong")
-        try:
-            metrics.init_app(app)
-        except ValueError as exc:
-            print(exc, flush=True)
-            os._exit(7)
-        client = app.test_client()
-        for _ in range(requests):
-            client.get("/ping")
-        os._exit(0)
-    workers.append(pid)
-print("exit codes", [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in workers], flush=True)
-print("folder", folder)
+with metrics_processes.share_between_processes() as folder:
+    print("folder", folder, flush=True)
+    workers = []
+    for requests in (2, 3):
+        pid = os.fork()
+        if pid == 0:  # a worker, as gunicorn forks them
+            from flask import Flask
+            from keras_serve.web import metrics
+            app = Flask("worker")
+            app.add_url_rule("/ping", "ping", lambda: "pong")
+            try:
+                metrics.init_app(app)
+            except ValueError as exc:
+                print(exc, flush=True)
+                os._exit(7)
+            client = app.test_client()
+            for _ in range(requests):
+                client.get("/ping")
+            os._exit(0)
+        workers.append(pid)
+    print("exit codes", [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in workers], flush=True)
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(folder))
+    print("pings", registry.get_sample_value("keras_serve_http_requests_total",
+                                              {"route": "/ping", "method": "GET", "status": "200"}))
+print("after", os.path.exists(folder), os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 """
 
 
@@ -294,35 +301,31 @@ def test_a_manager_that_forks_workers_shares_their_counts(tmp_path):
     shared.mkdir()
     (shared / "counter_999999.db").write_bytes(b"left by an earlier run")
     out = run_manager({"PROMETHEUS_MULTIPROC_DIR": str(shared)})
-    assert "exit codes [0, 0]" in out
+    assert "exit codes [0, 0]" in out and "pings 5.0" in out
     assert not (shared / "counter_999999.db").exists()
+    assert f"after True {shared}" in out  # the operator's folder stays
     s = aggregate(shared)
     assert value(s, "keras_serve_http_requests_total", route="/ping", method="GET", status="200") == 5
 
 
-def test_without_a_folder_the_manager_makes_a_private_one():
+def test_without_a_folder_the_manager_uses_a_private_one_and_removes_it():
     out = run_manager({"PROMETHEUS_MULTIPROC_DIR": ""})
-    folder = Path(out.split("folder ", 1)[1].strip())
-    try:
-        assert "exit codes [0, 0]" in out
-        assert folder.name.startswith("keras-serve-metrics-") and oct(folder.stat().st_mode)[-3:] == "700"
-        s = aggregate(folder)
-        assert value(s, "keras_serve_http_requests_total", route="/ping", method="GET", status="200") == 5
-    finally:
-        shutil.rmtree(folder)
+    folder = Path(out.split("folder ", 1)[1].split()[0])
+    assert folder.name.startswith("keras-serve-metrics-")
+    assert "exit codes [0, 0]" in out and "pings 5.0" in out
+    assert "after False None" in out and not folder.exists()
 
 
 def test_workers_of_a_manager_that_imported_prometheus_too_early_refuse_to_start():
     # The variable is unset when prometheus_client is imported, and set (by the manager) after.
     out = run_manager({"PROMETHEUS_MULTIPROC_DIR": ""}, "--import-prometheus-first")
-    shutil.rmtree(out.split("folder ", 1)[1].strip())
     assert "exit codes [7, 7]" in out and "before the server starts" in out
 
 
 GUNICORN_CONFIG = """
 from keras_serve.web import metrics_processes
 
-metrics_processes.share_between_processes()
+on_starting = lambda server: metrics_processes.clear_multiprocess_dir()
 child_exit = metrics_processes.child_exit
 """
 

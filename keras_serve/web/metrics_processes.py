@@ -4,11 +4,15 @@ prometheus-client decides how to keep values when it is first imported: in memor
 files under PROMETHEUS_MULTIPROC_DIR that `/metrics` adds up across processes. A worker
 forked from a manager that had already imported it without the variable keeps in-memory
 values, so this module imports prometheus_client only inside `child_exit`, and the manager
-calls `share_between_processes()` before anything imports it:
+enters `share_between_processes()` before anything imports it:
 
-    from keras_serve.web import metrics_processes
-    metrics_processes.share_between_processes()   # in the manager, before forking
-    ... gunicorn setting: child_exit = metrics_processes.child_exit
+    with metrics_processes.share_between_processes():   # in the manager, before forking
+        ... run gunicorn with child_exit = metrics_processes.child_exit
+
+or, in a gunicorn config file with PROMETHEUS_MULTIPROC_DIR set in the environment:
+
+    on_starting = lambda server: metrics_processes.clear_multiprocess_dir()
+    child_exit = metrics_processes.child_exit
 
 A worker that got it wrong refuses to start (`keras_serve.web.metrics.init_app` checks).
 """
@@ -17,23 +21,34 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def share_between_processes() -> Path:
-    """Use PROMETHEUS_MULTIPROC_DIR (a new private temp folder if unset), emptied; returns it.
+@contextmanager
+def share_between_processes() -> Iterator[Path]:
+    """PROMETHEUS_MULTIPROC_DIR, emptied, for the workers forked inside the block.
 
-    Emptied because files left by an earlier run's processes would still be added up.
+    Emptied because files left by an earlier run's processes would still be added up. If the
+    variable is unset, a private temporary folder is made, and removed when the block ends in
+    this process (a forked worker leaving the block removes nothing).
     """
-    if not os.environ.get(MULTIPROC_ENV):
+    made = not os.environ.get(MULTIPROC_ENV)
+    if made:
         os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="keras-serve-metrics-")
     folder = Path(os.environ[MULTIPROC_ENV])
     folder.mkdir(parents=True, exist_ok=True)
     clear_multiprocess_dir()
-    return folder
+    owner = os.getpid()
+    try:
+        yield folder
+    finally:
+        if made and os.getpid() == owner:
+            shutil.rmtree(folder, ignore_errors=True)
+            del os.environ[MULTIPROC_ENV]
 
 
 def clear_multiprocess_dir() -> None:
