@@ -339,15 +339,17 @@ def test_the_server_runs_on_a_read_only_root_with_only_tmp_writable():
         request = urllib.request.Request(
             server.url + "/file/", data=multipart_body("file", "red.jpg", "image/jpeg", data, boundary),
             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-        with urllib.request.urlopen(request, timeout=30) as r:
+        with urllib.request.urlopen(request, timeout=60) as r:
             upload_id = json.load(r)["id"]
-        with urllib.request.urlopen(f"{server.url}/uploads/{upload_id}", timeout=10) as r:
-            assert r.read() == data
-        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+        with urllib.request.urlopen(f"{server.url}/uploads/{upload_id}", timeout=60) as r:
+            stored = r.read()
+        with urllib.request.urlopen(server.url + "/metrics", timeout=60) as r:
             scraped = r.read().decode()
-        assert "keras_serve_uploads_stored_total 1.0" in scraped.splitlines()
-    finally:
-        log = server.stop()
+    except BaseException as exc:
+        raise AssertionError(f"{exc!r}; server log: {server.stop()}") from exc
+    log = server.stop()
+    assert stored == data, log
+    assert "keras_serve_uploads_stored_total 1.0" in scraped.splitlines(), scraped
     assert server.proc.returncode == 0, log
     assert "Read-only file system" not in log, log
     assert not (ROOT / ".written").exists()
