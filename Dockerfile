@@ -40,6 +40,9 @@ COPY models/ models/
 RUN pip install --no-cache-dir --no-deps -e . \
  && mkdir -p /var/lib/keras-serve/uploads \
  && chown -R keras-serve:keras-serve /var/lib/keras-serve
+# Convert the default model for the fastest engine now: the conversion is cached in
+# models/.cache (keras_serve/model/engines.py), which is read-only at run time.
+RUN python -c "from keras_serve.model.served_model import ServedModel; print(ServedModel.load('models/cats_vs_dogs.h5').summary_line())"
 
 ENV KERAS_SERVE_HOST=0.0.0.0 \
     KERAS_SERVE_PORT=8080 \

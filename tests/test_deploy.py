@@ -351,5 +351,7 @@ def test_the_server_runs_on_a_read_only_root_with_only_tmp_writable():
     assert stored == data, log
     assert "keras_serve_uploads_stored_total 1.0" in scraped.splitlines(), scraped
     assert server.proc.returncode == 0, log
-    assert "Read-only file system" not in log, log
+    # Only best-effort writes may fail (the engine's conversion cache beside the model: the image
+    # fills it at build time); nothing is logged as an error.
+    assert "Traceback" not in log and " ERROR " not in log, log
     assert not (ROOT / ".written").exists()
