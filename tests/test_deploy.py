@@ -57,15 +57,10 @@ def without_file(resource: dict) -> dict:
     return {key: value for key, value in resource.items() if key != "_file"}
 
 
-# The storage settings of issue 12, named by the deploy files, land on main from another branch;
-# once settings.py declares them this set is redundant: delete it.
-SETTINGS_LANDING_WITH_STORAGE = {"DATABASE_URL", "IMAGE_STORE"}
-
-
 def known_variable(name: str) -> bool:
     prefix = settings.ENV_PREFIX + "_"
     setting = name[len(prefix):] if name.startswith(prefix) else None
-    return name in AWS_VARIABLES or setting in settings.BY_NAME or setting in SETTINGS_LANDING_WITH_STORAGE
+    return name in AWS_VARIABLES or setting in settings.BY_NAME
 
 
 # --- Kubernetes ----------------------------------------------------------------------------
@@ -274,8 +269,8 @@ def test_the_image_installs_every_package_the_server_imports():
     distributions = packages_distributions()
     needed = set()
     for path in (ROOT / "keras_serve").rglob("*.py"):
-        if "tools" in path.relative_to(ROOT / "keras_serve").parts:
-            continue  # the benchmark is not served
+        if {"tools", "training"} & set(path.relative_to(ROOT / "keras_serve").parts):
+            continue  # the benchmark and training (jax for GPUs, say) are not what the image serves
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
