@@ -350,3 +350,49 @@ def test_the_server_runs_on_a_read_only_root_with_only_tmp_writable():
     # fills it at build time); nothing is logged as an error.
     assert "Traceback" not in log and " ERROR " not in log, log
     assert not (ROOT / ".written").exists()
+
+
+# --- compose's settings against the real engines -------------------------------------------------
+def test_compose_settings_serve_on_a_real_postgres_and_s3(postgres, seaweedfs):
+    """The app with compose.yaml's environment, its hosts pointed at this machine's servers:
+    create-bucket.py makes the bucket, the app stores an upload as a row and an object, reads it back."""
+    env = json.loads(compose_config(COMPOSE_SECRETS).stdout)["services"]["app"]["environment"]
+    # The database and role compose's URL names; this test server trusts local connections.
+    postgres._admin("CREATE ROLE keras_serve LOGIN PASSWORD 'pg-secret'")
+    postgres._admin("CREATE DATABASE keras_serve OWNER keras_serve")
+    env["KERAS_SERVE_DATABASE_URL"] = env["KERAS_SERVE_DATABASE_URL"].replace(
+        "@postgres:5432/", f"@127.0.0.1:{postgres.port}/")
+    env.update(seaweedfs.env())  # this S3 server's endpoint and its own key (compose's key is checked above)
+    env["KERAS_SERVE_UPLOAD_DIR"] = "/nonexistent/uploads-unused"  # with both set, no local folder is needed
+    bucket, prefix = env["KERAS_SERVE_IMAGE_STORE"][len("s3://"):].split("/", 1)
+
+    made = subprocess.run([sys.executable, str(ROOT / "deploy" / "create-bucket.py")], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **env})
+    assert made.returncode == 0 and f"created bucket {bucket}" in made.stdout, made.stderr
+    again = subprocess.run([sys.executable, str(ROOT / "deploy" / "create-bucket.py")], capture_output=True,
+                           text=True, timeout=120, env={**os.environ, **env})
+    assert again.returncode == 0 and f"bucket {bucket} exists" in again.stdout, again.stderr
+
+    server = ServerProcess(env=env)
+    try:
+        with urllib.request.urlopen(server.url + "/readyz", timeout=30) as r:
+            assert json.load(r)["storage"]["ok"] is True
+        data = image_bytes(RED)
+        boundary = fresh_boundary()
+        request = urllib.request.Request(
+            server.url + "/file/", data=multipart_body("file", "red.jpg", "image/jpeg", data, boundary),
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            upload_id = json.load(r)["id"]
+        with urllib.request.urlopen(f"{server.url}/uploads/{upload_id}", timeout=60) as r:
+            assert r.read() == data
+    except BaseException as exc:
+        raise AssertionError(f"{exc!r}; server log: {server.stop()}") from exc
+    server.stop()
+
+    import psycopg
+
+    with psycopg.connect(host="127.0.0.1", port=postgres.port, user="keras_serve", dbname="keras_serve") as db:
+        (image_key,) = db.execute("SELECT image_key FROM uploads WHERE id = %s", (upload_id,)).fetchone()
+    stored = seaweedfs.client().get_object(Bucket=bucket, Key=f"{prefix}/{image_key}")["Body"].read()
+    assert stored == data
