@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.errors import HaltServer
 
 from keras_serve import create_app
 from keras_serve.errors import ModelLoadError
@@ -84,11 +85,14 @@ def serve_workers(config: dict[str, Any]) -> int:
         # /metrics adds up every worker's counts from files in one folder (README "Metrics").
         with metrics_processes.share_between_processes():
             WorkerProcesses(config).run()
-    except SystemExit as exc:
+    except (SystemExit, HaltServer) as exc:
         if os.getpid() != arbiter_pid:
             raise  # a worker ending: its exit unwinds through the fork, and the arbiter reads its status
-        if exc.code not in (None, 0):
+        # HaltServer escapes gunicorn itself when, while it halts for one worker that failed to
+        # boot, it reaps a second that failed too (Arbiter.stop -> reap_workers raises again).
+        status = exc.exit_status if isinstance(exc, HaltServer) else exc.code
+        if status not in (None, 0):
             print(f"error: the worker processes could not start or keep running (gunicorn exit status "
-                  f"{exc.code}; see the lines above)", file=sys.stderr)
+                  f"{status}; see the lines above)", file=sys.stderr)
             return 2
     return 0
