@@ -21,7 +21,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     `config["MODEL"]` may be a ready model object (tests); then MODEL_PATH is not read.
     """
-    from keras_serve.web import multipart_form, responses, routes
+    from keras_serve.web import metrics, multipart_form, responses, routes
 
     app = Flask(__name__, template_folder=str(settings.PROJECT_ROOT / "templates"),
                 static_folder=str(settings.PROJECT_ROOT / "static"))
@@ -33,7 +33,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     from keras_serve.pipeline.service import ClassifierService
 
-    service = ClassifierService.from_config(app.config)
+    service = ClassifierService.from_config(app.config, metrics=metrics.init_app(app))
     app.extensions["classifier"] = service
     app.register_blueprint(routes.bp)
     responses.init_app(app)

@@ -17,9 +17,11 @@ import sys
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.errors import HaltServer
 
 from keras_serve import create_app
 from keras_serve.errors import ModelLoadError
+from keras_serve.web import metrics_processes
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class WorkerProcesses(BaseApplication):
             "errorlog": "-",
             "proc_name": "keras-serve",
             "worker_exit": self._worker_exit,
+            "child_exit": metrics_processes.child_exit,  # a dead worker's requests stop counting as in progress
         }.items():
             self.cfg.set(key, value)
 
@@ -79,12 +82,17 @@ def serve_workers(config: dict[str, Any]) -> int:
           f"max wait {config['MAX_WAIT_MS']} ms, uploads in {config['UPLOAD_DIR']})", flush=True)
     arbiter_pid = os.getpid()
     try:
-        WorkerProcesses(config).run()
-    except SystemExit as exc:
+        # /metrics adds up every worker's counts from files in one folder (README "Metrics").
+        with metrics_processes.share_between_processes():
+            WorkerProcesses(config).run()
+    except (SystemExit, HaltServer) as exc:
         if os.getpid() != arbiter_pid:
             raise  # a worker ending: its exit unwinds through the fork, and the arbiter reads its status
-        if exc.code not in (None, 0):
+        # HaltServer escapes gunicorn itself when, while it halts for one worker that failed to
+        # boot, it reaps a second that failed too (Arbiter.stop -> reap_workers raises again).
+        status = exc.exit_status if isinstance(exc, HaltServer) else exc.code
+        if status not in (None, 0):
             print(f"error: the worker processes could not start or keep running (gunicorn exit status "
-                  f"{exc.code}; see the lines above)", file=sys.stderr)
+                  f"{status}; see the lines above)", file=sys.stderr)
             return 2
     return 0

@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from images import BLUE, RED, image_bytes
 from server_process import ROOT, ServerProcess
@@ -43,6 +44,14 @@ def test_two_workers_share_the_port_and_both_answer(colour_model_path, tmp_path)
         with contextlib.closing(sqlite3.connect(tmp_path / "uploads.db")) as db:
             stored = {upload_id for (upload_id,) in db.execute("SELECT id FROM uploads")}
         assert {r.json()["id"] for r in answers} <= stored  # both processes write to the same uploads.db
+        for _ in range(4):  # whichever worker answers, /metrics counts both workers' uploads
+            scrape = requests.get(srv.url + "/metrics", headers={"Connection": "close"}, timeout=10).text
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for family in text_string_to_metric_families(scrape) for s in family.samples}
+            assert samples[("keras_serve_uploads_stored_total", ())] == 16
+            assert samples[("keras_serve_batch_size_sum", ())] == 16
+            assert samples[("keras_serve_http_requests_total",
+                            (("method", "POST"), ("route", "/file/"), ("status", "200")))] == 16
     finally:
         output = srv.stop()  # SIGTERM: gunicorn stops its workers gracefully
     assert srv.proc.returncode == 0, output

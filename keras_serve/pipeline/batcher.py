@@ -20,19 +20,22 @@ from typing import Callable, Iterator
 import numpy as np
 
 from keras_serve.errors import PredictionError
+from keras_serve.serving_metrics import NO_METRICS, ServingMetrics
 
 log = logging.getLogger(__name__)
 
 
 class DynamicBatcher:
     def __init__(self, predict_batch: Callable[[np.ndarray], np.ndarray], max_batch: int = 32,
-                 max_wait_ms: float = 2.0, timeout_s: float = 30.0) -> None:
+                 max_wait_ms: float = 2.0, timeout_s: float = 30.0,
+                 metrics: ServingMetrics = NO_METRICS) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._predict_batch = predict_batch
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.timeout_s = timeout_s
+        self.metrics = metrics
         self._queue: queue.Queue[tuple[np.ndarray, Future] | None] = queue.Queue()
         self._stopped = threading.Event()
         self._expected = 0  # requests decoding now, whose inputs will arrive shortly
@@ -125,7 +128,9 @@ class DynamicBatcher:
             if not batch:
                 continue
             try:
+                started = time.perf_counter()
                 outputs = self._predict_batch(np.concatenate([x for x, _ in batch]))
+                self.metrics.batch_predicted(len(batch), time.perf_counter() - started)
                 for (_, future), row in zip(batch, outputs):
                     future.set_result(row)
                 self.batches += 1
@@ -138,7 +143,10 @@ class DynamicBatcher:
         # One bad input must not fail its neighbours: isolate it.
         for x, future in batch:
             try:
-                future.set_result(self._predict_batch(x)[0])
+                started = time.perf_counter()
+                row = self._predict_batch(x)[0]
+                self.metrics.batch_predicted(1, time.perf_counter() - started)
+                future.set_result(row)
             except Exception as exc:
                 log.exception("prediction failed for one item")
                 future.set_exception(PredictionError(f"The model failed on this image ({type(exc).__name__})."))

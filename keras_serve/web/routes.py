@@ -40,14 +40,14 @@ def classify():
 
 @bp.get("/uploads/<upload_id>")
 def uploaded_image(upload_id: str):
-    data, mimetype = service().store.read_image(upload_id)
+    data, mimetype = service().read_image(upload_id)
     # An upload never changes, so the browser may keep it; "private" keeps it out of shared caches.
     return Response(data, mimetype=mimetype, headers={"Cache-Control": "private, max-age=3600"})
 
 
 @bp.get("/uploads/<upload_id>/record")
 def upload_record(upload_id: str):
-    record = dict(service().store.read_record(upload_id))
+    record = dict(service().read_record(upload_id))
     if isinstance(record.get("model"), str):
         record["model"] = file_name(record["model"])
     return jsonify(record)

@@ -1,0 +1,45 @@
+"""What the serving core reports about its own work, without knowing who listens.
+
+The batcher and the service call these methods; `keras_serve.web.metrics` implements them
+with prometheus-client and `NO_METRICS` (the default) drops them. So the core imports
+neither Flask nor prometheus_client, and a core test needs neither.
+"""
+from __future__ import annotations
+
+import re
+from typing import Protocol
+
+
+class ServingMetrics(Protocol):
+    def batch_predicted(self, size: int, seconds: float) -> None:
+        """One forward pass of the model over `size` inputs took `seconds`."""
+
+    def upload_stored(self, size_bytes: int) -> None:
+        """An upload of `size_bytes` is durable in the store."""
+
+    def storage_failed(self, operation: str, kind: str) -> None:
+        """The store raised a StorageError of `kind` (see `error_kind`) during `operation` (save, read)."""
+
+
+class NoMetrics:
+    def batch_predicted(self, size: int, seconds: float) -> None:
+        pass
+
+    def upload_stored(self, size_bytes: int) -> None:
+        pass
+
+    def storage_failed(self, operation: str, kind: str) -> None:
+        pass
+
+
+NO_METRICS: ServingMetrics = NoMetrics()
+
+
+def error_kind(exc: BaseException) -> str:
+    """'StorageError' -> 'storage', 'DatabaseUnavailableError' -> 'database_unavailable'.
+
+    A label value from the exception's class, so the set of values stays as small as the
+    set of error classes (never a message, which could carry a path or an id).
+    """
+    name = re.sub(r"Error$", "", type(exc).__name__) or type(exc).__name__
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
