@@ -143,3 +143,15 @@ def make_store(storage_config):
 @pytest.fixture()
 def store(make_store):
     return make_store()
+
+
+@pytest.fixture(scope="module")
+def server(colour_model_path, tmp_path_factory):
+    """`python app.py` with the colour model and a 1 MB body limit, one per test module."""
+    from server_process import ServerProcess
+
+    uploads = tmp_path_factory.mktemp("uploads")
+    with ServerProcess("--model", str(colour_model_path), "--upload-dir", str(uploads),
+                       "--max-upload-mb", "1") as srv:
+        srv.uploads = uploads
+        yield srv

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from server_process import free_port, wait_for_port
+from server_process import free_port, stop_process, wait_for_port
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
@@ -66,10 +66,5 @@ def running_nginx(upstream_ports: list[int]) -> Iterator[str]:
         wait_for_port(port, proc, timeout=10)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         shutil.rmtree(workdir, ignore_errors=True)

@@ -26,15 +26,6 @@ from keras_serve.web.responses import SECURITY_HEADERS
 LIMIT = 1024 * 1024  # --max-upload-mb 1
 
 
-@pytest.fixture(scope="module")
-def server(colour_model_path, tmp_path_factory):
-    uploads = tmp_path_factory.mktemp("uploads")
-    with ServerProcess("--model", str(colour_model_path), "--upload-dir", str(uploads),
-                       "--max-upload-mb", "1") as srv:
-        srv.uploads = uploads
-        yield srv
-
-
 def connect(srv: ServerProcess, timeout: float = 10.0) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", srv.port), timeout=timeout)
     return sock

@@ -12,15 +12,6 @@ import json
 import sqlite3
 
 
-@pytest.fixture(scope="module")
-def server(colour_model_path, tmp_path_factory):
-    uploads = tmp_path_factory.mktemp("uploads")
-    with ServerProcess("--model", str(colour_model_path), "--upload-dir", str(uploads),
-                       "--max-upload-mb", "1") as srv:
-        srv.uploads = uploads
-        yield srv
-
-
 def test_startup_prints_a_model_summary(colour_model_path, tmp_path):
     srv = ServerProcess("--model", str(colour_model_path), "--upload-dir", str(tmp_path))
     output = srv.stop()  # SIGTERM, as systemd and containers stop services

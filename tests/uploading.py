@@ -1,22 +1,10 @@
 """Posting uploads as real clients encode them (RFC 7578), for every test that sends a file."""
 from __future__ import annotations
 
-import secrets
+import json
+import urllib.request
 
-
-def fresh_boundary() -> str:
-    """A new multipart boundary in curl's style; real clients send a new one per upload."""
-    return "------------------------" + secrets.token_hex(8)
-
-
-def multipart_body(field_name: str, filename: str, content_type: str, data: bytes, boundary: str) -> bytes:
-    """A multipart/form-data body holding one file field (what a browser form sends)."""
-    head = (
-        f"--{boundary}\r\n"
-        f'Content-Disposition: form-data; name="{field_name}"; filename="{filename}"\r\n'
-        f"Content-Type: {content_type}\r\n\r\n"
-    ).encode("ascii")
-    return head + data + f"\r\n--{boundary}--\r\n".encode("ascii")
+from keras_serve.web.multipart_form import fresh_boundary, multipart_body  # noqa: F401 (tests import them from here)
 
 
 def post_file(client, data: bytes | None, filename: str = "photo.jpg", headers: dict | None = None,
@@ -33,3 +21,13 @@ def post_file(client, data: bytes | None, filename: str = "photo.jpg", headers: 
     body = multipart_body("file", filename, "application/octet-stream", data, boundary)
     return client.post(path, data=body, headers=headers or {},
                        content_type=f"multipart/form-data; boundary={boundary}")
+
+
+def upload_over_http(base_url: str, data: bytes, filename: str = "red.jpg", timeout: float = 60) -> dict:
+    """POST `data` to a real server (standard library only) and return its JSON answer."""
+    boundary = fresh_boundary()
+    request = urllib.request.Request(
+        base_url + "/file/", data=multipart_body("file", filename, "image/jpeg", data, boundary),
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(request, timeout=timeout) as r:
+        return json.load(r)

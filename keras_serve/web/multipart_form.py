@@ -11,6 +11,7 @@ answers "no file part" (400).
 from __future__ import annotations
 
 import io
+import secrets
 from typing import IO, Any
 
 from flask import Request
@@ -107,3 +108,19 @@ class MultipartFormDataParser(FormDataParser):
 
 class ServingRequest(Request):
     form_data_parser_class = MultipartFormDataParser
+
+
+# --- the other side: how a client encodes one upload (the benchmark and the tests send these) ---
+def fresh_boundary() -> str:
+    """A new multipart boundary in curl's style; real clients send a new one per upload."""
+    return "------------------------" + secrets.token_hex(8)
+
+
+def multipart_body(field_name: str, filename: str, content_type: str, data: bytes, boundary: str) -> bytes:
+    """A multipart/form-data body holding one file field (what a browser form sends)."""
+    head = (
+        f"--{boundary}\r\n"
+        f'Content-Disposition: form-data; name="{field_name}"; filename="{filename}"\r\n'
+        f"Content-Type: {content_type}\r\n\r\n"
+    ).encode("ascii")
+    return head + data + f"\r\n--{boundary}--\r\n".encode("ascii")

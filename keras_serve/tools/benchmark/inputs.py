@@ -3,25 +3,12 @@ multipart bodies with a fresh boundary per request."""
 from __future__ import annotations
 
 import itertools
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from keras_serve.web.multipart_form import fresh_boundary, multipart_body  # noqa: F401 (the benchmark sends these)
+
 PHONE_SIZE = (4032, 3024)
-
-def fresh_boundary() -> str:
-    """A new multipart boundary in curl's style; real clients send a new one per upload."""
-    return "------------------------" + secrets.token_hex(8)
-
-
-def multipart_body(field_name: str, filename: str, content_type: str, data: bytes, boundary: str) -> bytes:
-    """A multipart/form-data body holding one file field (what a browser form sends)."""
-    head = (
-        f"--{boundary}\r\n"
-        f'Content-Disposition: form-data; name="{field_name}"; filename="{filename}"\r\n'
-        f"Content-Type: {content_type}\r\n\r\n"
-    ).encode("ascii")
-    return head + data + f"\r\n--{boundary}--\r\n".encode("ascii")
 
 
 
