@@ -174,9 +174,16 @@ def test_a_deleted_image_is_not_found(store):
         store.read_image(upload_id)
 
 
-def test_health_reports_both_halves(store):
+def test_health_reports_both_halves(store, monkeypatch):
     health = store.health()
-    assert health["ok"] is True and "problems" not in health
+    assert health == {"ok": True, "records": store.records.description, "images": store.images.description}
+
+    def unreachable():
+        raise StorageError("The image store cannot be reached.")
+
+    monkeypatch.setattr(store.images, "health", unreachable)
+    health = store.health()
+    assert health["ok"] is False and health["problems"] == ["The image store cannot be reached."]
 
 
 # --- failures of the medium, and recovering from them -----------------------------------
@@ -428,10 +435,20 @@ def test_where_nameless_files_are_not_supported_images_are_renamed_into_place(lo
     assert not list(Path(local_store.images.root).rglob(".tmp-*"))
 
 
-def test_fsync_uploads_writes_and_reads_back(make_store):
-    store = make_store(UPLOAD_FSYNC=True)
-    assert store.fsync is True
-    assert store.read_image(store.save(b"durable", "PNG", {}))[0] == b"durable"
+def test_fsync_uploads_syncs_the_image_and_its_folder(local_storage_config, monkeypatch):
+    import keras_serve.storage.images as images
+
+    synced = []
+    monkeypatch.setattr(images.os, "fdatasync", lambda fd: synced.append("data"))
+    monkeypatch.setattr(images.os, "fsync", lambda fd: synced.append("folder"))
+    for fsync, expected in ((False, []), (True, ["data", "folder"])):
+        store = UploadStore.from_config({**local_storage_config, "UPLOAD_FSYNC": fsync})
+        try:
+            synced.clear()
+            assert store.read_image(store.save(b"durable", "PNG", {}))[0] == b"durable"
+            assert synced == expected
+        finally:
+            store.close()
 
 
 def test_a_failed_group_commit_fails_every_upload_in_it_and_the_next_ones_succeed(local_store, local_storage_config):
@@ -453,3 +470,19 @@ def test_a_failed_group_commit_fails_every_upload_in_it_and_the_next_ones_succee
     with ThreadPoolExecutor(8) as pool:
         ids = list(pool.map(save, range(16)))
     assert all(ids) and [store.read_image(i)[0] for i in ids] == [bytes([i]) * 100 for i in range(16)]
+
+
+def test_a_copy_interrupted_between_image_and_row_can_be_run_again(local_storage_config, tmp_path):
+    from keras_serve.storage.__main__ import copy_store
+
+    target_config = {**local_storage_config, "UPLOAD_DIR": str(tmp_path / "target")}
+    source, target = UploadStore.from_config(local_storage_config), UploadStore.from_config(target_config)
+    try:
+        upload_id = source.save(image_bytes(RED, fmt="PNG"), "PNG", {})
+        row = source.records.get(upload_id)
+        target.images.put(row["image_key"], source.images.get(row["image_key"]), "image/png")  # then it stopped
+        assert copy_store(source, target) == {"copied": 1, "already_present": 0, "missing_image": 0}
+        assert target.read_image(upload_id) == source.read_image(upload_id)
+    finally:
+        source.close()
+        target.close()

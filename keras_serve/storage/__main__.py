@@ -16,12 +16,13 @@ import contextlib
 import csv
 import json
 import sys
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import IO, Any, Iterable
 
 from keras_serve import settings
 from keras_serve.errors import StorageError
 from keras_serve.storage import dayfiles
+from keras_serve.storage.images import ImageStore
 from keras_serve.storage.uploads import (MIMETYPE_BY_SUFFIX, UploadStore, image_key, is_upload_id, public_record,
                                          suffix_for)
 
@@ -64,13 +65,13 @@ def import_day_files(store: UploadStore, folder: Path, log: IO[str] = sys.stderr
                 continue
             detected = image_format(upload.data)  # the name of the extension comes from content only
             key = image_key(upload.upload_id, upload.received, detected)
-            store.images.put(key, upload.data, MIMETYPE_BY_SUFFIX[suffix_for(detected)])
+            put_once(store.images, key, upload.data, detected)
             record = upload.record
             prediction = record.get("prediction")
             row = {"id": upload.upload_id, "received": upload.received, "bytes": len(upload.data),
                    "sha256": record["sha256"], "format": detected, "image_key": key,
                    "client_filename": dayfiles.text_or_none(record.get("client_filename"), 255),
-                   "model": dayfiles.text_or_none(record.get("model")),
+                   "model": model_file_name(dayfiles.text_or_none(record.get("model"))),
                    "prediction": prediction if isinstance(prediction, dict) else None,
                    "error": dayfiles.text_or_none(record.get("error")),
                    "milliseconds": dayfiles.number_or_none(record.get("milliseconds"))}
@@ -80,6 +81,21 @@ def import_day_files(store: UploadStore, folder: Path, log: IO[str] = sys.stderr
                 counts["already_present"] += 1
         print(f"{path.name}: {counts['imported'] - before} imported", file=log)
     return counts
+
+
+def model_file_name(path: str | None) -> str | None:
+    """Old day-file records name the model by its absolute path; records keep only its file name."""
+    return PurePath(path).name if path else path
+
+
+def put_once(images: ImageStore, key: str, data: bytes, image_format: str | None) -> None:
+    """Store an image unless these very bytes are already under its key.
+
+    An interrupted import or copy leaves images whose rows were never written; a rerun must
+    go past them (the server's own `put` refuses an existing key: there it means a clash).
+    """
+    if images.get(key) != data:
+        images.put(key, data, MIMETYPE_BY_SUFFIX[suffix_for(image_format)])
 
 
 def copy_store(source: UploadStore, target: UploadStore) -> dict[str, int]:
@@ -93,7 +109,7 @@ def copy_store(source: UploadStore, target: UploadStore) -> dict[str, int]:
         if data is None:
             counts["missing_image"] += 1
             continue
-        target.images.put(row["image_key"], data, MIMETYPE_BY_SUFFIX[suffix_for(row["format"])])
+        put_once(target.images, row["image_key"], data, row["format"])
         if target.records.insert_if_absent(row):
             counts["copied"] += 1
         else:
@@ -101,12 +117,11 @@ def copy_store(source: UploadStore, target: UploadStore) -> dict[str, int]:
     return counts
 
 
-def store_from_args(args: argparse.Namespace) -> UploadStore:
-    config: dict[str, Any] = {**settings.defaults(), **settings.from_environment()}
-    for name in ("UPLOAD_DIR", "DATABASE_URL", "IMAGE_STORE", "UPLOAD_RETENTION_DAYS"):
-        if getattr(args, name, None) is not None:
-            config[name] = getattr(args, name)
-    return UploadStore.from_config(config)
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The server's settings (defaults, then KERAS_SERVE_*), then this command's own options."""
+    given = {name: getattr(args, name) for name in ("UPLOAD_DIR", "DATABASE_URL", "IMAGE_STORE",
+                                                     "UPLOAD_RETENTION_DAYS") if getattr(args, name, None) is not None}
+    return settings.resolve(given)
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -130,8 +145,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     prune_cmd.add_argument("--retention-days", dest="UPLOAD_RETENTION_DAYS", type=float)
     args = parser.parse_args(list(argv) if argv is not None else None)
 
+    config = config_from_args(args)
     try:
-        store = store_from_args(args)
+        store = UploadStore.from_config(config)
     except StorageError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
@@ -148,7 +164,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             print(f"imported {counts['imported']} uploads ({counts['already_present']} were already present)",
                   file=sys.stderr)
         elif args.command == "copy-to":
-            target = UploadStore.from_config({"UPLOAD_DIR": args.to_upload_dir or args.UPLOAD_DIR or ".",
+            target = UploadStore.from_config({"UPLOAD_DIR": args.to_upload_dir or config["UPLOAD_DIR"],
                                               "DATABASE_URL": args.to_database_url,
                                               "IMAGE_STORE": args.to_image_store})
             try:

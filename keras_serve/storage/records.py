@@ -159,16 +159,20 @@ class RecordStore:
             if not waiter.done:
                 with self._queue_lock:
                     group, self._queue = self._queue, []
-                error = None
+                # Every member of the group is settled however the insert ends: one left
+                # unsettled would later find itself "done" without its row ever written.
+                error: StorageError | None = StorageError("The upload's record could not be written.")
                 try:
                     with self._errors("record the upload in"), self.engine.connect() as conn:
                         self._ensure_schema(conn)
                         with conn.begin():
                             conn.execute(uploads.insert(), [queued.row for queued in group])
+                    error = None
                 except StorageError as exc:
                     error = exc
-                for queued in group:
-                    queued.error, queued.done = error, True
+                finally:
+                    for queued in group:
+                        queued.error, queued.done = error, True
         if waiter.error is not None:
             raise StorageError(waiter.error.message, waiter.error.hint)  # one instance per thread
 

@@ -38,7 +38,6 @@ MIMETYPE_BY_SUFFIX = {"jpg": "image/jpeg", "png": "image/png", "gif": "image/gif
                       "ppm": "image/x-portable-pixmap", "bin": "application/octet-stream"}
 # What a caller may put in a record; the store's own facts (id, time, size, hash) win.
 CALLER_FIELDS = ("client_filename", "model", "prediction", "error", "milliseconds")
-NOT_FOUND_HINT = "Check the id; uploads are kept for a limited time."
 
 
 def new_upload_id() -> str:
@@ -68,7 +67,6 @@ class UploadStore:
         # an orphan yet; a save takes milliseconds, a stalled database at most its timeouts.
         self.orphan_minutes = orphan_minutes
         self.clock = clock
-        self.fsync = False  # whether the media were opened with fsync (from_config sets it)
         self._stop = threading.Event()
         self._maintenance: threading.Thread | None = None
 
@@ -79,10 +77,8 @@ class UploadStore:
         fsync = bool(config.get("UPLOAD_FSYNC"))
         images = open_image_store(config.get("IMAGE_STORE"), upload_dir, fsync=fsync)
         records = RecordStore(config.get("DATABASE_URL") or sqlite_url(upload_dir), fsync=fsync)
-        store = cls(images, records, retention_days=float(config.get("UPLOAD_RETENTION_DAYS") or 0),
-                    orphan_minutes=float(config.get("UPLOAD_ORPHAN_MINUTES") or 15.0))
-        store.fsync = fsync
-        return store
+        return cls(images, records, retention_days=float(config.get("UPLOAD_RETENTION_DAYS") or 0),
+                   orphan_minutes=float(config.get("UPLOAD_ORPHAN_MINUTES") or 15.0))
 
     # -- the request path --------------------------------------------------------------
 
@@ -112,7 +108,7 @@ class UploadStore:
         if data is None:
             log.error("upload %s has a record but its image %s is gone from %s", upload_id,
                       row["image_key"], self.images.description)
-            raise UploadNotFound(f"The image of upload {upload_id} is no longer stored.", NOT_FOUND_HINT)
+            raise UploadNotFound(f"The image of upload {upload_id} is no longer stored.")
         if len(data) != row["bytes"] or hashlib.sha256(data).hexdigest() != row["sha256"]:
             log.error("upload %s: stored image %s does not match its record", upload_id, row["image_key"])
             raise StorageError(f"The stored image of upload {upload_id} is damaged.",
@@ -204,10 +200,10 @@ class UploadStore:
 
     def _row(self, upload_id: str) -> dict[str, Any]:
         if not is_upload_id(upload_id):
-            raise UploadNotFound("That is not an upload id.", NOT_FOUND_HINT)
+            raise UploadNotFound("That is not an upload id.")
         row = self.records.get(upload_id)
         if row is None:
-            raise UploadNotFound(f"No upload with id {upload_id}.", NOT_FOUND_HINT)
+            raise UploadNotFound(f"No upload with id {upload_id}.")
         return row
 
 
