@@ -26,10 +26,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__, template_folder=str(settings.PROJECT_ROOT / "templates"),
                 static_folder=str(settings.PROJECT_ROOT / "static"))
     app.request_class = multipart_form.ServingRequest  # python-multipart for uploads
-    app.config.from_mapping(settings.defaults(), MODEL=None)
-    app.config.update(settings.from_environment())
-    if config:
-        app.config.update(config)
+    app.config.from_mapping({"MODEL": None, **settings.resolve(config)})
 
     from keras_serve.pipeline.service import ClassifierService
 

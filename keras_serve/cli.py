@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" is normal under load
     try:
         given = settings.from_arguments(args)
-        effective = {**settings.defaults(), **settings.from_environment(), **given}
+        effective = settings.resolve(given)
         if int(effective["WORKERS"]) > 1:  # several processes: gunicorn forks them (keras_serve/workers.py)
             from keras_serve.workers import serve_workers
 

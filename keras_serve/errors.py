@@ -5,6 +5,8 @@ so the web layer never has to invent wording and never leaks internals.
 """
 from __future__ import annotations
 
+import re
+
 
 class ServiceError(Exception):
     """Base class for every error the service reports to a client or operator."""
@@ -16,6 +18,17 @@ class ServiceError(Exception):
         self.message = message
         if hint is not None:
             self.hint = hint
+
+
+def error_code(name: str) -> str:
+    """'NotAnImageError' / 'Method Not Allowed' -> 'not_an_image' / 'method_not_allowed'.
+
+    The `code` of an error answer and the `kind` label of the storage-error metric: a value
+    from the class (or HTTP reason) name, never from a message, which could carry a path or an id.
+    """
+    name = re.sub(r"Error$", "", name).strip()
+    name = re.sub(r"(?<=[a-z])(?=[A-Z])", "_", name)
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 # --- client mistakes about the uploaded image ------------------------------------------

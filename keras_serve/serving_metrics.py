@@ -6,7 +6,6 @@ neither Flask nor prometheus_client, and a core test needs neither.
 """
 from __future__ import annotations
 
-import re
 from typing import Protocol
 
 
@@ -18,7 +17,7 @@ class ServingMetrics(Protocol):
         """An upload of `size_bytes` is durable in the store."""
 
     def storage_failed(self, operation: str, kind: str) -> None:
-        """The store raised a StorageError of `kind` (see `error_kind`) during `operation` (save, read)."""
+        """The store raised a StorageError of `kind` (`errors.error_code` of its class) during `operation` (save, read)."""
 
 
 class NoMetrics:
@@ -33,13 +32,3 @@ class NoMetrics:
 
 
 NO_METRICS: ServingMetrics = NoMetrics()
-
-
-def error_kind(exc: BaseException) -> str:
-    """'StorageError' -> 'storage', 'DatabaseUnavailableError' -> 'database_unavailable'.
-
-    A label value from the exception's class, so the set of values stays as small as the
-    set of error classes (never a message, which could carry a path or an id).
-    """
-    name = re.sub(r"Error$", "", type(exc).__name__) or type(exc).__name__
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()

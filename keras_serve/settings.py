@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from keras_serve.model.engines import ENGINE_CHOICES
-from keras_serve.pipeline.preprocessing import SCALINGS
+from keras_serve.pipeline.preprocessing import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, SCALINGS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "KERAS_SERVE"
+DEFAULT_MODEL_PATH = PROJECT_ROOT / "models" / "cats_vs_dogs.h5"
 
 
 def _bool(text: str) -> bool:
@@ -56,7 +57,7 @@ def _mb_to_bytes(mb: float) -> int:
 SETTINGS: tuple[Setting, ...] = (
     Setting("HOST", "0.0.0.0", "address to listen on", flag="--host"),
     Setting("PORT", 8080, "port to listen on", int, flag="--port"),
-    Setting("MODEL_PATH", str(PROJECT_ROOT / "models" / "cats_vs_dogs.h5"),
+    Setting("MODEL_PATH", str(DEFAULT_MODEL_PATH),
             "model file, .h5 or .keras (default: the shipped cat/dog model)", flag="--model", metavar="FILE"),
     Setting("LABELS", None, "output labels: comma list or a file with one per line (default: model card)",
             _optional_str, flag="--labels"),
@@ -80,8 +81,8 @@ SETTINGS: tuple[Setting, ...] = (
             "(a crash between image and record)", float),
     Setting("MAX_CONTENT_LENGTH", 16 * 1024 * 1024, "largest request body (flag in MB, setting in bytes)",
             int, flag="--max-upload-mb", to_config=_mb_to_bytes, metavar="MB"),
-    Setting("MAX_PIXELS", 50_000_000, "largest image in pixels", int, flag="--max-pixels"),
-    Setting("MAX_DECODE_BYTES", 384 * 1024 * 1024,
+    Setting("MAX_PIXELS", DEFAULT_MAX_PIXELS, "largest image in pixels", int, flag="--max-pixels"),
+    Setting("MAX_DECODE_BYTES", DEFAULT_MAX_DECODE_BYTES,
             "most memory one image may take to decode, estimated from its header; more is refused with 413 "
             "(flag in MB, setting in bytes)", int, flag="--max-decode-mb", to_config=_mb_to_bytes, metavar="MB"),
     Setting("DECODE_BUDGET_BYTES", 768 * 1024 * 1024,
@@ -115,6 +116,11 @@ BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
 def defaults() -> dict[str, Any]:
     return {s.name: s.default for s in SETTINGS}
+
+
+def resolve(given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every setting: its default, then KERAS_SERVE_*, then `given` (flags or create_app's config)."""
+    return {**defaults(), **from_environment(), **(given or {})}
 
 
 def from_environment(environ: Mapping[str, str] | None = None) -> dict[str, Any]:

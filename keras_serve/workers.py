@@ -44,9 +44,9 @@ class WorkerProcesses(BaseApplication):
             "worker_class": "gthread",
             "threads": int(c["THREADS"]),
             # The single-process server's limits, as near as gunicorn has them (README "Limits").
-            "worker_connections": int(c.get("CONNECTION_LIMIT", 1000)),
-            "keepalive": max(1, round(float(c.get("IDLE_TIMEOUT_S", 30)))),
-            "graceful_timeout": max(1, round(float(c.get("SHUTDOWN_GRACE_S", 20)))),
+            "worker_connections": int(c["CONNECTION_LIMIT"]),
+            "keepalive": max(1, round(float(c["IDLE_TIMEOUT_S"]))),
+            "graceful_timeout": max(1, round(float(c["SHUTDOWN_GRACE_S"]))),
             # Loading TensorFlow and converting the model take a while; the arbiter must not
             # take a worker that is still loading for a hung one.
             "timeout": 180,

@@ -144,10 +144,11 @@ def test_unexpected_errors_are_500_without_internals(app, client, monkeypatch):
 def test_a_failed_prediction_is_503_and_keeps_the_image(app, client, monkeypatch):
     service = app.extensions["classifier"]
 
-    def failing(x):
+    def failing(prepare):
+        prepare()
         raise PredictionError("The model failed on this batch.")
 
-    monkeypatch.setattr(service.batcher, "predict", failing)
+    monkeypatch.setattr(service.batcher, "predict_prepared", failing)
     data = image_bytes(RED, fmt="PNG")
     r = post(client, data)
     error = r.get_json()["error"]
@@ -181,13 +182,13 @@ def test_config_layers_defaults_then_environment_then_argument(make_app, colour_
     from keras_serve.settings import from_arguments
 
     model = str(colour_model_path)
-    assert make_app(MODEL_PATH=model).extensions["classifier"].store.fsync is False  # see README: latency
+    assert make_app(MODEL_PATH=model).extensions["classifier"].store.images.fsync is False  # see README: latency
     monkeypatch.setenv("KERAS_SERVE_UPLOAD_FSYNC", "true")
     monkeypatch.setenv("KERAS_SERVE_MAX_BATCH", "4")
     app = make_app(MODEL_PATH=model)
-    assert app.extensions["classifier"].store.fsync is True and app.config["MAX_BATCH"] == 4
+    assert app.extensions["classifier"].store.images.fsync is True and app.config["MAX_BATCH"] == 4
     app = make_app(MODEL_PATH=model, **from_arguments(parse_args(["--no-fsync-uploads", "--max-upload-mb", "1.5"])))
-    assert app.extensions["classifier"].store.fsync is False and app.config["MAX_BATCH"] == 4
+    assert app.extensions["classifier"].store.images.fsync is False and app.config["MAX_BATCH"] == 4
     assert app.config["MAX_CONTENT_LENGTH"] == 1536 * 1024
     assert from_arguments(parse_args(["--fsync-uploads"]))["UPLOAD_FSYNC"] is True
     assert "UPLOAD_FSYNC" not in from_arguments(parse_args([]))  # leaves the environment's value

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keras_serve.settings import PROJECT_ROOT
+from keras_serve.settings import DEFAULT_MODEL_PATH
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,6 @@ from keras_serve.errors import ModelLoadError
 from keras_serve.model.card import ModelCard, card_path
 from keras_serve.pipeline.preprocessing import SCALINGS, PreprocessSpec
 
-DEFAULT_MODEL_PATH = PROJECT_ROOT / "models" / "cats_vs_dogs.h5"
 SIGMOID_DEFAULT_LABELS = ["CAT", "DOG"]
 # A converted engine serves only if, on generated inputs, every served probability stays this
 # close to TensorFlow's and no label changes (issue 14: measured <= 1e-6 on real photos).
@@ -133,7 +132,7 @@ class ServedModel:
         if repeated:  # scores are keyed by label: a repeated one would hide a class
             raise ModelLoadError(f"label(s) {','.join(repeated)} given more than once: {','.join(labels)}")
         info = {
-            "file": str(path),
+            "file": path.name,  # where the server keeps its files is nobody else's business
             "saved_by_keras": loaded.keras_version,
             "loaded_with": loaded.loader,
             "architecture": card.architecture or getattr(model, "name", None),
@@ -163,6 +162,8 @@ class ServedModel:
                 problem = self._unfaithful(candidate)
             except engines.EngineUnavailable as exc:
                 problem = str(exc)
+            except Exception as exc:  # the converted engine failed on the probe inputs: it cannot serve
+                problem = f"{type(exc).__name__} on the probe inputs: {' '.join(str(exc).split())[:200]}"
             if problem is None:
                 self.engine = candidate
                 break
@@ -246,7 +247,7 @@ class ServedModel:
         i = d["input"]
         decision = (f"sigmoid: {self.labels[0]} < {self.threshold} <= {self.labels[1]}"
                     if self.output_kind == "sigmoid" else f"softmax over {len(self.labels)} labels")
-        return (f"model {Path(d['file']).name} (saved by Keras {d['saved_by_keras'] or 'unknown'}, "
+        return (f"model {d['file']} (saved by Keras {d['saved_by_keras'] or 'unknown'}, "
                 f"loaded with {d['loaded_with']}, {d['parameters']:,} parameters): "
                 f"input {i['height']}x{i['width']}x{i['channels']} {i['layout']}, scaling {d['preprocessing']['scaling']}; "
                 f"output {decision}; labels {','.join(self.labels)}; "

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -56,8 +57,8 @@ class DynamicBatcher:
         leave a count behind that would make later lone requests wait for nobody.
         """
         with self._announced():
-            x = prepare()
-        return self.predict(x)
+            future = self.submit(prepare())  # queued before the count drops: a forming batch waits for it
+        return self._result(future)
 
     @property
     def announced(self) -> int:
@@ -84,9 +85,12 @@ class DynamicBatcher:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Blocking form of `submit`."""
+        return self._result(self.submit(x))
+
+    def _result(self, future: Future) -> np.ndarray:
         try:
-            return self.submit(x).result(timeout=self.timeout_s)
-        except TimeoutError:
+            return future.result(timeout=self.timeout_s)
+        except FutureTimeoutError:  # not the builtin TimeoutError before Python 3.11
             raise PredictionError(f"The model did not answer within {self.timeout_s:.0f} s.") from None
 
     def close(self) -> None:

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 from keras_serve.pipeline.batcher import DynamicBatcher
-from keras_serve.errors import PredictionError, StorageError
+from keras_serve.errors import PredictionError, StorageError, error_code
 from keras_serve.model.engines import usable_cores
 from keras_serve.model.served_model import Prediction, ServedModel
 from keras_serve.pipeline.decode_budget import UNLIMITED, DecodeBudget, limit_malloc_arenas
 from keras_serve.pipeline.preprocessing import image_format, preprocess
-from keras_serve.serving_metrics import NO_METRICS, ServingMetrics, error_kind
+from keras_serve.serving_metrics import NO_METRICS, ServingMetrics
 from keras_serve.storage.uploads import UploadStore
 
 
@@ -107,7 +107,7 @@ class ClassifierService:
         try:
             yield
         except StorageError as exc:
-            self.metrics.storage_failed(operation, error_kind(exc))
+            self.metrics.storage_failed(operation, error_code(type(exc).__name__))
             raise
 
     def close(self) -> None:

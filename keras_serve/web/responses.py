@@ -8,13 +8,13 @@ with their traceback and answered with a plain 500 that reveals nothing.
 from __future__ import annotations
 
 import logging
-import re
 
 from flask import Flask, Response, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from keras_serve.errors import (CorruptImageError, DecodeBusyError, EmptyImageError, ImageTooLargeError, MissingFileError,
-                                NotAnImageError, PredictionError, ServiceError, StorageError, UploadNotFound)
+from keras_serve.errors import (CorruptImageError, DecodeBusyError, EmptyImageError, ImageTooLargeError,
+                                MissingFileError, NotAnImageError, PredictionError, ServiceError, StorageError,
+                                UploadNotFound, error_code)
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,3 @@ def register_error_handlers(app: Flask) -> None:
     def handle_unexpected(exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "Something went wrong on the server.", HINT_BY_STATUS[500])
-
-
-def error_code(name: str) -> str:
-    """'NotAnImageError' / 'Method Not Allowed' -> 'not_an_image' / 'method_not_allowed'."""
-    name = re.sub(r"Error$", "", name).strip()
-    name = re.sub(r"(?<=[a-z])(?=[A-Z])", "_", name)
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")

@@ -1,8 +1,6 @@
 """HTTP routes: the upload form, the classify endpoint, stored images, health."""
 from __future__ import annotations
 
-from pathlib import PurePath
-
 from flask import Blueprint, Response, current_app, jsonify, render_template, request, url_for
 
 from keras_serve.pipeline.service import ClassifierService
@@ -47,21 +45,12 @@ def uploaded_image(upload_id: str):
 
 @bp.get("/uploads/<upload_id>/record")
 def upload_record(upload_id: str):
-    record = dict(service().read_record(upload_id))
-    if isinstance(record.get("model"), str):
-        record["model"] = file_name(record["model"])
-    return jsonify(record)
+    return jsonify(service().read_record(upload_id))
 
 
 @bp.get("/model")
 def model_description():
-    description = service().model.describe()
-    return jsonify({**description, "file": file_name(description.get("file"))})
-
-
-def file_name(path: str | None) -> str | None:
-    """The model's file name without its folder: where the server's files live is nobody's business."""
-    return PurePath(path).name if path else path
+    return jsonify(service().model.describe())
 
 
 @bp.get("/healthz")

@@ -43,7 +43,8 @@ from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, WSGITask
 from waitress.utilities import BadRequest
 
-from keras_serve.web.responses import SECURITY_HEADERS, body_too_large_message, error_code, error_response
+from keras_serve.errors import error_code
+from keras_serve.web.responses import SECURITY_HEADERS, body_too_large_message, error_response
 
 log = logging.getLogger(__name__)
 

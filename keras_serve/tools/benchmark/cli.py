@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from keras_serve.settings import PROJECT_ROOT
+from keras_serve.settings import DEFAULT_MODEL_PATH, PROJECT_ROOT
 from keras_serve.tools.benchmark.inputs import PHONE_SIZE, ImageSet, Upload, find_images, make_phone_photo
 from keras_serve.tools.benchmark.limits import measure_limits
 from keras_serve.tools.benchmark.load import (BenchmarkError, ServerProcess, free_port, run_level,
@@ -55,7 +55,7 @@ from keras_serve.tools.benchmark.report import print_report
 from keras_serve.tools.benchmark.stats import parse_int_list, percent_change
 
 DEFAULT_IMAGES = PROJECT_ROOT.parent / "shared" / "data" / "cats_vs_dogs" / "validation"
-DEFAULT_MODEL = PROJECT_ROOT / "models" / "cats_vs_dogs.h5"
+DEFAULT_MODEL = DEFAULT_MODEL_PATH
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
