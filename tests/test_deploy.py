@@ -30,7 +30,7 @@ import yaml
 from images import RED, image_bytes
 from keras_serve import settings
 from server_process import ServerProcess
-from uploading import upload_over_http
+from uploading import post_over_http
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -330,7 +330,7 @@ def test_the_server_runs_on_a_read_only_root_with_only_tmp_writable():
     server = ServerProcess(env=env, wrapper=wrapper)
     try:
         data = image_bytes(RED)
-        upload_id = upload_over_http(server.url, data)["id"]
+        upload_id = post_over_http(server.url, data).json()["id"]
         with urllib.request.urlopen(f"{server.url}/uploads/{upload_id}", timeout=60) as r:
             stored = r.read()
         with urllib.request.urlopen(server.url + "/metrics", timeout=60) as r:
@@ -373,7 +373,7 @@ def test_compose_settings_serve_on_a_real_postgres_and_s3(postgres, seaweedfs):
         with urllib.request.urlopen(server.url + "/readyz", timeout=30) as r:
             assert json.load(r)["storage"]["ok"] is True
         data = image_bytes(RED)
-        upload_id = upload_over_http(server.url, data)["id"]
+        upload_id = post_over_http(server.url, data).json()["id"]
         with urllib.request.urlopen(f"{server.url}/uploads/{upload_id}", timeout=60) as r:
             assert r.read() == data
     except BaseException as exc:

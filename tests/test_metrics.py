@@ -98,8 +98,6 @@ def test_batch_sizes_and_inference_time_match_the_batcher(app):
     assert value(s, "keras_serve_batch_size_bucket", le="+Inf") == batcher.batches
     assert value(s, "keras_serve_inference_duration_seconds_count") == batcher.batches
     assert value(s, "keras_serve_inference_duration_seconds_sum") > 0
-    # A batch of one is in the first bucket, so the buckets say how often requests shared a pass.
-    assert value(s, "keras_serve_batch_size_bucket", le="1.0") <= batcher.batches
 
 
 def test_uploads_stored_count_and_bytes(client, app, monkeypatch):
@@ -375,7 +373,7 @@ def test_real_gunicorn_workers_answer_metrics_for_all_of_them(tmp_path):
         assert value(s, "keras_serve_http_requests_in_progress") == 1  # only this scrape
         assert value(s, "keras_serve_http_requests_total", route="/pid", method="GET", status="200") == 8
     finally:
-        server.terminate()
+        server.terminate()  # communicate, not wait: it drains the pipe the server writes its log into
         try:
             server.communicate(timeout=30)
         except subprocess.TimeoutExpired:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import secrets
 import signal
 import threading
 import time
@@ -20,7 +21,7 @@ from PIL import Image
 
 from load_balancer import running_nginx
 from server_process import ServerProcess
-from services import running_postgres, running_seaweedfs
+from uploading import post_over_http
 
 
 def unique_png(seed: int) -> bytes:
@@ -34,7 +35,7 @@ def unique_png(seed: int) -> bytes:
 
 def upload(base_url: str, data: bytes) -> tuple[int, str | None]:
     try:
-        r = requests.post(base_url + "/file/", files={"file": ("x.png", data, "image/png")}, timeout=30)
+        r = post_over_http(base_url, data, "x.png", timeout=30)
     except requests.RequestException:
         return 0, None  # the connection broke: no answer is no promise
     return r.status_code, (r.json().get("id") if r.status_code == 200 else None)
@@ -46,9 +47,9 @@ def images_served(url: str) -> int:
 
 
 @pytest.fixture()
-def shared_stores():
-    with running_postgres() as pg, running_seaweedfs() as s3:
-        yield pg.create_database(), f"s3://{s3.bucket}/replicas", s3.env()
+def shared_stores(postgres, seaweedfs):
+    """A fresh database and an unused prefix on the session's PostgreSQL and S3 servers."""
+    return postgres.create_database(), f"s3://{seaweedfs.bucket}/replicas-{secrets.token_hex(4)}", seaweedfs.env()
 
 
 def replica(colour_model_path, tmp_path, name: str, database_url: str, image_store: str, env: dict) -> ServerProcess:

@@ -14,7 +14,7 @@ import requests
 from images import BLUE, RED, image_bytes
 from server_process import ServerProcess
 from test_uploads import ODD_IDS
-from uploading import post_file
+from uploading import post_file, post_over_http
 
 
 @pytest.fixture()
@@ -133,13 +133,9 @@ def test_kill_9_during_concurrent_uploads_loses_no_answered_upload(colour_model_
         for upload_id, data in answered.items():
             r = session.get(f"{restarted.url}/uploads/{upload_id}", timeout=10)
             assert r.status_code == 200 and r.content == data, upload_id
-        assert post_file_http(restarted.url, image_bytes(RED)).status_code == 200
+        assert post_over_http(restarted.url, image_bytes(RED)).status_code == 200
     finally:
         restarted.stop()
-
-
-def post_file_http(url: str, data: bytes) -> requests.Response:
-    return requests.post(url + "/file/", files={"file": ("x.jpg", data)}, timeout=30)
 
 
 def test_the_server_starts_while_the_database_is_down_and_serves_once_it_is_up(make_app, colour_model_path):

@@ -1,8 +1,7 @@
 """Posting uploads as real clients encode them (RFC 7578), for every test that sends a file."""
 from __future__ import annotations
 
-import json
-import urllib.request
+import requests
 
 from keras_serve.web.multipart_form import fresh_boundary, multipart_body  # noqa: F401 (tests import them from here)
 
@@ -23,11 +22,6 @@ def post_file(client, data: bytes | None, filename: str = "photo.jpg", headers: 
                        content_type=f"multipart/form-data; boundary={boundary}")
 
 
-def upload_over_http(base_url: str, data: bytes, filename: str = "red.jpg", timeout: float = 60) -> dict:
-    """POST `data` to a real server (standard library only) and return its JSON answer."""
-    boundary = fresh_boundary()
-    request = urllib.request.Request(
-        base_url + "/file/", data=multipart_body("file", filename, "image/jpeg", data, boundary),
-        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    with urllib.request.urlopen(request, timeout=timeout) as r:
-        return json.load(r)
+def post_over_http(base_url: str, data: bytes, filename: str = "x.jpg", timeout: float = 60) -> requests.Response:
+    """POST `data` as the field 'file' to a real server, as `curl -F file=@x.jpg` does."""
+    return requests.post(base_url + "/file/", files={"file": (filename, data)}, timeout=timeout)
