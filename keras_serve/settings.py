@@ -107,7 +107,7 @@ SETTINGS: tuple[Setting, ...] = (
             "or force one; a converted engine that fails or differs falls back to tensorflow with a log line",
             flag="--engine", choices=ENGINE_CHOICES),
     Setting("WORKERS", 1, "server processes, each with its own model and batcher, sharing the port "
-            "(1: one waitress process; more: gunicorn gthread workers; see README Performance)",
+            "(1: one process; more: gunicorn forks them, each serving as one process does; see README Performance)",
             int, flag="--workers"),
 )
 

@@ -2,32 +2,62 @@
 
 Gunicorn's arbiter binds the port, forks the workers and restarts any that die. It forks
 before anything heavy is imported (thread pools of TensorFlow and ONNX Runtime do not
-survive a fork), so each worker loads the model itself through `create_app` and answers with
-gunicorn's gthread worker (THREADS request threads). The kernel hands each new connection to
-one worker; a keep-alive connection stays with it. One worker process (the default) is
-served by waitress in `keras_serve.cli` instead, with no arbiter in between.
+survive a fork), so each worker loads the model itself through `create_app`. Each worker then
+serves with the same hardened waitress server as a single process (`HardenedWorker`, through
+`keras_serve.web.server`), so slow and idle clients, body limits, the error answers and the
+graceful stop behave the same with one process or many. The workers share the listening
+socket: each connection goes to whichever worker's event loop accepts it first, and a
+keep-alive connection stays with it. One worker process (the default) is served by
+`keras_serve.cli` with no arbiter in between.
 
 Sizing (README "Performance"): each worker's converted engine gets cores / workers threads.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.errors import HaltServer
+from gunicorn.workers.base import Worker
 
 from keras_serve import create_app
 from keras_serve.errors import ModelLoadError
-from keras_serve.web import metrics_processes
+from keras_serve.web import metrics_processes, server
 
 log = logging.getLogger(__name__)
 
 # gunicorn's Arbiter.WORKER_BOOT_ERROR: a worker exiting with it makes the arbiter stop
 # instead of restarting the worker forever, and exit with the same status.
 WORKER_BOOT_ERROR = 3
+# How often a worker tells the arbiter it is alive, at the latest (the arbiter's timeout is 180 s).
+HEARTBEAT_S = 1.0
+
+
+class HardenedWorker(Worker):
+    """A gunicorn worker that serves with `keras_serve.web.server` on the inherited socket.
+
+    gunicorn's signal handling stays: SIGTERM ends the loop (`alive` turns false) and the
+    server drains as a single process does; SIGINT and SIGQUIT stop at once.
+    """
+
+    def run(self) -> None:
+        flask_app = self.wsgi
+        [listener] = self.sockets  # one --host/--port
+        settings = server.ServerSettings.from_config(flask_app.config)
+        http_server = server.build_server(flask_app, settings, listening=listener.sock)
+        server.run_server(http_server, stopping=lambda: not self.alive or self.ppid != os.getppid(),
+                          tick=self.notify, tick_s=HEARTBEAT_S)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        # /readyz answers 503 from this moment, before the loop wakes up to drain.
+        flask_app = getattr(self, "wsgi", None)  # none yet while the model is loading
+        if flask_app is not None:
+            flask_app.extensions["classifier"].ready = False
 
 
 class WorkerProcesses(BaseApplication):
@@ -41,16 +71,12 @@ class WorkerProcesses(BaseApplication):
         for key, value in {
             "bind": f"{c['HOST']}:{c['PORT']}",
             "workers": int(c["WORKERS"]),
-            "worker_class": "gthread",
-            "threads": int(c["THREADS"]),
-            # The single-process server's limits, as near as gunicorn has them (README "Limits").
-            "worker_connections": int(c["CONNECTION_LIMIT"]),
-            "keepalive": max(1, round(float(c["IDLE_TIMEOUT_S"]))),
-            "graceful_timeout": max(1, round(float(c["SHUTDOWN_GRACE_S"]))),
+            "worker_class": HardenedWorker,  # threads, limits and timeouts: from the settings, as one process
+            # The worker drains for SHUTDOWN_GRACE_S itself; the arbiter kills it only after that.
+            "graceful_timeout": math.ceil(float(c["SHUTDOWN_GRACE_S"])) + 5,
             # Loading TensorFlow and converting the model take a while; the arbiter must not
             # take a worker that is still loading for a hung one.
             "timeout": 180,
-            "limit_request_field_size": 8190,
             "accesslog": None,
             "errorlog": "-",
             "proc_name": "keras-serve",
@@ -78,7 +104,7 @@ class WorkerProcesses(BaseApplication):
 def serve_workers(config: dict[str, Any]) -> int:
     """Run the arbiter until SIGTERM/SIGINT; 0 after a clean stop, 2 if workers cannot start."""
     print(f"serving on http://{config['HOST']}:{config['PORT']}/ ({config['WORKERS']} worker processes "
-          f"with gunicorn, threads {config['THREADS']} each, max batch {config['MAX_BATCH']}, "
+          f"under gunicorn, threads {config['THREADS']} each, max batch {config['MAX_BATCH']}, "
           f"max wait {config['MAX_WAIT_MS']} ms, uploads in {config['UPLOAD_DIR']})", flush=True)
     arbiter_pid = os.getpid()
     try:

@@ -1,7 +1,9 @@
 """The HTTP server under hostile clients and at shutdown: a real `python app.py` over raw sockets.
 
 Raw sockets because the point is what a client sees byte for byte: an answer or none, while
-it is still sending, with idle and half-sent connections open around it.
+it is still sending, with idle and half-sent connections open around it. Every test runs
+against one process and again against two gunicorn workers (`--workers 2`), which must be
+exactly as hard to take down.
 """
 from __future__ import annotations
 
@@ -24,6 +26,23 @@ from uploading import fresh_boundary, multipart_body
 from keras_serve.web.responses import SECURITY_HEADERS
 
 LIMIT = 1024 * 1024  # --max-upload-mb 1
+PROCESSES = {"one process": (), "two workers": ("--workers", "2")}
+
+
+@pytest.fixture(scope="module", params=list(PROCESSES))
+def processes(request) -> tuple[str, ...]:
+    """The app.py arguments for one process, then for two worker processes."""
+    return PROCESSES[request.param]
+
+
+@pytest.fixture(scope="module")
+def server(processes, colour_model_path, tmp_path_factory):
+    """conftest's `server` (colour model, 1 MB body limit), once per process arrangement."""
+    uploads = tmp_path_factory.mktemp("uploads")
+    with ServerProcess("--model", str(colour_model_path), "--upload-dir", str(uploads), "--max-upload-mb", "1",
+                       *processes) as srv:
+        srv.uploads = uploads
+        yield srv
 
 
 def connect(srv: ServerProcess, timeout: float = 10.0) -> socket.socket:
@@ -182,9 +201,9 @@ def test_get_on_the_classify_route_is_405_with_allow_post(server, path):
     assert requests.post(server.url + path, files={"file": ("a.jpg", image_bytes(RED))}, timeout=30).status_code == 200
 
 
-def test_idle_and_trickling_connections_are_closed_by_their_timeouts(colour_model_path, tmp_path):
+def test_idle_and_trickling_connections_are_closed_by_their_timeouts(processes, colour_model_path, tmp_path):
     with ServerProcess("--model", str(colour_model_path), "--upload-dir", str(tmp_path),
-                       "--idle-timeout", "1", "--header-timeout", "2") as srv:
+                       "--idle-timeout", "1", "--header-timeout", "2", *processes) as srv:
         idle, slow = connect(srv), connect(srv)
         slow.sendall(b"GET /healthz HTTP/1.1\r\n")
         started = time.monotonic()
@@ -207,8 +226,8 @@ def test_idle_and_trickling_connections_are_closed_by_their_timeouts(colour_mode
         assert closed["idle"] >= 0.5 and closed["slow"] >= 1.5, closed
 
 
-def test_sigterm_under_load_answers_every_received_request_then_exits_0(colour_model_path, tmp_path):
-    srv = ServerProcess("--model", str(colour_model_path), "--upload-dir", str(tmp_path))
+def test_sigterm_under_load_answers_every_received_request_then_exits_0(processes, colour_model_path, tmp_path):
+    srv = ServerProcess("--model", str(colour_model_path), "--upload-dir", str(tmp_path), *processes)
     try:
         images = [noise_jpeg((800, 600), seed=i, quality=95) for i in range(96)]
         sockets = [connect(srv, timeout=60) for _ in images]
@@ -233,8 +252,10 @@ def test_sigterm_under_load_answers_every_received_request_then_exits_0(colour_m
     assert {json.loads(body)["id"] for _, _, body in answers} <= stored, output
 
 
-def test_shutdown_grace_period_bounds_the_wait_for_a_request_that_never_completes(colour_model_path, tmp_path):
-    srv = ServerProcess("--model", str(colour_model_path), "--upload-dir", str(tmp_path), "--shutdown-grace", "1")
+def test_shutdown_grace_period_bounds_the_wait_for_a_request_that_never_completes(
+        processes, colour_model_path, tmp_path):
+    srv = ServerProcess("--model", str(colour_model_path), "--upload-dir", str(tmp_path), "--shutdown-grace", "1",
+                        *processes)
     try:
         stuck = connect(srv)
         stuck.sendall(b"POST /file/ HTTP/1.1\r\nHost: test\r\nContent-Length: 1000\r\n\r\nabc")  # 997 bytes short

@@ -1,7 +1,9 @@
 """Serving over HTTP: waitress, hardened against idle and slow clients, and stopped gracefully.
 
-One process, request threads (waitress), one event loop that owns every socket. What this
-module adds to a plain `waitress.serve`:
+Per process: request threads (waitress) and one event loop that owns every client socket.
+`serve` runs one process; with `--workers N`, gunicorn's workers (`keras_serve.workers`) each
+run `run_server` on the listening socket they share. What this module adds to a plain
+`waitress.serve`:
 
 - Connections: poll() instead of select() (select cannot watch a descriptor above 1024), the
   open-file limit raised to its hard limit at start, a connection limit derived from it (so
@@ -223,10 +225,17 @@ class HardenedServer(TcpWSGIServer):
     channel_class = HardenedChannel
     draining = False
 
-    def __init__(self, flask_app: Flask, wsgi_app, settings: ServerSettings, adj: Adjustments) -> None:
+    accept_batch = ACCEPT_BATCH
+
+    def __init__(self, flask_app: Flask, wsgi_app, settings: ServerSettings, adj: Adjustments,
+                 listening: socket.socket | None = None) -> None:
         self.flask_app = flask_app
         self.settings = settings
-        super().__init__(wsgi_app, adj=adj)
+        super().__init__(wsgi_app, adj=adj, _sock=listening, bind_socket=listening is None)
+        if listening is not None:
+            # Take one connection per turn, so a burst is spread over the processes sharing
+            # the socket instead of landing on whichever woke first.
+            self.accept_batch = 1
 
     def maintenance(self, now: float) -> None:
         super().maintenance(now)  # idle timeout
@@ -240,7 +249,7 @@ class HardenedServer(TcpWSGIServer):
         # waitress accepts one connection per loop turn, and a turn costs time in proportion to
         # the open connections: a burst of thousands would queue for seconds. Take a batch.
         room = self.adj.connection_limit - len(self._map)
-        self.accept_backlog(max(1, min(ACCEPT_BATCH, room)))
+        self.accept_backlog(max(1, min(self.accept_batch, room)))
 
     def accept_backlog(self, most: int = 1 << 30) -> int:
         """Accept connections already waiting in the kernel's queue, up to `most`."""
@@ -271,9 +280,14 @@ class HardenedServer(TcpWSGIServer):
         self.socket.close()
 
 
-def build_server(flask_app: Flask, settings: ServerSettings, wsgi_app=None) -> HardenedServer:
+def build_server(flask_app: Flask, settings: ServerSettings, wsgi_app=None,
+                 listening: socket.socket | None = None) -> HardenedServer:
     """Bound and listening. `wsgi_app` (default: the Flask app) serves requests, e.g. the app
-    wrapped in middleware; `flask_app` renders the error answers waitress gives itself."""
+    wrapped in middleware; `flask_app` renders the error answers waitress gives itself.
+
+    `listening`: a socket already bound and listening, shared with other processes (gunicorn
+    workers); each connection is then accepted by whichever process's loop takes it first.
+    """
     adj = Adjustments(
         host=settings.host, port=settings.port, threads=settings.threads, ident="keras-serve",
         # waitress refuses Content-Length >= this (and a chunked body reaching it) before reading.
@@ -284,7 +298,7 @@ def build_server(flask_app: Flask, settings: ServerSettings, wsgi_app=None) -> H
         asyncore_use_poll=True,  # select() fails on descriptors above 1024
         backlog=2048,
     )
-    return HardenedServer(flask_app, wsgi_app or flask_app, settings, adj)
+    return HardenedServer(flask_app, wsgi_app or flask_app, settings, adj, listening=listening)
 
 
 def serve(flask_app: Flask, on_drain: Callable[[], None] = lambda: None) -> int:
@@ -302,16 +316,31 @@ def serve(flask_app: Flask, on_drain: Callable[[], None] = lambda: None) -> int:
         on_drain()  # /readyz turns 503 now, before the loop even wakes up
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    wakeup = SignalWakeup(server._map)
-    signal.set_wakeup_fd(wakeup.write_fd, warn_on_full_buffer=False)
     try:
-        while not signals:
-            wasyncore.loop(timeout=settings.idle_timeout_s, map=server._map, use_poll=True, count=1)
-        return drain(server, settings.shutdown_grace_s, signals)
+        return run_server(server, stopping=lambda: bool(signals), stop_now=lambda: len(signals) > 1)
     finally:
-        signal.set_wakeup_fd(-1)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def run_server(server: HardenedServer, stopping: Callable[[], bool], stop_now: Callable[[], bool] = lambda: False,
+               tick: Callable[[], None] = lambda: None, tick_s: float | None = None) -> int:
+    """Run the event loop until `stopping()`, then drain (see `drain`); the signal handlers that
+    make `stopping()` true are the caller's. Returns how many connections were closed unanswered.
+
+    `tick` runs at least every `tick_s` seconds (a gunicorn worker's heartbeat to its arbiter).
+    """
+    settings = server.settings
+    timeout = settings.idle_timeout_s if tick_s is None else min(tick_s, settings.idle_timeout_s)
+    wakeup = SignalWakeup(server._map)  # a signal wakes the loop, so stopping() is seen at once
+    previous_wakeup_fd = signal.set_wakeup_fd(wakeup.write_fd, warn_on_full_buffer=False)
+    try:
+        while not stopping():
+            wasyncore.loop(timeout=timeout, map=server._map, use_poll=True, count=1)
+            tick()
+        return drain(server, settings.shutdown_grace_s, stop_now)
+    finally:
+        signal.set_wakeup_fd(previous_wakeup_fd)
         wakeup.close()
 
 
@@ -340,7 +369,7 @@ class SignalWakeup(wasyncore.file_dispatcher):
             self.write_fd = -1
 
 
-def drain(server: HardenedServer, grace_s: float, signals: list[int]) -> int:
+def drain(server: HardenedServer, grace_s: float, stop_now: Callable[[], bool] = lambda: False) -> int:
     server.draining = True
     accepted = server.accept_backlog()
     server.stop_listening()
@@ -348,7 +377,7 @@ def drain(server: HardenedServer, grace_s: float, signals: list[int]) -> int:
     in_flight = sum(ch.busy for ch in server.active_channels.values())
     log.info("stopping: no longer listening; answering %d connection(s) with requests in flight "
              "(%d just accepted), grace %.0f s", in_flight, accepted, grace_s)
-    while time.monotonic() < deadline and len(signals) < 2:
+    while time.monotonic() < deadline and not stop_now():
         for channel in list(server.active_channels.values()):
             if not channel.busy:
                 channel.will_close = True
