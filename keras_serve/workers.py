@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # gunicorn's Arbiter.WORKER_BOOT_ERROR: a worker exiting with it makes the arbiter stop
 # instead of restarting the worker forever, and exit with the same status.
 WORKER_BOOT_ERROR = 3
-# How often a worker tells the arbiter it is alive, at the latest (the arbiter's timeout is 180 s).
+# How often a worker tells the arbiter it is alive (the arbiter's timeout is 180 s).
 HEARTBEAT_S = 1.0
 
 
@@ -50,7 +50,7 @@ class HardenedWorker(Worker):
         settings = server.ServerSettings.from_config(flask_app.config)
         http_server = server.build_server(flask_app, settings, listening=listener.sock)
         server.run_server(http_server, stopping=lambda: not self.alive or self.ppid != os.getppid(),
-                          tick=self.notify, tick_s=HEARTBEAT_S)
+                          heartbeat=self.notify, heartbeat_s=HEARTBEAT_S)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)

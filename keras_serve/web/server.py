@@ -172,7 +172,7 @@ class HardenedChannel(HTTPChannel):
         return super().received(data)
 
     def handle_close(self) -> None:
-        if self.linger_wanted and self.linger_deadline is None and self.connected:
+        if self.linger_wanted and self.connected:
             self.linger_wanted = False
             try:
                 self.socket.shutdown(socket.SHUT_WR)  # the answer is out; say we send nothing more
@@ -180,31 +180,11 @@ class HardenedChannel(HTTPChannel):
                 return super().handle_close()
             self.will_close = self.close_when_flushed = False
             self.linger_deadline = time.monotonic() + self.server.settings.linger_s
+            # A lingering channel polls differently; swapping its class keeps that check off
+            # the readable()/writable() calls the loop makes for every channel on every turn.
+            self.__class__ = LingeringChannel
             return
         super().handle_close()
-
-    def readable(self) -> bool:
-        if self.linger_deadline is not None:
-            return time.monotonic() < self.linger_deadline
-        return super().readable()
-
-    def writable(self) -> bool:
-        if self.linger_deadline is not None:
-            return self.will_close or time.monotonic() >= self.linger_deadline
-        return super().writable()
-
-    def handle_read(self) -> None:
-        if self.linger_deadline is None:
-            return super().handle_read()
-        try:
-            self.recv(self.adj.recv_bytes)  # discarded; closes on EOF
-        except OSError:
-            HTTPChannel.handle_close(self)
-
-    def handle_write(self) -> None:
-        if self.linger_deadline is None:
-            return super().handle_write()
-        HTTPChannel.handle_close(self)
 
     @property
     def busy(self) -> bool:
@@ -219,6 +199,31 @@ class HardenedChannel(HTTPChannel):
             return bool(self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
         except OSError:  # nothing to read (EAGAIN), or the client is gone
             return False
+
+
+class LingeringChannel(HardenedChannel):
+    """A channel that answered early (413 before the body) and half-closed: until the client
+    stops sending or the linger deadline passes, it reads and discards, then closes."""
+
+    linger_deadline: float
+
+    def readable(self) -> bool:
+        return time.monotonic() < self.linger_deadline
+
+    def writable(self) -> bool:  # "writable" only to get handle_write called, which closes
+        return self.will_close or time.monotonic() >= self.linger_deadline
+
+    def handle_read(self) -> None:
+        try:
+            self.recv(self.adj.recv_bytes)  # discarded; closes on EOF
+        except OSError:
+            self.handle_close()
+
+    def handle_write(self) -> None:
+        self.handle_close()
+
+    def handle_close(self) -> None:
+        HTTPChannel.handle_close(self)
 
 
 class HardenedServer(TcpWSGIServer):
@@ -324,20 +329,24 @@ def serve(flask_app: Flask, on_drain: Callable[[], None] = lambda: None) -> int:
 
 
 def run_server(server: HardenedServer, stopping: Callable[[], bool], stop_now: Callable[[], bool] = lambda: False,
-               tick: Callable[[], None] = lambda: None, tick_s: float | None = None) -> int:
+               heartbeat: Callable[[], None] | None = None, heartbeat_s: float = 1.0) -> int:
     """Run the event loop until `stopping()`, then drain (see `drain`); the signal handlers that
     make `stopping()` true are the caller's. Returns how many connections were closed unanswered.
 
-    `tick` runs at least every `tick_s` seconds (a gunicorn worker's heartbeat to its arbiter).
+    `heartbeat` (a gunicorn worker telling its arbiter it is alive) runs about every
+    `heartbeat_s` seconds, not on every turn of the loop: it is a system call.
     """
     settings = server.settings
-    timeout = settings.idle_timeout_s if tick_s is None else min(tick_s, settings.idle_timeout_s)
+    timeout = settings.idle_timeout_s if heartbeat is None else min(heartbeat_s, settings.idle_timeout_s)
     wakeup = SignalWakeup(server._map)  # a signal wakes the loop, so stopping() is seen at once
     previous_wakeup_fd = signal.set_wakeup_fd(wakeup.write_fd, warn_on_full_buffer=False)
+    next_heartbeat = 0.0
     try:
         while not stopping():
             wasyncore.loop(timeout=timeout, map=server._map, use_poll=True, count=1)
-            tick()
+            if heartbeat is not None and (now := time.monotonic()) >= next_heartbeat:
+                heartbeat()
+                next_heartbeat = now + heartbeat_s / 2
         return drain(server, settings.shutdown_grace_s, stop_now)
     finally:
         signal.set_wakeup_fd(previous_wakeup_fd)
