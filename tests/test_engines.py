@@ -50,6 +50,27 @@ def test_auto_picks_onnxruntime_and_caches_the_conversion_by_file_hash(tmp_path)
     assert np.allclose(again.predict_batch(fixture.inputs), fixture.expected, atol=FAITHFUL_MAX_ABS_DIFFERENCE)
 
 
+@pytest.mark.parametrize("engine", ["onnxruntime", "litert"])
+def test_a_worker_engine_runs_a_lone_input_on_every_core_and_batches_on_its_share(tmp_path, monkeypatch, engine):
+    monkeypatch.setattr(engines, "usable_cores", lambda: 4)
+    fixture = write_keras3_model(tmp_path / "m.keras")
+    served = ServedModel.load(fixture.path, engine=engine, engine_threads=2)  # as one of 2 workers
+    split = served.engine
+    assert isinstance(split, engines.LoneInputSplit) and served.engine_name == engine
+    calls = []
+    for name in ("lone", "batched"):
+        instance = getattr(split, name)
+        monkeypatch.setattr(split, name, lambda batch, run=instance, name=name: calls.append(name) or run(batch))
+    together = served.predict_batch(fixture.inputs)
+    alone = np.concatenate([served.predict_batch(fixture.inputs[i:i + 1]) for i in range(len(fixture.inputs))])
+    assert calls == ["batched"] + ["lone"] * len(fixture.inputs)
+    assert np.abs(together - fixture.expected).max() <= FAITHFUL_MAX_ABS_DIFFERENCE
+    assert np.abs(alone - fixture.expected).max() <= FAITHFUL_MAX_ABS_DIFFERENCE
+    # With every core already its own (one process), there is nothing to split.
+    assert not isinstance(ServedModel.load(fixture.path, engine=engine, engine_threads=4).engine,
+                          engines.LoneInputSplit)
+
+
 def test_forced_tensorflow_converts_nothing(tmp_path):
     fixture = write_keras3_model(tmp_path / "m.keras")
     served = ServedModel.load(fixture.path, engine="tensorflow")

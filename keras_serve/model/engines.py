@@ -140,6 +140,24 @@ class LiteRtEngine:
 CONVERTED_ENGINES: dict[str, type] = {"onnxruntime": OnnxRuntimeEngine, "litert": LiteRtEngine}
 
 
+class LoneInputSplit:
+    """One converted engine loaded twice: a lone input runs on every core, a batch on this
+    process's share of them.
+
+    With `--workers N` each process's engine gets cores / N threads, right for the batches that
+    keep every worker busy under load; a lone request, though, most likely has the machine to
+    itself. Measured with 2 workers on 2 cores (README "Performance"): p50 at one client
+    4.3 ms against 5.1 with one thread, and 32 clients unchanged.
+    """
+
+    def __init__(self, lone: Any, batched: Any) -> None:
+        self.lone, self.batched = lone, batched
+        self.name, self.version = batched.name, batched.version
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return (self.lone if len(batch) == 1 else self.batched)(batch)
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -181,11 +199,14 @@ def converted_bytes(model_path: Path | None, engine: str, convert: Callable[[], 
 
 def build_converted(engine: str, model: Any, input_shape: tuple[int, ...], model_path: Path | None,
                     threads: int, variant: str | None = None):
-    """A converted engine ready to call, or EngineUnavailable with the reason."""
+    """A converted engine ready to call, or EngineUnavailable with the reason. `threads` run a
+    batch; a lone input gets every usable core (LoneInputSplit) when that is more."""
     cls = CONVERTED_ENGINES[engine]
     try:
         data = converted_bytes(model_path, engine, lambda: cls.convert(model, input_shape), variant)
-        return cls(data, threads)
+        batched = cls(data, threads)
+        cores = usable_cores()
+        return LoneInputSplit(cls(data, cores), batched) if cores > threads else batched
     except EngineUnavailable:
         raise
     except Exception as exc:  # a converter or runtime lacking an op fails in its own words

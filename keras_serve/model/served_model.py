@@ -101,8 +101,8 @@ class ServedModel:
         `engine` (keras_serve.model.engines.ENGINE_CHOICES) names what runs the forward pass:
         "auto" tries the converted engines fastest first; any converted engine that fails to
         convert or answers differently from TensorFlow is logged (one line) and TensorFlow
-        serves instead. `engine_threads`: threads for a converted engine (default: every
-        usable core).
+        serves instead. `engine_threads`: threads for a converted engine to run a batch on
+        (default: every usable core; a lone input always gets every usable core).
         """
         from keras_serve.model.keras_formats import load_keras_model
         from keras_serve.model.tf_runtime import import_tensorflow_quietly
