@@ -1,14 +1,17 @@
-"""The pure helpers of the benchmark package (no model, no server)."""
+"""The helpers of the benchmark package (no model, no app server)."""
 from __future__ import annotations
 
 import email.parser
 import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from keras_serve.tools.benchmark import inputs, procstats, stats
+from keras_serve.tools.benchmark import inputs, load, procstats, stats
 
 
 @pytest.mark.parametrize("q", [0, 1, 10, 50, 90, 99, 100])
@@ -109,3 +112,29 @@ def test_format_table_aligns_columns() -> None:
     assert lines[2] == "  64   1234"
     assert lines[3] == "   8      -"
     assert len({len(line) for line in lines}) == 1
+
+
+def test_batcher_counters_read_every_workers_batches_from_metrics() -> None:
+    # What /metrics says with two workers: their histograms added up (prometheus multiprocess mode).
+    registry = CollectorRegistry()
+    batch_size = Histogram("keras_serve_batch_size", "Inputs per forward pass.", buckets=(1, 8, 32),
+                           registry=registry)
+    for size in (1, 7, 12):
+        batch_size.observe(size)
+    body = generate_latest(registry)
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.end_headers()
+            self.wfile.write(body if self.path == "/metrics" else b"{}")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Metrics) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            assert load.batcher_counters("127.0.0.1", server.server_address[1]) == (3, 20)
+        finally:
+            server.shutdown()

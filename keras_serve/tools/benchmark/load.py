@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from keras_serve.settings import PROJECT_ROOT
 from keras_serve.tools.benchmark.inputs import Upload
 from keras_serve.tools.benchmark.procstats import cpu_seconds, machine_ticks, own_cpu_seconds
@@ -160,12 +162,18 @@ def post_once(conn: CountingConnection, upload: Upload, log: WorkerLog) -> None:
 
 
 def batcher_counters(host: str, port: int, timeout_s: float = 10.0) -> tuple[int, int] | None:
-    """(model calls, images) so far, from the server's /readyz; None if it does not say."""
+    """(model calls, images) so far, from the server's /metrics; None if it does not say.
+
+    /metrics adds up every worker process (README "Metrics"); /readyz speaks for whichever
+    worker answers, so with --workers N its counters would mix processes.
+    """
     conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
     try:
-        conn.request("GET", "/readyz")
-        status = json.loads(conn.getresponse().read())
-        return int(status["batches"]), int(status["images"])
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        samples = {sample.name: sample.value for family in text_string_to_metric_families(text)
+                   for sample in family.samples}
+        return int(samples["keras_serve_batch_size_count"]), int(samples["keras_serve_batch_size_sum"])
     except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
         return None
     finally:

@@ -99,8 +99,8 @@ def print_report(results: dict[str, Any]) -> None:
                         "CPU ms/req", "srv CPU%", "cli CPU%", "busy%", "batch", "conns/reqs"], rows))
     print("(/raw, /pipeline: req/s over the raw forward limit and over the pipeline limit; CPU ms/req: "
           "whole-machine CPU time, all cores, per answered request; CPU%: of one core, server process "
-          "tree / this client; busy%: whole machine; batch: mean images per model call, of the worker "
-          "that answered /readyz; conns/reqs: TCP connections opened / requests sent)")
+          "tree / this client; busy%: whole machine; batch: mean images per model call, every "
+          "worker (from /metrics); conns/reqs: TCP connections opened / requests sent)")
     if any(level["connects"] >= 0.5 * level["total_requests"] > 0 for level in http_info["levels"]):
         print("note: the server closed most connections after one request (no keep-alive); see conns/reqs")
     if http_info.get("c1_p50_over_single") is not None:
