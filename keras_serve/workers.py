@@ -80,6 +80,10 @@ class WorkerProcesses(BaseApplication):
             "accesslog": None,
             "errorlog": "-",
             "proc_name": "keras-serve",
+            # gunicorn 25+ opens a control socket (worker count, reload, shutdown) in $HOME or
+            # $XDG_RUNTIME_DIR: an interface nobody asked for, shared by every server of the
+            # same user, and a write to a home folder that a read-only container may not have.
+            "control_socket_disable": True,
             "worker_exit": self._worker_exit,
             "child_exit": metrics_processes.child_exit,  # a dead worker's requests stop counting as in progress
         }.items():

@@ -30,8 +30,11 @@ def ready_pids(url: str, attempts: int = 200) -> set[int]:
 
 
 def test_two_workers_share_the_port_and_both_answer(colour_model_path, tmp_path):
+    home, runtime = tmp_path / "home", tmp_path / "run"
+    home.mkdir()
+    runtime.mkdir()
     srv = ServerProcess("--model", str(colour_model_path), "--upload-dir", str(tmp_path), "--workers", "2",
-                        "--threads", "4")
+                        "--threads", "4", env={"HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)})
     try:
         pids = ready_pids(srv.url)
         assert len(pids) == 2 and srv.proc.pid not in pids  # two workers, neither is the arbiter
@@ -56,6 +59,8 @@ def test_two_workers_share_the_port_and_both_answer(colour_model_path, tmp_path)
         output = srv.stop()  # SIGTERM: gunicorn stops its workers gracefully
     assert srv.proc.returncode == 0, output
     assert output.count(" ready: model colour.h5") == 2 and "2 worker processes" in output
+    # No gunicorn control socket: nothing but the port is opened to manage the server.
+    assert not (home / ".gunicorn").exists() and list(runtime.iterdir()) == [] and "Control socket" not in output
     for pid in pids:  # no worker outlives the arbiter
         assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0
 
