@@ -13,6 +13,7 @@ from keras_serve.model import engines
 from keras_serve.model.served_model import FAITHFUL_MAX_ABS_DIFFERENCE, ServedModel
 from legacy_fixtures import write_keras2_h5, write_keras3_model, write_tf_keras_h5
 
+SHAPE = (32, 32, 3)  # write_keras3_model's input
 FIXTURES = {
     "keras-2.0.8 .h5": lambda d: write_keras2_h5(d / "k208.h5", "2.0.8"),
     "keras-2.2.4 .h5": lambda d: write_keras2_h5(d / "k224.h5", "2.2.4"),
@@ -37,13 +38,13 @@ def test_auto_picks_onnxruntime_and_caches_the_conversion_by_file_hash(tmp_path)
     fixture = write_keras3_model(tmp_path / "m.keras")
     served = ServedModel.load(fixture.path)
     assert served.engine_name == "onnxruntime"
-    cached = engines.cache_path(fixture.path, "onnxruntime")
-    assert cached.parent == tmp_path / ".cache" and cached.name == engines.file_sha256(fixture.path) + ".onnx"
+    cached = engines.cache_path(fixture.path, "onnxruntime", SHAPE)
+    assert cached.parent == tmp_path / ".cache" and cached.name == engines.file_sha256(fixture.path) + ".32x32x3.onnx"
     assert cached.is_file()
     # A copy of the model under another name shares the conversion: the key is the content.
     copy = tmp_path / "copy.keras"
     shutil.copy(fixture.path, copy)
-    assert engines.cache_path(copy, "onnxruntime") == cached
+    assert engines.cache_path(copy, "onnxruntime", SHAPE) == cached
     mtime = cached.stat().st_mtime_ns
     again = ServedModel.load(copy)
     assert again.engine_name == "onnxruntime" and cached.stat().st_mtime_ns == mtime  # read, not redone
@@ -71,6 +72,24 @@ def test_a_worker_engine_runs_a_lone_input_on_every_core_and_batches_on_its_shar
                           engines.LoneInputSplit)
 
 
+def test_a_new_input_size_in_the_model_card_gets_its_own_conversion(tmp_path):
+    import keras
+
+    from keras_serve.model.card import ModelCard
+
+    inputs = keras.Input((None, None, 3))  # free height and width: the card says what to resize to
+    features = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, activation="relu")(inputs))
+    path = tmp_path / "free.keras"
+    keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(features)).save(path)
+    for size in (32, 48):
+        ModelCard(height=size, width=size, channels=3).write(path)
+        served = ServedModel.load(path, engine="onnxruntime")
+        assert served.spec.input_shape == (size, size, 3)
+        assert served.engine_name == "onnxruntime", served.engine_fallback_reason  # not a stale 32x32 conversion
+        assert engines.cache_path(path, "onnxruntime", (size, size, 3)).is_file()
+    assert len(list((tmp_path / ".cache").iterdir())) == 2
+
+
 def test_forced_tensorflow_converts_nothing(tmp_path):
     fixture = write_keras3_model(tmp_path / "m.keras")
     served = ServedModel.load(fixture.path, engine="tensorflow")
@@ -85,7 +104,7 @@ def test_a_conversion_that_answers_differently_falls_back_to_tensorflow(tmp_path
     fixture = write_keras3_model(tmp_path / "m.keras", seed=0)
     other = write_keras3_model(tmp_path / "other.keras", seed=1)
     ServedModel.load(other.path, engine="onnxruntime")
-    shutil.copy(engines.cache_path(other.path, "onnxruntime"), engines.cache_path(fixture.path, "onnxruntime"))
+    shutil.copy(engines.cache_path(other.path, "onnxruntime", SHAPE), engines.cache_path(fixture.path, "onnxruntime", SHAPE))
     with caplog.at_level(logging.WARNING, logger="keras_serve.model.served_model"):
         served = ServedModel.load(fixture.path, engine="onnxruntime")
     assert served.engine_name == "tensorflow"
@@ -97,7 +116,7 @@ def test_a_conversion_that_answers_differently_falls_back_to_tensorflow(tmp_path
 
 def test_auto_falls_through_a_broken_engine_to_the_next(tmp_path, caplog):
     fixture = write_keras3_model(tmp_path / "m.keras")
-    cached = engines.cache_path(fixture.path, "onnxruntime")
+    cached = engines.cache_path(fixture.path, "onnxruntime", SHAPE)
     cached.parent.mkdir()
     cached.write_bytes(b"not an onnx model")  # a damaged cache file: ONNX Runtime refuses it
     with caplog.at_level(logging.WARNING, logger="keras_serve.model.served_model"):

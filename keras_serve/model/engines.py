@@ -7,8 +7,9 @@ outputs within 1e-6 of it, so `auto` tries ONNX Runtime, then LiteRT, and keeps 
 when neither converts or either answers differently (`ServedModel` checks that at start-up).
 
 Each conversion is done once and cached beside the model, `<model dir>/.cache/<sha256 of the
-model file>.<engine suffix>`: a changed file has a new hash, so a stale conversion is never
-read, and the start-up check would catch a damaged one anyway.
+model file>.<input shape>.<engine suffix>`: a changed file has a new hash (and a changed input
+size a new shape), so a stale conversion is never read, and the start-up check would catch a
+damaged one anyway.
 """
 from __future__ import annotations
 
@@ -166,20 +167,22 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_path(model_path: Path, engine: str, variant: str | None = None) -> Path:
-    """Where the conversion of this model file for this engine is cached. `variant` names what
-    else decides the model (the --arch of a weights-only file)."""
-    key = file_sha256(model_path) + (f".{variant}" if variant else "")
+def cache_path(model_path: Path, engine: str, input_shape: tuple[int, ...], variant: str | None = None) -> Path:
+    """Where the conversion of this model file for this engine is cached: keyed by the file's
+    content, the input shape it was converted for (a model with free height and width gets
+    its size from the model card, which can change while the file does not), and `variant`,
+    whatever else decides the model (the --arch of a weights-only file)."""
+    key = f"{file_sha256(model_path)}.{'x'.join(str(n) for n in input_shape)}" + (f".{variant}" if variant else "")
     return Path(model_path).parent / ".cache" / f"{key}{CONVERTED_ENGINES[engine].suffix}"
 
 
 def converted_bytes(model_path: Path | None, engine: str, convert: Callable[[], bytes],
-                    variant: str | None = None) -> bytes:
+                    input_shape: tuple[int, ...], variant: str | None = None) -> bytes:
     """The cached conversion, else `convert()` and cache it (best effort: a read-only model
     folder only means converting again at the next start)."""
     if model_path is None:
         return convert()
-    path = cache_path(model_path, engine, variant)
+    path = cache_path(model_path, engine, input_shape, variant)
     try:
         return path.read_bytes()
     except OSError:
@@ -203,7 +206,7 @@ def build_converted(engine: str, model: Any, input_shape: tuple[int, ...], model
     batch; a lone input gets every usable core (LoneInputSplit) when that is more."""
     cls = CONVERTED_ENGINES[engine]
     try:
-        data = converted_bytes(model_path, engine, lambda: cls.convert(model, input_shape), variant)
+        data = converted_bytes(model_path, engine, lambda: cls.convert(model, input_shape), input_shape, variant)
         batched = cls(data, threads)
         cores = usable_cores()
         return LoneInputSplit(cls(data, cores), batched) if cores > threads else batched
