@@ -10,7 +10,8 @@ socket: each connection goes to whichever worker's event loop accepts it first, 
 keep-alive connection stays with it. One worker process (the default) is served by
 `keras_serve.cli` with no arbiter in between.
 
-Sizing (README "Performance"): each worker's converted engine gets cores / workers threads.
+Sizing (README "Performance"): each worker's converted engine runs batches on cores / workers
+threads and a lone input on every core (`keras_serve.model.engines.LoneInputSplit`).
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ class WorkerProcesses(BaseApplication):
         print(f"worker {os.getpid()} ready: {self.service.model.summary_line()}", flush=True)
         return app
 
-    def _worker_exit(self, server: Any, worker: Any) -> None:
+    def _worker_exit(self, arbiter: Any, worker: Any) -> None:
         if self.service is not None:
             self.service.close()
 
