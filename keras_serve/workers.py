@@ -18,10 +18,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
 from gunicorn.errors import HaltServer
 from gunicorn.workers.base import Worker
 
@@ -41,8 +43,8 @@ HEARTBEAT_S = 1.0
 class HardenedWorker(Worker):
     """A gunicorn worker that serves with `keras_serve.web.server` on the inherited socket.
 
-    gunicorn's signal handling stays: SIGTERM ends the loop (`alive` turns false) and the
-    server drains as a single process does; SIGINT and SIGQUIT stop at once.
+    gunicorn's signal handling stays, but for Ctrl-C: SIGTERM and SIGINT end the loop (`alive`
+    turns false) and the server drains as a single process does; SIGQUIT stops at once.
     """
 
     def run(self) -> None:
@@ -53,12 +55,30 @@ class HardenedWorker(Worker):
         server.run_server(http_server, stopping=lambda: not self.alive or self.ppid != os.getppid(),
                           heartbeat=self.notify, heartbeat_s=HEARTBEAT_S)
 
+    def handle_quit(self, sig: int, frame: Any) -> None:
+        # gunicorn stops at once on SIGINT as on SIGQUIT. Ctrl-C (SIGINT) drains as SIGTERM
+        # does, as in one process; on a second Ctrl-C the arbiter sends SIGQUIT.
+        if sig == signal.SIGINT:
+            return self.handle_exit(sig, frame)
+        super().handle_quit(sig, frame)
+
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
         # /readyz answers 503 from this moment, before the loop wakes up to drain.
         flask_app = getattr(self, "wsgi", None)  # none yet while the model is loading
         if flask_app is not None:
             flask_app.extensions["classifier"].ready = False
+
+
+class InterruptibleArbiter(Arbiter):
+    """gunicorn's arbiter, but Ctrl-C (SIGINT) stops the workers gracefully, as SIGTERM does.
+
+    gunicorn answers SIGINT with SIGQUIT to every worker (stop at once, requests in flight
+    lost); this server's Ctrl-C answers what it has received, with one process or many.
+    """
+
+    def handle_int(self) -> None:
+        self.handle_term()
 
 
 class WorkerProcesses(BaseApplication):
@@ -89,6 +109,13 @@ class WorkerProcesses(BaseApplication):
             "child_exit": metrics_processes.child_exit,  # a dead worker's requests stop counting as in progress
         }.items():
             self.cfg.set(key, value)
+
+    def run(self) -> None:
+        try:
+            InterruptibleArbiter(self).run()
+        except RuntimeError as exc:  # as BaseApplication.run: e.g. a pid file that cannot be written
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(1)
 
     def load(self):
         """Runs in each worker after the fork: its own model, batcher and store."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import resource
 import signal
 import socket
@@ -226,16 +227,29 @@ def test_idle_and_trickling_connections_are_closed_by_their_timeouts(processes, 
         assert closed["idle"] >= 0.5 and closed["slow"] >= 1.5, closed
 
 
-def test_sigterm_under_load_answers_every_received_request_then_exits_0(processes, colour_model_path, tmp_path):
+def press_ctrl_c(srv: ServerProcess) -> None:
+    """What a terminal does on Ctrl-C: SIGINT to the server and every process it started."""
+    pid = srv.proc.pid
+    children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    for each in [pid, *map(int, children)]:
+        os.kill(each, signal.SIGINT)
+
+
+STOPS = {"SIGTERM": lambda srv: srv.proc.send_signal(signal.SIGTERM), "Ctrl-C": press_ctrl_c}
+
+
+@pytest.mark.parametrize("stop", list(STOPS))
+def test_a_stop_under_load_answers_every_received_request_then_exits_0(stop, processes, colour_model_path,
+                                                                       tmp_path):
     srv = ServerProcess("--model", str(colour_model_path), "--upload-dir", str(tmp_path), *processes)
     try:
         images = [noise_jpeg((800, 600), seed=i, quality=95) for i in range(96)]
         sockets = [connect(srv, timeout=60) for _ in images]
         readiness = connect(srv, timeout=60)
-        readiness.sendall(b"GET /readyz HTTP/1.1\r\nHost: test\r\n")  # half a request, finished after SIGTERM
+        readiness.sendall(b"GET /readyz HTTP/1.1\r\nHost: test\r\n")  # half a request, finished after the stop
         for sock, data in zip(sockets, images):
             sock.sendall(upload_request(data))
-        srv.proc.send_signal(signal.SIGTERM)
+        STOPS[stop](srv)
         time.sleep(0.3)
         with pytest.raises(ConnectionRefusedError):  # no longer listening
             socket.create_connection(("127.0.0.1", srv.port), timeout=2).close()
@@ -250,6 +264,23 @@ def test_sigterm_under_load_answers_every_received_request_then_exits_0(processe
     with contextlib.closing(sqlite3.connect(tmp_path / "uploads.db")) as db:
         stored = {upload_id for (upload_id,) in db.execute("SELECT id FROM uploads")}
     assert {json.loads(body)["id"] for _, _, body in answers} <= stored, output
+
+
+def test_a_second_ctrl_c_stops_at_once(processes, colour_model_path, tmp_path):
+    srv = ServerProcess("--model", str(colour_model_path), "--upload-dir", str(tmp_path), *processes)
+    try:
+        stuck = connect(srv)
+        stuck.sendall(b"POST /file/ HTTP/1.1\r\nHost: test\r\nContent-Length: 1000\r\n\r\nabc")  # 997 short
+        time.sleep(0.5)
+        press_ctrl_c(srv)
+        time.sleep(1.5)
+        assert srv.proc.poll() is None  # draining: the 20 s grace period waits for that request
+        started = time.monotonic()
+        press_ctrl_c(srv)
+        srv.proc.wait(timeout=15)
+        assert time.monotonic() - started < 5
+    finally:
+        srv.stop()
 
 
 def test_shutdown_grace_period_bounds_the_wait_for_a_request_that_never_completes(
