@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -63,6 +65,25 @@ def test_two_workers_share_the_port_and_both_answer(colour_model_path, tmp_path)
     assert not (home / ".gunicorn").exists() and list(runtime.iterdir()) == [] and "Control socket" not in output
     for pid in pids:  # no worker outlives the arbiter
         assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0
+
+
+def test_a_killed_worker_is_replaced_while_the_other_keeps_answering(colour_model_path, tmp_path):
+    srv = ServerProcess("--model", str(colour_model_path), "--upload-dir", str(tmp_path), "--workers", "2",
+                        "--threads", "4")
+    try:
+        victim, survivor = sorted(ready_pids(srv.url))
+        os.kill(victim, signal.SIGKILL)
+        answer = requests.post(srv.url + "/file/", files={"file": ("x.png", image_bytes(RED), "image/png")},
+                               timeout=60)
+        assert answer.status_code == 200 and answer.json()["class"] == "DOG"
+        deadline = time.monotonic() + 90
+        pids: set[int] = set()
+        while time.monotonic() < deadline and len(pids) < 2:
+            pids = ready_pids(srv.url)  # the replacement loads its own model, then answers too
+        assert survivor in pids and len(pids) == 2 and victim not in pids
+    finally:
+        output = srv.stop()
+    assert srv.proc.returncode == 0, output
 
 
 def test_a_model_that_cannot_load_stops_every_worker_with_one_line(tmp_path):
