@@ -104,7 +104,8 @@ def test_a_conversion_that_answers_differently_falls_back_to_tensorflow(tmp_path
     fixture = write_keras3_model(tmp_path / "m.keras", seed=0)
     other = write_keras3_model(tmp_path / "other.keras", seed=1)
     ServedModel.load(other.path, engine="onnxruntime")
-    shutil.copy(engines.cache_path(other.path, "onnxruntime", SHAPE), engines.cache_path(fixture.path, "onnxruntime", SHAPE))
+    shutil.copy(engines.cache_path(other.path, "onnxruntime", SHAPE),
+                engines.cache_path(fixture.path, "onnxruntime", SHAPE))
     with caplog.at_level(logging.WARNING, logger="keras_serve.model.served_model"):
         served = ServedModel.load(fixture.path, engine="onnxruntime")
     assert served.engine_name == "tensorflow"

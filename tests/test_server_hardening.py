@@ -17,6 +17,7 @@ import socket
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -230,7 +231,7 @@ def test_idle_and_trickling_connections_are_closed_by_their_timeouts(processes, 
 def press_ctrl_c(srv: ServerProcess) -> None:
     """What a terminal does on Ctrl-C: SIGINT to the server and every process it started."""
     pid = srv.proc.pid
-    children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     for each in [pid, *map(int, children)]:
         os.kill(each, signal.SIGINT)
 
