@@ -13,14 +13,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up
 
 from flask import Flask
 
-from keras_serve import settings
-
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Build the app and load the model once; raises ModelLoadError if it cannot be served.
 
     `config["MODEL"]` may be a ready model object (tests); then MODEL_PATH is not read.
     """
+    # Imported here, not at the top: `python -m keras_serve.settings` (the settings table)
+    # would otherwise find its own module already imported by this package and warn.
+    from keras_serve import settings
     from keras_serve.web import metrics, multipart_form, responses, routes
 
     app = Flask(__name__, template_folder=str(settings.PROJECT_ROOT / "templates"),

@@ -205,3 +205,15 @@ def test_readme_options_table_is_the_settings_table():
 
     assert markdown_table() in (PROJECT_ROOT / "README.md").read_text(), \
         "README's options table is stale: paste the output of `python -m keras_serve.settings`"
+
+
+def test_the_settings_table_command_prints_the_table_and_nothing_else():
+    import subprocess
+    import sys
+
+    from keras_serve.settings import markdown_table
+
+    # The command README names; it once also printed runpy's warning about a module imported twice.
+    done = subprocess.run([sys.executable, "-m", "keras_serve.settings"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout.strip() == markdown_table().strip()
