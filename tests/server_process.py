@@ -50,15 +50,16 @@ class ServerProcess:
     """`python app.py` on a free port, ready (GET /readyz) when the constructor returns.
 
     `env` adds to (not replaces) this process's environment; `wrapper` goes before the command
-    (a program that sets something up, then execs the server, so signals still reach it).
+    (a program that sets something up, then execs the server, so signals still reach it);
+    `script` replaces app.py (a path from the project root).
     """
 
     def __init__(self, *args: str, startup_timeout: float = 120.0, env: dict[str, str] | None = None,
-                 wrapper: tuple[str, ...] = ()) -> None:
+                 wrapper: tuple[str, ...] = (), script: str = "app.py") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [*wrapper, sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            [*wrapper, sys.executable, script, "--host", "127.0.0.1", "--port", str(self.port), *args],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **(env or {})})
         # Read the output as it comes: a server that logs more than a pipe holds (64 KB; libtiff
