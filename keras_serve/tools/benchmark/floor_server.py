@@ -42,7 +42,11 @@ def stubbed(stub: str) -> Callable[[dict[str, Any] | None], Flask]:
         service = app.extensions["classifier"]
         row = service.model.predict_batch(np.zeros((1, *service.model.spec.input_shape), np.float32))[0]
         if stub == "model":
-            service.batcher.predict_prepared = lambda prepare: (prepare(), row)[1]
+            def decode_only(prepare: Callable[[], np.ndarray]) -> np.ndarray:
+                prepare()  # decoding, with its limits and errors, still runs
+                return row
+
+            service.batcher.predict_prepared = decode_only
         else:
             answer = ClassifiedUpload("0" * 32, service.model.interpret(row), 0.0)
             service.classify = lambda data, client_filename=None: answer
