@@ -3,7 +3,7 @@
     .venv/bin/python -m keras_serve.tools.benchmark --skip-limits --concurrency 1,32 \\
         --app keras_serve/tools/benchmark/floor_server.py --server-args="--stub model"
 
-    --stub model     decoding, the batcher hand-off and storage run; the forward pass does not
+    --stub model     decoding and storage run; the batcher and the forward pass do not
                      (every image gets the model's answer to an all-zero input)
     --stub pipeline  nothing after the multipart parse runs: every upload gets one canned answer
                      (HTTP, waitress, Flask, the multipart parse and the JSON answer remain)
@@ -33,7 +33,7 @@ STUBS = ("model", "pipeline")
 
 
 def stubbed(stub: str) -> Callable[[dict[str, Any] | None], Flask]:
-    """A `create_app` whose service skips the forward pass ("model") or all of classify ("pipeline")."""
+    """A `create_app` whose service skips the batcher and forward pass ("model") or all of classify ("pipeline")."""
     if stub not in STUBS:
         raise ValueError(f"--stub must be one of {', '.join(STUBS)}")
 
