@@ -1,8 +1,8 @@
 """A real browser: Playwright drives Debian's Chromium through the upload form.
 
 Playwright cannot download its own browser here, so it launches /usr/bin/chromium
-(`apt-get install chromium`; .ci/run does). Without Chromium the test skips with that
-reason, except where REQUIRE_BROWSER=1 (CI), where a missing browser is a failure.
+(`apt-get install -y chromium`; .ci/run does). Without Chromium the test skips with that
+command, except where REQUIRE_BROWSER=1 (CI), where a missing browser is a failure.
 """
 import os
 import re
@@ -17,7 +17,8 @@ from server_process import ServerProcess
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
 
 if not Path(CHROMIUM).exists() and os.environ.get("REQUIRE_BROWSER") != "1":
-    pytest.skip(f"Chromium not found at {CHROMIUM}: apt-get install chromium", allow_module_level=True)
+    pytest.skip(f"Chromium not found at {CHROMIUM}: run `apt-get install -y chromium` as root "
+                "(or point CHROMIUM_PATH at a Chromium)", allow_module_level=True)
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
