@@ -182,7 +182,7 @@ def test_config_layers_defaults_then_environment_then_argument(make_app, colour_
     from keras_serve.settings import from_arguments
 
     model = str(colour_model_path)
-    assert make_app(MODEL_PATH=model).extensions["classifier"].store.images.fsync is False  # see README: latency
+    assert make_app(MODEL_PATH=model).extensions["classifier"].store.images.fsync is False  # see docs/performance.md: latency
     monkeypatch.setenv("KERAS_SERVE_UPLOAD_FSYNC", "true")
     monkeypatch.setenv("KERAS_SERVE_MAX_BATCH", "4")
     app = make_app(MODEL_PATH=model)
