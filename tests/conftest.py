@@ -14,38 +14,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data" / "cats_vs_dogs"
 DEFAULT_MODEL = ROOT / "models" / "cats_vs_dogs.h5"
 
 
-# --- CI refuses skips -------------------------------------------------------------------------
-# A test that cannot run on a machine skips with the command that enables it. CI (.ci/run) sets
-# REFUSE_SKIPS=1: there every skipped test, and every skipped module, fails the run.
-REFUSE_SKIPS = os.environ.get("REFUSE_SKIPS") == "1"
-_skipped: list[str] = []
-
-
-def _note_skip(report) -> None:
-    if report.skipped and not hasattr(report, "wasxfail"):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        _skipped.append(f"{report.nodeid}: {reason}")
-
-
-def pytest_runtest_logreport(report) -> None:
-    _note_skip(report)
-
-
-def pytest_collectreport(report) -> None:
-    _note_skip(report)
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_sessionfinish(session, exitstatus) -> None:
-    if REFUSE_SKIPS and _skipped and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    if REFUSE_SKIPS and _skipped:
-        terminalreporter.section("REFUSE_SKIPS=1: skipped tests fail this run", red=True)
-        for line in _skipped:
-            terminalreporter.write_line(line)
+# CI (.ci/run) sets REFUSE_SKIPS=1: then any skipped test fails the run (tests/refuse_skips.py).
+pytest_plugins = ["refuse_skips"]
 
 
 def build_colour_model(size: int = 32, channels: int = 3, units: int = 1):
