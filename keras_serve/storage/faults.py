@@ -7,9 +7,12 @@ that alone:
 
 - `/readyz` answers at once, whatever the store is doing: a half is up when its newest
   outcome was a success and nothing has waited on it longer than the store timeout.
-- Uploads and reads go through `ComponentHealth.call`, a circuit breaker: while a half is
-  down, one request at a time tries it and the others get the 503 at once, so a hung store
-  ties up one request thread instead of all of them; the first success closes it again.
+- Uploads and reads go through `ComponentHealth.call`, a circuit breaker: once a call into a
+  half has failed slowly (a timeout: the store hangs), or while a call has been waiting on it
+  longer than the store timeout, one request at a time tries it and the others get the 503
+  at once, so a hung store ties up one request thread instead of all of them; the first
+  success closes it again. A store that refuses at once (connection refused, disk full)
+  costs nothing to try, so then every request still tries and the first to succeed serves.
 - `HealthMonitor` checks each half in its own background thread every interval (a write
   while it is down, so a full disk or a read-only database is not declared up by a read),
   and logs every change with its details. The public answer is ok / not ok per half.
@@ -51,14 +54,16 @@ class StoreTimeouts:
 class ComponentHealth:
     """One half of the store as the request path and /readyz see it; thread-safe."""
 
-    def __init__(self, name: str, label: str, stall_after_s: float,
+    def __init__(self, name: str, label: str, stall_after_s: float, slow_after_s: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name              # "records" / "images": the key in /readyz
         self.label = label            # "upload database" / "image store": for messages
-        self.stall_after_s = stall_after_s
+        self.stall_after_s = stall_after_s  # a call waiting longer than this: the store hangs
+        self.slow_after_s = slow_after_s    # a failure that took longer: a timeout, opens the breaker
         self.clock = clock
         self._lock = threading.Lock()
         self._ok = True
+        self._open = False            # the breaker: one trial call at a time
         self._newest = -math.inf      # when the call or check that set `_ok` started
         self._in_flight: dict[int, float] = {}  # token -> start, calls and checks alike
         self._tokens = itertools.count()
@@ -82,14 +87,14 @@ class ComponentHealth:
     @contextmanager
     def call(self) -> Iterator[None]:
         """Around one real call into this half. Raises StorageError at once, without touching
-        the store, while it is down and another request is already trying it, or while a call
-        has been waiting on it for longer than the store timeout."""
+        the store, while its last failure was a timeout and another request is already trying
+        it, or while a call has been waiting on it for longer than the store timeout."""
         now = self.clock()
         trial = False
         with self._lock:
             if self._stalled(now):
                 raise self.unavailable()
-            if not self._ok:
+            if self._open:
                 if self._trial:
                     raise self.unavailable()
                 self._trial = trial = True
@@ -136,6 +141,7 @@ class ComponentHealth:
                 return  # something that started later has already said how the store is
             self._newest = started
             was_ok, self._ok = self._ok, error is None
+            self._open = error is not None and self.clock() - started >= self.slow_after_s
         if was_ok and error is not None:
             log.warning("%s is down: %s (uploads are answered 503 and /readyz is 503 until it answers again)",
                         self.label, error.message)

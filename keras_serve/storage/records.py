@@ -151,10 +151,10 @@ class RecordStore:
             if version in applied:
                 continue
             for statement in statements:
-                if callable(statement):
-                    statement(conn)
-                else:
+                if isinstance(statement, sa.sql.expression.Executable):
                     conn.execute(statement)
+                else:
+                    statement(conn)  # a function that checks before it writes
             conn.execute(schema_migrations.insert().values(version=version, applied=_utc_now()))
 
     def _install_postgres_deadline(self) -> None:
