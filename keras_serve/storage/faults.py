@@ -9,10 +9,11 @@ that alone:
   outcome was a success and nothing has waited on it longer than the store timeout.
 - Uploads and reads go through `ComponentHealth.call`, a circuit breaker: once a call into a
   half has failed slowly (a timeout: the store hangs), or while a call has been waiting on it
-  longer than the store timeout, one request at a time tries it and the others get the 503
-  at once, so a hung store ties up one request thread instead of all of them; the first
-  success closes it again. A store that refuses at once (connection refused, disk full)
-  costs nothing to try, so then every request still tries and the first to succeed serves.
+  longer than the store timeout, requests get the 503 at once without touching the store,
+  until a background check succeeds (or, with no checks running, one request tries again
+  after `retry_after_s`). So a hung store ties up a request thread once per timeout, not all
+  of them all the time. A store that refuses at once (connection refused, disk full) costs
+  nothing to try, so then every request still tries and the first to succeed serves.
 - `HealthMonitor` checks each half in its own background thread every interval (a write
   while it is down, so a full disk or a read-only database is not declared up by a read),
   and logs every change with its details. The public answer is ok / not ok per half.
@@ -63,7 +64,9 @@ class ComponentHealth:
         self.clock = clock
         self._lock = threading.Lock()
         self._ok = True
-        self._open = False            # the breaker: one trial call at a time
+        self._open = False            # the breaker: calls fail fast
+        self.retry_after_s = stall_after_s  # while open, a request may try again this often
+        self._next_trial = -math.inf
         self._newest = -math.inf      # when the call or check that set `_ok` started
         self._in_flight: dict[int, float] = {}  # token -> start, calls and checks alike
         self._tokens = itertools.count()
@@ -87,17 +90,18 @@ class ComponentHealth:
     @contextmanager
     def call(self) -> Iterator[None]:
         """Around one real call into this half. Raises StorageError at once, without touching
-        the store, while its last failure was a timeout and another request is already trying
-        it, or while a call has been waiting on it for longer than the store timeout."""
+        the store, while its last failure was a timeout (until a check succeeds), or while a
+        call has been waiting on it for longer than the store timeout."""
         now = self.clock()
         trial = False
         with self._lock:
             if self._stalled(now):
                 raise self.unavailable()
             if self._open:
-                if self._trial:
+                if self._trial or now < self._next_trial:
                     raise self.unavailable()
-                self._trial = trial = True
+                self._trial = trial = True  # nothing has checked for a while: this call does
+                self._next_trial = now + self.retry_after_s
             token = next(self._tokens)
             self._in_flight[token] = now
         try:
@@ -141,7 +145,10 @@ class ComponentHealth:
                 return  # something that started later has already said how the store is
             self._newest = started
             was_ok, self._ok = self._ok, error is None
-            self._open = error is not None and self.clock() - started >= self.slow_after_s
+            now = self.clock()
+            self._open = error is not None and now - started >= self.slow_after_s
+            if self._open:
+                self._next_trial = now + self.retry_after_s
         if was_ok and error is not None:
             log.warning("%s is down: %s (uploads are answered 503 and /readyz is 503 until it answers again)",
                         self.label, error.message)
