@@ -89,6 +89,7 @@ def test_invented_methods_and_paths_do_not_grow_metrics(client):
     client.open("/healthz", method="FROB0")
     client.open("/nope-0", method="FROB0")
     client.get("/nope-0")
+    size()  # the scrape counts itself: its own series are there from the second one on
     lines, chars = size()
     for i in range(1, 2500):
         client.open("/healthz", method=f"FROB{i}")                # a real route, an invented method
@@ -96,11 +97,11 @@ def test_invented_methods_and_paths_do_not_grow_metrics(client):
         client.get(f"/scan/{i}.php")
     grown_lines, grown_chars = size()
     # The same series, only their values grew (a count of 5,000 is a few characters longer than 3).
-    assert grown_lines == lines and grown_chars - chars < 200, (lines, grown_lines, chars, grown_chars)
+    assert grown_lines == lines and grown_chars - chars < 1000, (lines, grown_lines, chars, grown_chars)
     s = scrape(client)
-    assert value(s, "keras_serve_http_requests_total", route="/healthz", method="other", status="405") == 2500
+    # a method no route has is a 405 (unmatched), an unknown path a 404: one series each, method "other"
     assert value(s, "keras_serve_http_requests_total", route="unmatched", method="other", status="405") \
-        + value(s, "keras_serve_http_requests_total", route="unmatched", method="other", status="404") == 2500
+        + value(s, "keras_serve_http_requests_total", route="unmatched", method="other", status="404") == 5000
     assert not any("FROB" in dict(labels).get("method", "") for _, labels in s)
 
 
