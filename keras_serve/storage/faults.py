@@ -65,7 +65,8 @@ class ComponentHealth:
         self._lock = threading.Lock()
         self._ok = True
         self._open = False            # the breaker: calls fail fast
-        self.retry_after_s = stall_after_s  # while open, a request may try again this often
+        self.retry_after_s = stall_after_s  # while open and unmonitored, a request may try this often
+        self.monitored = False        # a HealthMonitor checks it: only a check closes the breaker
         self._next_trial = -math.inf
         self._newest = -math.inf      # when the call or check that set `_ok` started
         self._in_flight: dict[int, float] = {}  # token -> start, calls and checks alike
@@ -98,7 +99,7 @@ class ComponentHealth:
             if self._stalled(now):
                 raise self.unavailable()
             if self._open:
-                if self._trial or now < self._next_trial:
+                if self.monitored or self._trial or now < self._next_trial:
                     raise self.unavailable()
                 self._trial = trial = True  # nothing has checked for a while: this call does
                 self._next_trial = now + self.retry_after_s
@@ -169,6 +170,7 @@ class HealthMonitor:
         """One check of each half now (so readiness is known from the start), then the threads."""
         for component, probe in self.checks:
             component.check(probe)
+            component.monitored = True
         for component, probe in self.checks:
             thread = threading.Thread(target=self._loop, args=(component, probe), daemon=True,
                                       name=f"store-check-{component.name}")
