@@ -406,3 +406,62 @@ def test_claim_image_store_makes_this_database_the_owner(make_store, storage_con
     if postgres:
         second.close()
         postgres.drop_database(second_url)
+
+
+# --- 6: waitress answers health checks in its event loop ---------------------------------------
+
+def test_waitress_answers_health_checks_while_every_request_thread_is_busy():
+    from flask import Flask
+    from waitress import wasyncore
+
+    from keras_serve.web.server import ServerSettings, build_server
+    from services import free_ports
+
+    app = Flask("busy")
+    busy, release = threading.Event(), threading.Event()
+
+    @app.get("/slow")
+    def slow():  # as an upload waiting on a hung store would
+        busy.set()
+        release.wait(30)
+        return "done"
+
+    @app.get("/healthz")
+    def healthz():
+        return {"alive": True, "thread": threading.current_thread().name}
+
+    @app.get("/model")
+    def model():
+        return {}
+
+    port = free_ports(1)[0]
+    server = build_server(app, ServerSettings(host="127.0.0.1", port=port, threads=1, max_body_bytes=1 << 20,
+                                              connection_limit=100, idle_timeout_s=30, header_timeout_s=30,
+                                              shutdown_grace_s=1))
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            wasyncore.loop(timeout=0.05, map=server._map, use_poll=True, count=1)
+
+    loop_thread = threading.Thread(target=loop, name="event-loop", daemon=True)
+    loop_thread.start()
+    slow_answer = []
+    slow_client = threading.Thread(target=lambda: slow_answer.append(
+        requests.get(f"http://127.0.0.1:{port}/slow", timeout=30).text), daemon=True)
+    try:
+        slow_client.start()
+        assert busy.wait(10)  # the only request thread is taken
+        for _ in range(3):
+            r = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+            assert r.status_code == 200 and r.json() == {"alive": True, "thread": "event-loop"}
+        with pytest.raises(requests.Timeout):  # any other route waits for a request thread, as before
+            requests.get(f"http://127.0.0.1:{port}/model", timeout=0.5)
+    finally:
+        release.set()
+        slow_client.join(10)
+        stop.set()
+        loop_thread.join(5)
+        server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
+        server.close()
+    assert slow_answer == ["done"]
