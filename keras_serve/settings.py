@@ -84,7 +84,7 @@ SETTINGS: tuple[Setting, ...] = (
             "deletes them (0: keep them until `python -m keras_serve.storage quarantine --empty`)", float),
     Setting("STORE_CONNECT_TIMEOUT_S", 2.0, "seconds to open a connection to PostgreSQL or S3 (PostgreSQL "
             "counts at least 2)", float, flag="--store-connect-timeout", metavar="SECONDS"),
-    Setting("STORE_TIMEOUT_S", 5.0, "seconds one database statement or S3 request may wait for an answer; a "
+    Setting("STORE_TIMEOUT_S", 3.0, "seconds one database statement or S3 request may wait for an answer; a "
             "store that does not answer within this is treated as down: uploads get 503 at once and /readyz "
             "is 503 until a background check succeeds", float, flag="--store-timeout", metavar="SECONDS"),
     Setting("STORE_ATTEMPTS", 2, "tries per S3 request, the first included (botocore standard retry mode)", int),

@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+TESTS = Path(__file__).resolve().parent
+sys.path[:0] = [str(TESTS.parent), str(TESTS)]  # this checkout's keras_serve, and the test helpers
 
 import requests  # noqa: E402
 
@@ -46,7 +47,7 @@ def ms(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store-timeout", type=float, default=5.0)
+    parser.add_argument("--store-timeout", type=float, default=3.0)
     parser.add_argument("--connect-timeout", type=float, default=2.0)
     parser.add_argument("--attempts", type=int, default=2)
     parser.add_argument("--check-interval", type=float, default=2.0)

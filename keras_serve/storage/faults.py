@@ -41,7 +41,7 @@ class StoreTimeouts:
     """How long the store may keep a request thread (settings STORE_*)."""
 
     connect_s: float = 2.0   # open a connection (TCP + TLS + login)
-    timeout_s: float = 5.0   # one statement or S3 request, waiting for its answer
+    timeout_s: float = 3.0   # one statement or S3 request, waiting for its answer
     attempts: int = 2        # tries per S3 request, the first included
 
     @classmethod

@@ -89,9 +89,9 @@ class UploadStore:
         self.orphan_minutes = orphan_minutes
         self.quarantine_days = quarantine_days
         self.clock = clock
-        # A call waiting longer than one timeout (plus a connect) means that half hangs; a failure
-        # that took half a timeout was most likely one.
-        stall_after_s, slow_after_s = timeouts.timeout_s + timeouts.connect_s, timeouts.timeout_s / 2
+        # A call waiting longer than one timeout means that half hangs (a healthy store answers
+        # in milliseconds); a failure that took half a timeout was most likely one.
+        stall_after_s, slow_after_s = timeouts.timeout_s, timeouts.timeout_s / 2
         self.records_health = ComponentHealth("records", "upload database", stall_after_s, slow_after_s)
         self.images_health = ComponentHealth("images", "image store", stall_after_s, slow_after_s)
         self._stop = threading.Event()
