@@ -85,6 +85,28 @@ def test_a_call_waiting_longer_than_the_timeout_makes_the_half_down_and_others_f
     assert part.ok() is True
 
 
+def test_botocore_errors_without_a_response_become_storage_errors(seaweedfs, monkeypatch):
+    """What gave 500 before: a ReadTimeoutError carries response=None, and the mapping called .get on it."""
+    from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
+
+    from keras_serve.storage.images import S3ImageStore
+
+    for name, value in seaweedfs.env().items():
+        monkeypatch.setenv(name, value)
+    store = S3ImageStore(f"s3://{seaweedfs.bucket}/errors")
+    for exc in (ReadTimeoutError(endpoint_url="http://s3"), ConnectTimeoutError(endpoint_url="http://s3"),
+                EndpointConnectionError(endpoint_url="http://s3"), RuntimeError("anything else")):
+        def fail(**kwargs):
+            raise exc
+
+        monkeypatch.setattr(store.client, "put_object", fail)
+        monkeypatch.setattr(store.client, "get_object", fail)
+        with pytest.raises(StorageError, match="it did not answer"):
+            store.put("2026/01/01/" + "a" * 32 + ".png", b"x", "image/png")
+        with pytest.raises(StorageError, match="it did not answer"):
+            store.get("2026/01/01/" + "a" * 32 + ".png")
+
+
 # --- 1 and 6: a hung store answers 503 storage within its timeout, then recovers ------------------
 
 @pytest.mark.parametrize("frozen", ["s3", "postgresql"])
