@@ -78,5 +78,6 @@ class UploadNotFound(ServiceError):
 
 
 class StorageError(ServiceError):
+    # No guess at the cause here: the message says what is known, the log has the details.
     hint = "The upload could not be saved, so it was not classified. Try again later; " \
-           "if it keeps happening, the server's disk may be full."
+           "if it keeps happening, tell the server's operator."

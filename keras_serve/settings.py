@@ -77,8 +77,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("IMAGE_STORE", None, "where upload images go: s3://bucket/prefix, endpoint and credentials from "
             "the AWS_* environment (default: files under UPLOAD_DIR)", _optional_str, flag="--image-store",
             metavar="URL"),
-    Setting("UPLOAD_ORPHAN_MINUTES", 15.0, "an image with no record older than this is removed with retention "
-            "(a crash between image and record)", float),
+    Setting("UPLOAD_ORPHAN_MINUTES", 15.0, "an image with no record older than this is moved to the quarantine "
+            "with retention (a crash between image and record); never while the image store belongs to another "
+            "database or the database has no uploads (docs/storage-faults.md)", float),
+    Setting("UPLOAD_QUARANTINE_DAYS", 7.0, "orphaned images stay in the quarantine this long before retention "
+            "deletes them (0: keep them until `python -m keras_serve.storage quarantine --empty`)", float),
+    Setting("STORE_CONNECT_TIMEOUT_S", 2.0, "seconds to open a connection to PostgreSQL or S3 (PostgreSQL "
+            "counts at least 2)", float, flag="--store-connect-timeout", metavar="SECONDS"),
+    Setting("STORE_TIMEOUT_S", 3.0, "seconds one database statement or S3 request may wait for an answer; a "
+            "store that does not answer within this is treated as down: uploads get 503 at once and /readyz "
+            "is 503 until a background check succeeds", float, flag="--store-timeout", metavar="SECONDS"),
+    Setting("STORE_ATTEMPTS", 2, "tries per S3 request, the first included (botocore standard retry mode)", int),
+    Setting("STORE_CHECK_INTERVAL_S", 2.0, "how often a background thread checks the database and the image "
+            "store for /readyz", float),
     Setting("MAX_CONTENT_LENGTH", 16 * 1024 * 1024, "largest request body (flag in MB, setting in bytes)",
             int, flag="--max-upload-mb", to_config=_mb_to_bytes, metavar="MB"),
     Setting("MAX_PIXELS", DEFAULT_MAX_PIXELS, "largest image in pixels", int, flag="--max-pixels"),

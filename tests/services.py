@@ -7,8 +7,10 @@
 
 Each starts on free ports in its own temporary folder and is removed, folder and all, on exit.
 `stop()` and `start()` take a server down and bring it back on the same ports and data, for
-tests of what the app does while its store is away. Nothing here is mocked: these are the
-engines a deployment runs.
+tests of what the app does while its store is away; `paused(server)` freezes its processes
+(SIGSTOP: the kernel still accepts connections and acknowledges data, nothing answers) and
+always resumes them (SIGCONT), for tests of a hung store. Nothing here is mocked: these are
+the engines a deployment runs.
 """
 from __future__ import annotations
 
@@ -45,6 +47,44 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+def children_of(pid: int) -> list[int]:
+    """Every descendant of `pid`, from /proc."""
+    parents: dict[int, list[int]] = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            text = Path(stat).read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        parents.setdefault(int(fields[1]), []).append(int(stat.split("/")[2]))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@contextmanager
+def paused(server) -> Iterator[None]:
+    """Freeze every process of `server` (SIGSTOP) for the block; always resumed (SIGCONT)."""
+    stopped = []
+    try:
+        for pid in server.pids():
+            try:
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+            except ProcessLookupError:
+                pass
+        yield
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
 # --- PostgreSQL ----------------------------------------------------------------------------
 
 class Postgres:
@@ -75,6 +115,11 @@ class Postgres:
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.folder / "data"), "-m", "immediate", "-w", "stop")
+
+    def pids(self) -> list[int]:
+        """The postmaster and every process it started (backends, checkpointer, ...)."""
+        postmaster = int((self.folder / "data" / "postmaster.pid").read_text().split()[0])
+        return [postmaster, *children_of(postmaster)]
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
@@ -196,6 +241,9 @@ class SeaweedFS:
                     os.unlink(leftover)
                 except OSError:
                     pass
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid, *children_of(self.proc.pid)] if self.proc and self.proc.poll() is None else []
 
     def env(self) -> dict[str, str]:
         """The environment a client (boto3, the server) needs to reach this store."""

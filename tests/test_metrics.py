@@ -78,6 +78,33 @@ def test_requests_are_counted_by_route_method_and_status(client):
     assert value(scrape(client), requests, route="/metrics", method="GET", status="200") == 1
 
 
+def test_invented_methods_and_paths_do_not_grow_metrics(client):
+    """Any token is a valid HTTP method and any path can be asked: thousands of each must
+    leave /metrics the size it was after one of each (issue 20: 5,000 methods had added
+    100,000 lines)."""
+    def size() -> tuple[int, int]:
+        text = client.get("/metrics").get_data(as_text=True)
+        return len(text.splitlines()), len(text)
+
+    client.open("/healthz", method="FROB0")
+    client.open("/nope-0", method="FROB0")
+    client.get("/nope-0")
+    size()  # the scrape counts itself: its own series are there from the second one on
+    lines, chars = size()
+    for i in range(1, 2500):
+        client.open("/healthz", method=f"FROB{i}")                # a real route, an invented method
+        client.open(f"/nope-{i}/{'x' * (i % 50)}", method=f"M{i}")  # an invented path and method
+        client.get(f"/scan/{i}.php")
+    grown_lines, grown_chars = size()
+    # The same series, only their values grew (a count of 5,000 is a few characters longer than 3).
+    assert grown_lines == lines and grown_chars - chars < 1000, (lines, grown_lines, chars, grown_chars)
+    s = scrape(client)
+    # a method no route has is a 405 (unmatched), an unknown path a 404: one series each, method "other"
+    assert value(s, "keras_serve_http_requests_total", route="unmatched", method="other", status="405") \
+        + value(s, "keras_serve_http_requests_total", route="unmatched", method="other", status="404") == 5000
+    assert not any("FROB" in dict(labels).get("method", "") for _, labels in s)
+
+
 def test_batch_sizes_and_inference_time_match_the_batcher(app):
     results = []
 

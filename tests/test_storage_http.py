@@ -143,11 +143,16 @@ def test_the_server_starts_while_the_database_is_down_and_serves_once_it_is_up(m
 
     with running_postgres() as pg:
         pg.stop()
-        app = make_app(MODEL_PATH=str(colour_model_path), DATABASE_URL=pg.url())
+        app = make_app(MODEL_PATH=str(colour_model_path), DATABASE_URL=pg.url(), STORE_CHECK_INTERVAL_S=0.2)
         client = app.test_client()
         assert client.get("/readyz").status_code == 503
         assert post_file(client, image_bytes(RED)).status_code == 503
         pg.start()
+        # /readyz says what the background check last found (it never waits on the database
+        # itself): ready again within a check interval
+        deadline = time.monotonic() + 10
+        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert client.get("/readyz").status_code == 200
         body = post_file(client, image_bytes(RED)).get_json()  # the schema is made on the way
         assert client.get(body["image_url"]).data == image_bytes(RED)

@@ -130,22 +130,28 @@ def test_retention_removes_expired_rows_and_their_images(make_store):
     old_key = store.read_record(old)["image_key"]
     clock[0] = time.time()
     new = store.save(b"new", "PNG", {})
-    assert store.prune() == {"expired": 1, "orphans": 0}
+    assert store.prune() == {"expired": 1, "orphans": 0, "quarantine_deleted": 0}
     with pytest.raises(UploadNotFound):
         store.read_record(old)
     assert store.images.get(old_key) is None
     assert store.read_image(new)[0] == b"new"
-    assert store.prune() == {"expired": 0, "orphans": 0}
+    assert store.prune() == {"expired": 0, "orphans": 0, "quarantine_deleted": 0}
 
 
-def test_orphaned_images_are_removed_once_old_enough(store):
+def test_orphaned_images_are_quarantined_once_old_enough_then_deleted(store):
     kept = store.save(b"kept", "PNG", {})
     orphan_key = time.strftime("%Y/%m/%d/", time.gmtime()) + "ab" * 16 + ".png"
     store.images.put(orphan_key, b"written, then the process died before its row", "image/png")
     assert store.prune()["orphans"] == 0  # young: its row may still be on its way
     store.clock = lambda: time.time() + 3600
-    assert store.prune() == {"expired": 0, "orphans": 1}
+    assert store.prune() == {"expired": 0, "orphans": 1, "quarantine_deleted": 0}
     assert store.images.get(orphan_key) is None and store.read_image(kept)[0] == b"kept"
+    assert list(store.images.quarantined(time.time() + 60)) == [orphan_key]  # moved, not deleted
+    assert list(store.images.list(time.time() + 7200)) == [store.read_record(kept)["image_key"]]
+    store.clock = lambda: time.time() + 8 * DAY  # past UPLOAD_QUARANTINE_DAYS (7)
+    assert store.prune()["quarantine_deleted"] == 1
+    assert list(store.images.quarantined(time.time() + 9 * DAY)) == []
+    assert store.read_image(kept)[0] == b"kept"
 
 
 def test_a_failed_row_leaves_no_image_behind(store, monkeypatch):
@@ -174,16 +180,15 @@ def test_a_deleted_image_is_not_found(store):
         store.read_image(upload_id)
 
 
-def test_health_reports_both_halves(store, monkeypatch):
-    health = store.health()
-    assert health == {"ok": True, "records": store.records.description, "images": store.images.description}
+def test_health_reports_each_half_ok_or_not_and_nothing_else(store, monkeypatch):
+    assert store.check_now() == {"ok": True, "records": {"ok": True}, "images": {"ok": True}}
 
-    def unreachable():
+    def unreachable(write=False):
         raise StorageError("The image store cannot be reached.")
 
-    monkeypatch.setattr(store.images, "health", unreachable)
-    health = store.health()
-    assert health["ok"] is False and health["problems"] == ["The image store cannot be reached."]
+    monkeypatch.setattr(store.images, "check", unreachable)
+    assert store.check_now() == {"ok": False, "records": {"ok": True}, "images": {"ok": False}}
+    assert store.health() == store.check_now()  # health() is what the checks last found
 
 
 # --- failures of the medium, and recovering from them -----------------------------------

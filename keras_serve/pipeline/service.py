@@ -60,6 +60,8 @@ class ClassifierService:
         batcher = DynamicBatcher(model.predict_batch, max_batch, float(config["MAX_WAIT_MS"]), metrics=metrics)
         try:
             store = UploadStore.from_config(config)
+            # /readyz and the uploads' circuit breaker read what these checks find (storage/faults.py)
+            store.start_health_checks(float(config.get("STORE_CHECK_INTERVAL_S") or 2.0))
             store.start_maintenance()  # retention and orphan sweep now, then hourly, in the background
         except BaseException:
             batcher.close()

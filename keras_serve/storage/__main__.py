@@ -5,6 +5,8 @@
     python -m keras_serve.storage import-dayfiles uploads/      # the files of earlier versions
     python -m keras_serve.storage copy-to --to-database-url postgresql+psycopg://... --to-image-store s3://b/p
     python -m keras_serve.storage prune
+    python -m keras_serve.storage quarantine [--restore | --restore-all | --empty]
+    python -m keras_serve.storage claim-image-store    # this database owns the image store now
 
 The store is chosen like the server's: --upload-dir, --database-url, --image-store, or their
 KERAS_SERVE_* environment variables (and AWS_* for S3).
@@ -141,8 +143,15 @@ def main(argv: Iterable[str] | None = None) -> int:
     copy_cmd.add_argument("--to-database-url", required=True)
     copy_cmd.add_argument("--to-image-store", help="s3://bucket/prefix (default: files in --to-upload-dir)")
     copy_cmd.add_argument("--to-upload-dir")
-    prune_cmd = sub.add_parser("prune", help="delete uploads past retention and orphaned images now")
+    prune_cmd = sub.add_parser("prune", help="delete uploads past retention and quarantine orphaned images now")
     prune_cmd.add_argument("--retention-days", dest="UPLOAD_RETENTION_DAYS", type=float)
+    quarantine_cmd = sub.add_parser("quarantine", help="count the images in the quarantine, or restore or delete them")
+    action = quarantine_cmd.add_mutually_exclusive_group()
+    action.add_argument("--restore", action="store_true", help="move back those that have a record in this database")
+    action.add_argument("--restore-all", action="store_true", help="move every quarantined image back")
+    action.add_argument("--empty", action="store_true", help="delete every quarantined image now")
+    sub.add_parser("claim-image-store", help="write this database's store id into the image store's owner marker "
+                                             "(after checking that no other database owns those images)")
     args = parser.parse_args(list(argv) if argv is not None else None)
 
     config = config_from_args(args)
@@ -173,10 +182,27 @@ def main(argv: Iterable[str] | None = None) -> int:
                 target.close()
             print(f"copied {counts['copied']} uploads ({counts['already_present']} were already there, "
                   f"{counts['missing_image']} had lost their image)", file=sys.stderr)
+        elif args.command == "quarantine":
+            if args.restore or args.restore_all:
+                count = store.restore_quarantined(only_recorded=args.restore)
+                print(f"restored {count} images from the quarantine", file=sys.stderr)
+            elif args.empty:
+                keys = list(store.images.quarantined(float("inf")))
+                for key in keys:
+                    store.images.delete_quarantined(key)
+                print(f"deleted {len(keys)} images from the quarantine", file=sys.stderr)
+            else:
+                print(f"{sum(1 for _ in store.images.quarantined(float('inf')))} images in the quarantine",
+                      file=sys.stderr)
+        elif args.command == "claim-image-store":
+            previous, store_id = store.images.read_owner(), store.records.store_id()
+            store.images.write_owner(store_id)
+            print(f"the image store now belongs to this database (store id {store_id}; it was {previous})",
+                  file=sys.stderr)
         else:
             result = store.prune()
-            print(f"removed {result['expired']} expired uploads and {result['orphans']} orphaned images",
-                  file=sys.stderr)
+            print(f"removed {result['expired']} expired uploads, moved {result['orphans']} orphaned images to the "
+                  f"quarantine and deleted {result['quarantine_deleted']} from it", file=sys.stderr)
     except StorageError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1

@@ -9,12 +9,22 @@ Every database failure leaves here as `StorageError` (503), and the server recov
 PostgreSQL connections are checked before use (`pool_pre_ping`), and a SQLite file that was
 deleted or replaced while serving is noticed on the next checkout, then reopened (folder and
 schema made again), instead of writes going on into a file nobody can see any more.
+
+No call waits on PostgreSQL longer than the store timeouts (docs/storage-faults.md): a connect
+timeout, the server's own statement_timeout, and a client-side limit on every wait for an
+answer, which is what ends a wait on a server that is paused or behind a network black hole
+(its timers do not run, and its kernel still acknowledges keepalives).
+
+The database also holds its store id (`store_identity`), a random id made with the schema; the
+image store's owner marker names it, so the orphan sweep knows whose images it may touch.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import secrets
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -26,6 +36,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from keras_serve.errors import StorageError
+from keras_serve.storage.faults import StoreTimeouts
 
 log = logging.getLogger(__name__)
 
@@ -55,35 +66,63 @@ schema_migrations = sa.Table(
     sa.Column("applied", sa.DateTime(), nullable=False),
 )
 
-# Each migration is idempotent DDL, so two servers starting at once cannot trip over each other.
+# One row: which store this database is. The image store's owner marker names the same id.
+store_identity = sa.Table(
+    "store_identity", metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=False),  # always 1
+    sa.Column("store_id", sa.String(32), nullable=False),                   # 128 random bits, hex
+    sa.Column("created", sa.DateTime(), nullable=False),
+    sa.Column("checked", sa.DateTime()),  # written by the health check while the database is down
+)
+
+
+def _add_store_id(conn: sa.Connection) -> None:
+    # A fresh id per database, made when the migration runs (never at import: two databases
+    # migrated by one process must not share it).
+    if conn.execute(sa.select(store_identity.c.id)).first() is None:
+        conn.execute(store_identity.insert().values(id=1, store_id=secrets.token_hex(16), created=_utc_now()))
+
+
+# Each migration is idempotent (DDL with IF NOT EXISTS, or a callable that checks first) and
+# runs under a lock on PostgreSQL, so two servers starting at once cannot trip over each other.
 MIGRATIONS: tuple[tuple[int, tuple[Any, ...]], ...] = (
     (1, (sa.schema.CreateTable(uploads, if_not_exists=True),
          sa.schema.CreateIndex(received_index, if_not_exists=True))),
+    (2, (sa.schema.CreateTable(store_identity, if_not_exists=True), _add_store_id)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 UNAVAILABLE_HINT = "The upload database is unavailable; try again shortly. If it keeps happening, " \
-                   "check the database server (or the disk holding uploads.db)."
+                   "tell the server's operator (the details are in the server's log)."
 
 
 def sqlite_url(upload_dir: str | Path) -> str:
     return f"sqlite:///{Path(upload_dir).resolve() / 'uploads.db'}"
 
 
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
 class RecordStore:
-    def __init__(self, url: str, fsync: bool = False) -> None:
+    def __init__(self, url: str, fsync: bool = False, timeouts: StoreTimeouts = StoreTimeouts()) -> None:
         self.url = sa.engine.make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         self.description = self.url.render_as_string(hide_password=True)
+        self.timeouts = timeouts
         if self.is_sqlite:
             if not self.url.database or self.url.database == ":memory:":
                 raise ValueError("SQLite needs a file path: the records must outlive the process")
             self.path = Path(self.url.database)
-            self.engine = sa.create_engine(self.url, pool_size=8, max_overflow=56, pool_timeout=10)
+            self.engine = sa.create_engine(self.url, pool_size=8, max_overflow=56, pool_timeout=timeouts.timeout_s)
             self._install_sqlite_hooks(synchronous="FULL" if fsync else "NORMAL")
-        else:
+        elif self.url.get_backend_name() == "postgresql" and self.url.get_driver_name() == "psycopg":
             self.engine = sa.create_engine(
-                self.url, pool_pre_ping=True, pool_size=8, max_overflow=24, pool_timeout=10,
-                connect_args={"connect_timeout": 5} if self.url.get_backend_name() == "postgresql" else {})
+                self.url, pool_pre_ping=True, pool_size=8, max_overflow=24, pool_timeout=timeouts.timeout_s,
+                connect_args=postgres_connect_args(timeouts))
+            self._install_postgres_deadline()
+        else:
+            self.engine = sa.create_engine(self.url, pool_pre_ping=True, pool_size=8, max_overflow=24,
+                                           pool_timeout=timeouts.timeout_s)
         self._schema_ready = False
         self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
         self._queue_lock = threading.Lock()
@@ -112,8 +151,21 @@ class RecordStore:
             if version in applied:
                 continue
             for statement in statements:
-                conn.execute(statement)
-            conn.execute(schema_migrations.insert().values(version=version, applied=datetime.now(timezone.utc).replace(tzinfo=None)))
+                if isinstance(statement, sa.sql.expression.Executable):
+                    conn.execute(statement)
+                else:
+                    statement(conn)  # a function that checks before it writes
+            conn.execute(schema_migrations.insert().values(version=version, applied=_utc_now()))
+
+    def _install_postgres_deadline(self) -> None:
+        connection_class = deadline_connection_class()
+        answer_timeout_s = self.timeouts.timeout_s
+
+        @sa.event.listens_for(self.engine, "do_connect")
+        def connect(dialect, conn_rec, cargs, cparams):
+            connection = connection_class.connect(*cargs, **cparams)
+            connection.answer_timeout_s = answer_timeout_s
+            return connection
 
     def _install_sqlite_hooks(self, synchronous: str) -> None:
         @sa.event.listens_for(self.engine, "connect")
@@ -123,7 +175,8 @@ class RecordStore:
             # loses nothing when the process dies, only on power loss; FULL with --fsync-uploads.
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute(f"PRAGMA synchronous={synchronous}")
-            cursor.execute("PRAGMA busy_timeout=10000")  # several processes may share the file
+            # several processes may share the file: wait for their write lock, but within the store timeout
+            cursor.execute(f"PRAGMA busy_timeout={int(self.timeouts.timeout_s * 1000)}")
             cursor.close()
             record.info["inode"] = _inode(self.path)
 
@@ -227,9 +280,29 @@ class RecordStore:
                 return
             after = (rows[-1]["received"], rows[-1]["id"])
 
-    def health(self) -> None:
-        with self._errors("reach", read=True), self._connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
+    def has_uploads(self) -> bool:
+        with self._errors("read", read=True), self._connect() as conn:
+            return conn.execute(sa.select(uploads.c.id).limit(1)).first() is not None
+
+    def store_id(self) -> str:
+        """This database's store id (made with the schema)."""
+        with self._errors("read", read=True), self._connect() as conn:
+            store_id = conn.execute(sa.select(store_identity.c.store_id).where(store_identity.c.id == 1)).scalar()
+        if store_id is None:  # the row was deleted by hand: the schema check makes it again
+            with self._errors("prepare"), self._begin() as conn:
+                _add_store_id(conn)
+            return self.store_id()
+        return store_id
+
+    def check(self, write: bool = False) -> None:
+        """The database answers; with `write`, it takes a write (a full disk, a read-only file or
+        a read-only replica fail here as the uploads do)."""
+        if not write:
+            with self._errors("reach", read=True), self._connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            return
+        with self._errors("write to"), self._begin() as conn:
+            conn.execute(store_identity.update().where(store_identity.c.id == 1).values(checked=_utc_now()))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -276,11 +349,58 @@ class RecordStore:
         # The details (host names, SQL) go to the log, not to the client.
         log.warning("upload database %s: could not %s it: %s", self.description, what, exc)
         text = str(getattr(exc, "orig", exc)).lower()
-        if "disk is full" in text or "no space" in text:
+        if "disk is full" in text or "no space" in text:  # what SQLite itself said, not a guess
             message = "The server's disk is full, so the upload could not be recorded."
         else:
             message = f"Could not {what} the upload database."
         return StorageError(message, UNAVAILABLE_HINT if read else None)
+
+
+def postgres_connect_args(timeouts: StoreTimeouts) -> dict[str, Any]:
+    """libpq settings that bound every wait on the server (docs/storage-faults.md)."""
+    statement_ms = int(timeouts.timeout_s * 1000)
+    return {
+        "connect_timeout": max(2, math.ceil(timeouts.connect_s)),  # libpq's unit is whole seconds, at least 2
+        # The server's own limits: a statement (or a lock it waits for) that runs too long.
+        "options": f"-c statement_timeout={statement_ms} -c lock_timeout={statement_ms}",
+        # A peer that vanished (host down, connection dropped by a firewall) is found by the
+        # kernel; a paused server is not: that is the client-side limit in DeadlineConnection.
+        "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+        "tcp_user_timeout": int(timeouts.timeout_s * 1000 + timeouts.connect_s * 1000),
+    }
+
+
+_deadline_connection: type | None = None
+
+
+def deadline_connection_class() -> type:
+    """psycopg's Connection, but no wait for the server's answer lasts longer than
+    `answer_timeout_s`: a paused server (SIGSTOP) or a network black hole never runs its own
+    statement_timeout, and its kernel still acknowledges keepalives, so only the client can
+    end that wait. The connection is closed then (it is mid-protocol), which SQLAlchemy
+    takes for a disconnect: dropped from the pool, never rolled back on it."""
+    global _deadline_connection
+    if _deadline_connection is None:
+        import psycopg
+        from psycopg import errors
+
+        wait_timeout = getattr(errors, "_WaitTimeout", errors.OperationalError)
+
+        class DeadlineConnection(psycopg.Connection):
+            answer_timeout_s: float | None = None
+
+            def wait(self, gen, interval=None, timeout=None):
+                limit = self.answer_timeout_s if timeout is None else timeout
+                try:
+                    if interval is None:
+                        return super().wait(gen, timeout=limit)
+                    return super().wait(gen, interval, limit)
+                except wait_timeout:
+                    self.close()
+                    raise psycopg.OperationalError(f"the database did not answer within {limit:g} s") from None
+
+        _deadline_connection = DeadlineConnection
+    return _deadline_connection
 
 
 class _QueuedRow:

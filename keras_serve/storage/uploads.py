@@ -5,8 +5,16 @@
 
 `save` writes the image first and the row second; only then does the client hear back. A
 crash between the two leaves an image without a row (an orphan, never served: lookups start
-at the row), which `prune` removes once it is older than `orphan_minutes`. A row therefore
-never points to an image that was not completely written.
+at the row), which `prune` moves to the image store's quarantine once it is older than
+`orphan_minutes`, and deletes from there after `quarantine_days`. A row therefore never points
+to an image that was not completely written.
+
+The sweep never touches images another database may own (docs/storage-faults.md): it runs only
+when the image store's owner marker names this database's store id (an absent marker is
+written first), and never while the database has no uploads at all.
+
+Every call into either half goes through its `ComponentHealth` (faults.py): a half that failed
+or hangs answers 503 at once, and /readyz reads their state without waiting on the store.
 
 An id is 128 random bits in hex. It is only ever looked up in the database after a strict
 pattern check: no part of it is an offset, a path or anything else a client can steer.
@@ -25,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from keras_serve.errors import StorageError, UploadNotFound
+from keras_serve.storage.faults import ComponentHealth, HealthMonitor, StoreTimeouts
 from keras_serve.storage.images import TEMP_PREFIX, ImageStore, open_image_store
 from keras_serve.storage.records import RecordStore, sqlite_url
 
@@ -38,6 +47,10 @@ MIMETYPE_BY_SUFFIX = {"jpg": "image/jpeg", "png": "image/png", "gif": "image/gif
                       "ppm": "image/x-portable-pixmap", "bin": "application/octet-stream"}
 # What a caller may put in a record; the store's own facts (id, time, size, hash) win.
 CALLER_FIELDS = ("client_filename", "model", "prediction", "error", "milliseconds")
+TEXT_FIELDS = {"client_filename": 255, "model": 1000, "error": 1000}  # and their longest stored length
+# What some back end cannot store in text: NUL (PostgreSQL refuses it), the other control
+# characters, and lone surrogates (not encodable as UTF-8). Each becomes U+FFFD on every back end.
+UNSTORABLE_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 
 
 def new_upload_id() -> str:
@@ -46,6 +59,13 @@ def new_upload_id() -> str:
 
 def is_upload_id(text: str) -> bool:
     return isinstance(text, str) and len(text) <= 64 and ID_PATTERN.fullmatch(text) is not None
+
+
+def storable_text(value: Any, limit: int) -> str | None:
+    """Client text as every back end can store it alike: no NUL, controls or lone surrogates."""
+    if value is None:
+        return None
+    return UNSTORABLE_TEXT.sub("\ufffd", str(value)[:limit])
 
 
 def suffix_for(image_format: str | None) -> str:
@@ -59,26 +79,37 @@ def image_key(upload_id: str, received: datetime, image_format: str | None) -> s
 
 class UploadStore:
     def __init__(self, images: ImageStore, records: RecordStore, retention_days: float | None = 30.0,
-                 orphan_minutes: float = 15.0, clock: Callable[[], float] = time.time) -> None:
+                 orphan_minutes: float = 15.0, clock: Callable[[], float] = time.time,
+                 quarantine_days: float = 7.0, timeouts: StoreTimeouts = StoreTimeouts()) -> None:
         self.images = images
         self.records = records
         self.retention_days = retention_days
         # An image younger than this may belong to a save still writing its row, so it is not
         # an orphan yet; a save takes milliseconds, a stalled database at most its timeouts.
         self.orphan_minutes = orphan_minutes
+        self.quarantine_days = quarantine_days
         self.clock = clock
+        # A call waiting longer than one timeout means that half hangs (a healthy store answers
+        # in milliseconds); a failure that took half a timeout was most likely one.
+        stall_after_s, slow_after_s = timeouts.timeout_s, timeouts.timeout_s / 2
+        self.records_health = ComponentHealth("records", "upload database", stall_after_s, slow_after_s)
+        self.images_health = ComponentHealth("images", "image store", stall_after_s, slow_after_s)
         self._stop = threading.Event()
         self._maintenance: threading.Thread | None = None
+        self._monitor: HealthMonitor | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "UploadStore":
         """The store the settings describe: DATABASE_URL, IMAGE_STORE, UPLOAD_DIR and friends."""
         upload_dir = Path(config["UPLOAD_DIR"])
         fsync = bool(config.get("UPLOAD_FSYNC"))
-        images = open_image_store(config.get("IMAGE_STORE"), upload_dir, fsync=fsync)
-        records = RecordStore(config.get("DATABASE_URL") or sqlite_url(upload_dir), fsync=fsync)
+        timeouts = StoreTimeouts.from_config(config)
+        images = open_image_store(config.get("IMAGE_STORE"), upload_dir, fsync=fsync, timeouts=timeouts)
+        records = RecordStore(config.get("DATABASE_URL") or sqlite_url(upload_dir), fsync=fsync, timeouts=timeouts)
+        quarantine_days = config.get("UPLOAD_QUARANTINE_DAYS")
         return cls(images, records, retention_days=float(config.get("UPLOAD_RETENTION_DAYS") or 0),
-                   orphan_minutes=float(config.get("UPLOAD_ORPHAN_MINUTES") or 15.0))
+                   orphan_minutes=float(config.get("UPLOAD_ORPHAN_MINUTES") or 15.0),
+                   quarantine_days=7.0 if quarantine_days is None else float(quarantine_days), timeouts=timeouts)
 
     # -- the request path --------------------------------------------------------------
 
@@ -88,23 +119,28 @@ class UploadStore:
         upload_id = new_upload_id()
         key = image_key(upload_id, received, image_format)
         row = {field: record.get(field) for field in CALLER_FIELDS}
+        row.update({field: storable_text(row[field], limit) for field, limit in TEXT_FIELDS.items()})
         row.update(id=upload_id, received=received, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
                    format=image_format, image_key=key)
-        self.images.put(key, data, MIMETYPE_BY_SUFFIX[suffix_for(image_format)])
+        with self.images_health.call():
+            self.images.put(key, data, MIMETYPE_BY_SUFFIX[suffix_for(image_format)])
         try:
-            self.records.insert(row)
+            with self.records_health.call():
+                self.records.insert(row)
         except StorageError:
-            try:
-                self.images.delete(key)  # best effort; otherwise the orphan sweep will
-            except StorageError:
-                pass
+            if self.images_health.ok():
+                try:
+                    self.images.delete(key)  # best effort; otherwise the orphan sweep will
+                except StorageError:
+                    pass
             raise
         return upload_id
 
     def read_image(self, upload_id: str) -> tuple[bytes, str]:
         """(exactly the accepted bytes, their media type). Raises UploadNotFound or StorageError."""
         row = self._row(upload_id)
-        data = self.images.get(row["image_key"])
+        with self.images_health.call():
+            data = self.images.get(row["image_key"])
         if data is None:
             log.error("upload %s has a record but its image %s is gone from %s", upload_id,
                       row["image_key"], self.images.description)
@@ -119,21 +155,30 @@ class UploadStore:
         return public_record(self._row(upload_id))
 
     def health(self) -> dict[str, Any]:
-        """{"ok": bool, ...}: both halves answer. For /readyz."""
-        problems = []
-        for part in (self.records, self.images):
-            try:
-                part.health()
-            except StorageError as exc:
-                problems.append(exc.message)
-        return {"ok": not problems, "records": self.records.description, "images": self.images.description,
-                **({"problems": problems} if problems else {})}
+        """{"ok": bool, "records": {"ok": bool}, "images": {"ok": bool}}, for /readyz: what the
+        calls and background checks last found, without waiting on the store. No names, paths or
+        URLs: the details of a failure are in the log."""
+        parts = {part.name: {"ok": part.ok()} for part in (self.records_health, self.images_health)}
+        return {"ok": all(part["ok"] for part in parts.values()), **parts}
+
+    def check_now(self) -> dict[str, Any]:
+        """Check both halves now (what the background checks do), then `health()`."""
+        self.records_health.check(self.records.check)
+        self.images_health.check(self.images.check)
+        return self.health()
+
+    def start_health_checks(self, interval_s: float = 2.0) -> None:
+        """Check both halves now, then every `interval_s` in the background, until `close`."""
+        self._monitor = HealthMonitor([(self.records_health, self.records.check),
+                                       (self.images_health, self.images.check)], interval_s)
+        self._monitor.start()
 
     # -- retention ---------------------------------------------------------------------
 
     def prune(self) -> dict[str, int]:
-        """Delete uploads past retention (row first, then image) and orphaned images."""
-        expired = orphans = 0
+        """Delete uploads past retention (row first, then image), move orphaned images to the
+        quarantine, and delete what has been in the quarantine for `quarantine_days`."""
+        expired = 0
         if self.retention_days:
             cutoff = datetime.fromtimestamp(self.clock() - self.retention_days * 86400, timezone.utc)
             while batch := self.records.older_than(cutoff.replace(tzinfo=None)):
@@ -143,12 +188,46 @@ class UploadStore:
                 for _, key in batch:
                     self.images.delete(key)
                 expired += len(batch)
-        orphans = self.sweep_orphans()
-        return {"expired": expired, "orphans": orphans}
+        refusal = self.sweep_refusal()
+        if refusal:
+            return {"expired": expired, "orphans": 0, "quarantine_deleted": 0}
+        return {"expired": expired, "orphans": self._sweep_orphans(), "quarantine_deleted": self._empty_quarantine()}
+
+    def sweep_refusal(self) -> str | None:
+        """Why the orphan sweep must not run now (logged), or None when it may.
+
+        It may only when the image store is this database's: its owner marker names this
+        database's store id (an absent marker is written now: first use), and the database has
+        uploads (an empty one is a wrong URL or a lost database far more often than a store
+        whose every upload expired, and then every image would look orphaned).
+        """
+        store_id = self.records.store_id()
+        owner = self.images.read_owner()
+        if owner is None:
+            self.images.write_owner(store_id)
+            log.info("image store %s: owner marker written for upload database %s (store id %s)",
+                     self.images.description, self.records.description, store_id)
+            owner = self.images.read_owner()
+        if owner != store_id:
+            reason = (f"the image store {self.images.description} belongs to another upload database "
+                      f"(its owner marker says store id {owner}; {self.records.description} has {store_id}); "
+                      f"images without a record here may be that database's. If this database really is the "
+                      f"owner now, run `python -m keras_serve.storage claim-image-store` (docs/storage-faults.md)")
+            log.error("orphan sweep REFUSED: %s", reason)
+            return reason
+        if not self.records.has_uploads():
+            reason = f"the upload database {self.records.description} has no uploads at all"
+            log.warning("orphan sweep skipped: %s; no image is treated as an orphan", reason)
+            return reason
+        return None
 
     def sweep_orphans(self) -> int:
+        """Move orphaned images to the quarantine, if `sweep_refusal` allows; how many were moved."""
+        return 0 if self.sweep_refusal() else self._sweep_orphans()
+
+    def _sweep_orphans(self) -> int:
         older_than = self.clock() - self.orphan_minutes * 60
-        removed = 0
+        moved = 0
         batch: list[str] = []
 
         def flush() -> int:
@@ -156,21 +235,46 @@ class UploadStore:
             kept = self.records.keys_of(by_id)
             gone = [key for upload_id, key in by_id.items() if kept.get(upload_id) != key]
             for key in gone:
-                self.images.delete(key)
+                self.images.quarantine(key)
             batch.clear()
             return len(gone)
 
         for key in list(self.images.list(older_than)):
             if key.rsplit("/", 1)[-1].startswith(TEMP_PREFIX):
-                self.images.delete(key)  # a write that never finished (the process died)
-                removed += 1
+                self.images.delete(key)  # a write that never finished (the process died): never answered
                 continue
             batch.append(key)
             if len(batch) >= 500:
-                removed += flush()
+                moved += flush()
         if batch:
-            removed += flush()
-        return removed
+            moved += flush()
+        if moved:
+            log.warning("orphan sweep: moved %d images without a record to the quarantine of %s", moved,
+                        self.images.description)
+        return moved
+
+    def _empty_quarantine(self) -> int:
+        if not self.quarantine_days:
+            return 0
+        deleted = 0
+        for key in list(self.images.quarantined(self.clock() - self.quarantine_days * 86400)):
+            self.images.delete_quarantined(key)
+            deleted += 1
+        return deleted
+
+    def restore_quarantined(self, only_recorded: bool = True) -> int:
+        """Move quarantined images back; with `only_recorded`, those whose id has a row here."""
+        keys = list(self.images.quarantined(float("inf")))
+        if only_recorded:
+            by_id = {key.rsplit("/", 1)[-1].split(".", 1)[0]: key for key in keys}
+            recorded: dict[str, str] = {}
+            ids = list(by_id)
+            for start in range(0, len(ids), 500):
+                recorded.update(self.records.keys_of(ids[start:start + 500]))
+            keys = [key for upload_id, key in by_id.items() if recorded.get(upload_id) == key]
+        for key in keys:
+            self.images.restore(key)
+        return len(keys)
 
     def start_maintenance(self, interval_s: float = 3600.0) -> None:
         """Prune now and then every `interval_s` in a background thread, until `close`."""
@@ -179,7 +283,8 @@ class UploadStore:
                 try:
                     result = self.prune()
                     if any(result.values()):
-                        log.info("upload retention: %(expired)d expired, %(orphans)d orphaned images removed", result)
+                        log.info("upload retention: %(expired)d expired, %(orphans)d orphaned images moved to the "
+                                 "quarantine, %(quarantine_deleted)d deleted from it", result)
                 except StorageError as exc:
                     log.warning("upload retention skipped this time: %s", exc.message)
                 except Exception:
@@ -192,6 +297,8 @@ class UploadStore:
 
     def close(self) -> None:
         self._stop.set()
+        if self._monitor is not None:
+            self._monitor.stop()
         if self._maintenance is not None:
             self._maintenance.join(timeout=10)
         self.records.close()
@@ -201,7 +308,8 @@ class UploadStore:
     def _row(self, upload_id: str) -> dict[str, Any]:
         if not is_upload_id(upload_id):
             raise UploadNotFound("That is not an upload id.")
-        row = self.records.get(upload_id)
+        with self.records_health.call():
+            row = self.records.get(upload_id)
         if row is None:
             raise UploadNotFound(f"No upload with id {upload_id}.")
         return row

@@ -11,8 +11,9 @@ returns the `ServingMetrics` that the core (batcher, service) reports to:
     keras_serve_uploads_stored_total, _upload_bytes_stored_total
     keras_serve_storage_errors_total{operation,kind}         save/read failures by error class
 
-`route` is the URL rule (`/uploads/<upload_id>`), never the path a client sent, and
-`unmatched` for 404s and 405s, so a scanner cannot create a series per URL.
+Every label comes from a closed set, so no client can add a series: `route` is the URL rule
+(`/uploads/<upload_id>`), never the path a client sent, and `unmatched` for 404s; `method` is
+one of the HTTP methods the standard defines, else `other`; `status` is a code the app answered.
 
 Several server processes (gunicorn workers) each keep their own counts. With
 PROMETHEUS_MULTIPROC_DIR set to an empty folder that all of them can write, prometheus-client
@@ -33,6 +34,17 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 from keras_serve.web.metrics_processes import MULTIPROC_ENV
 
 UNMATCHED_ROUTE = "unmatched"
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
+OTHER = "other"
+
+
+def method_label(method: str) -> str:
+    """The request method as a label: invented methods (any token is valid HTTP) are one value."""
+    return method if method in KNOWN_METHODS else OTHER
+
+
+def status_label(status: int) -> str:
+    return str(status) if 100 <= status <= 599 else OTHER
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -110,8 +122,9 @@ def init_app(app: Flask) -> PrometheusMetrics:
         started = g.get("metrics_started")
         if started is not None:
             route = request.url_rule.rule if request.url_rule is not None else UNMATCHED_ROUTE
-            metrics.requests.labels(route, request.method, str(response.status_code)).inc()
-            metrics.request_seconds.labels(route, request.method).observe(time.perf_counter() - started)
+            method = method_label(request.method)
+            metrics.requests.labels(route, method, status_label(response.status_code)).inc()
+            metrics.request_seconds.labels(route, method).observe(time.perf_counter() - started)
         return response
 
     @app.teardown_request

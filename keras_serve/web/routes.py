@@ -53,6 +53,8 @@ def model_description():
     return jsonify(service().model.describe())
 
 
+# Both answer from state already in memory and never wait on the model or the store, so
+# they are safe to answer outside the request threads (web/server.py does, for waitress).
 @bp.get("/healthz")
 def healthz():
     return jsonify({"alive": True})
@@ -60,6 +62,8 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
+    # storage: ok / not ok per half, from what the uploads and the background checks last
+    # found (storage/faults.py); where and why goes to the log, not to whoever asks.
     status = service().status()
     status["storage"] = service().store.health()
     status["ready"] = status["ready"] and status["storage"]["ok"]

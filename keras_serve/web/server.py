@@ -18,6 +18,9 @@ run `run_server` on the listening socket they share. What this module adds to a 
   error page for browsers) and its security headers.
 - A request whose header lines end in a bare LF is answered 400 at once (waitress would wait
   for CRLF CRLF until the idle timeout).
+- `GET /healthz` and `/readyz` are answered by the event loop itself, not queued for a request
+  thread: the app answers them from state in memory, so they take well under a millisecond even
+  while every request thread waits on a hung store (a liveness probe must not fail then).
 - SIGTERM/SIGINT: readiness turns false at once, the listening socket is closed (after
   accepting what is already in its backlog), every request already received is answered
   (responses say `Connection: close`), idle connections are closed, and the process
@@ -32,6 +35,7 @@ import re
 import resource
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -59,6 +63,9 @@ RESERVED_FDS = 256
 LINGER_S = 10.0
 ACCEPT_BATCH = 64
 BARE_LF = re.compile(rb"(?<!\r)\n")
+# Answered in the event loop (see HardenedServer.add_task): the app must answer these from
+# memory, never waiting on a lock, the model or the store.
+LOOP_ANSWERED_PATHS = frozenset({"/healthz", "/readyz"})
 ERROR_HINTS = {
     400: "Send a well-formed HTTP/1.1 request: header lines end in CRLF.",
     413: "Send a smaller file.",
@@ -165,11 +172,28 @@ class HardenedChannel(HTTPChannel):
     linger_wanted = False
     linger_deadline: float | None = None
     request_started = 0.0
+    receiving_thread: int | None = None  # the event loop's, while it parses this channel's input
+    answer_in_loop = False               # set by HardenedServer.add_task
 
     def received(self, data: bytes) -> bool:
         if self.request is None:
             self.request_started = time.monotonic()
-        return super().received(data)
+        self.receiving_thread = threading.get_ident()
+        try:
+            result = super().received(data)
+            # Outside requests_lock (service() takes it): a health check answered right here;
+            # a pipelined one behind it is then flagged again by add_task.
+            while self.answer_in_loop:
+                self.answer_in_loop = False
+                self.service()
+        finally:
+            self.receiving_thread = None
+        return result
+
+    def is_loop_answered(self) -> bool:
+        request = self.requests[0] if self.requests else None
+        return (request is not None and request.error is None and request.command in ("GET", "HEAD")
+                and request.path in LOOP_ANSWERED_PATHS and self.receiving_thread == threading.get_ident())
 
     def handle_close(self) -> None:
         if self.linger_wanted and self.connected:
@@ -241,6 +265,15 @@ class HardenedServer(TcpWSGIServer):
             # Take one connection per turn, so a burst is spread over the processes sharing
             # the socket instead of landing on whichever woke first.
             self.accept_batch = 1
+
+    def add_task(self, channel) -> None:
+        """Queue the channel's next request for a request thread, unless it is a health check
+        parsed by the event loop just now: the loop answers that itself once it lets go of the
+        channel's lock, so it never waits behind requests that wait on the model or the store."""
+        if isinstance(channel, HardenedChannel) and channel.is_loop_answered():
+            channel.answer_in_loop = True
+            return
+        super().add_task(channel)
 
     def maintenance(self, now: float) -> None:
         super().maintenance(now)  # idle timeout
