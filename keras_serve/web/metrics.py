@@ -31,6 +31,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                ProcessCollector, generate_latest, multiprocess, values)
 
 from keras_serve.web.metrics_processes import MULTIPROC_ENV
+from keras_serve.web.openapi import Body, operation
 
 UNMATCHED_ROUTE = "unmatched"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -120,6 +121,8 @@ def init_app(app: Flask) -> PrometheusMetrics:
         if g.pop("metrics_started", None) is not None:
             metrics.in_progress.dec()
 
+    @operation("Prometheus metrics of this server (text exposition format)", tags=["operations"],
+               responses={200: Body("text/plain", {"type": "string"})})
     def scrape() -> Response:
         if shared_dir is None:
             body = generate_latest(registry)
