@@ -55,7 +55,8 @@ class Classification(Prediction):
 CLASSIFY_FORM: dict[str, Any] = {
     "type": "object",
     "required": ["file"],
-    "properties": {"file": {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream",
+    "properties": {"file": {"type": "string", "format": "binary", "contentMediaType": "image/*",
+                            "minLength": 1,
                             "description": "The image: JPEG, PNG, GIF, WebP, BMP, TIFF, HEIC/HEIF or AVIF"}},
 }
 

@@ -270,4 +270,5 @@ def init_app(app: Flask) -> None:
 
 describe_endpoint("static", Operation(
     "A file of the web pages (style sheet, the API reference's script)", tags=("pages",),
-    responses={200: Body("*/*", {"type": "string"}), 404: ERROR}))
+    responses={200: Body("*/*", {"type": "string"}), 404: ERROR},
+    path={"filename": {"type": "string", "minLength": 1, "examples": ["style.css", "api-reference.js"]}}))

@@ -151,13 +151,14 @@ class AppErrorTask(ErrorTask):
         self.response_headers.append(("Content-Type", content_type))
         self.response_headers.append((REQUEST_ID_HEADER, request_id))
         self.response_headers.extend(SECURITY_HEADERS.items())
-        # No route: the request never reached the app. Latency: from its first byte to now.
-        log_request(request_id, self.request.command or None, None, status,
-                    (time.monotonic() - self.channel.request_started) * 1000)
         self.set_close_on_finish()
         self.channel.linger_wanted = True  # the client may still be sending the body
         self.content_length = len(body)
         self.write(body)
+        # No route: the request never reached the app. A request that failed to parse may have
+        # no method yet. Latency: from its first byte to now.
+        log_request(request_id, getattr(self.request, "command", None), None, status,
+                    (time.monotonic() - self.channel.request_started) * 1000)
 
 
 class DrainAwareTask(WSGITask):
