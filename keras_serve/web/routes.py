@@ -56,7 +56,8 @@ def classify():
 
 @bp.get("/uploads/<upload_id>")
 @operation("An uploaded image, as it was sent", tags=["uploads"],
-           responses={200: binary("image/*"), 404: ERROR, 503: ERROR},
+           # octet-stream: an image whose format the server could not name (kept with an error record).
+           responses={200: [binary("image/*"), binary("application/octet-stream")], 404: ERROR, 503: ERROR},
            response_headers={200: {"Cache-Control": {"type": "string"}}})
 def uploaded_image(upload_id: str):
     data, mimetype = service().read_image(upload_id)
