@@ -22,12 +22,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     # Imported here, not at the top: `python -m keras_serve.settings` (the settings table)
     # would otherwise find its own module already imported by this package and warn.
     from keras_serve import settings
-    from keras_serve.web import metrics, multipart_form, responses, routes
+    from keras_serve.web import metrics, multipart_form, openapi, request_log, responses, routes
 
     app = Flask(__name__, template_folder=str(settings.PROJECT_ROOT / "templates"),
                 static_folder=str(settings.PROJECT_ROOT / "static"))
     app.request_class = multipart_form.ServingRequest  # python-multipart for uploads
     app.config.from_mapping({"MODEL": None, **settings.resolve(config)})
+    request_log.init_app(app)  # first: the request id and the clock start before any other hook
 
     from keras_serve.pipeline.service import ClassifierService
 
@@ -35,5 +36,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.extensions["classifier"] = service
     app.register_blueprint(routes.bp)
     responses.init_app(app)
+    openapi.init_app(app)  # after every route: /openapi.json describes them all
     service.ready = True
     return app

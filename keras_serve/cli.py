@@ -13,6 +13,7 @@ import sys
 
 from keras_serve import create_app, settings
 from keras_serve.errors import ModelLoadError
+from keras_serve.web.request_log import configure_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,11 +25,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" is normal under load
     try:
         given = settings.from_arguments(args)
         effective = settings.resolve(given)
+        configure_logging(effective["LOG_FORMAT"])  # JSON lines by default (keras_serve/web/request_log.py)
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" is normal under load
         if int(effective["WORKERS"]) > 1:  # several processes: gunicorn forks them (keras_serve/workers.py)
             from keras_serve.workers import serve_workers
 

@@ -34,6 +34,16 @@ def _optional_str(text: str) -> str | None:
     return text or None
 
 
+LOG_FORMATS = ("json", "text")
+
+
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in LOG_FORMATS:
+        raise ValueError(f"expected one of {', '.join(LOG_FORMATS)}, got {text!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str                         # the app.config key
@@ -117,6 +127,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ENGINE", "auto", "what runs the forward pass: auto (fastest engine whose answers match TensorFlow's), "
             "or force one; a converted engine that fails or differs falls back to tensorflow with a log line",
             flag="--engine", choices=ENGINE_CHOICES),
+    Setting("LOG_FORMAT", "json", "log lines: json (one object per line, with the request id; see docs/api.md) "
+            "or text, for people", _log_format, flag="--log-format", choices=LOG_FORMATS),
     Setting("WORKERS", 1, "server processes, each with its own model and batcher, sharing the port "
             "(1: one process; more: gunicorn forks them, each serving as one process does; see docs/performance.md)",
             int, flag="--workers"),

@@ -81,6 +81,10 @@ class ServerProcess:
         self.stop()
         raise RuntimeError("server did not become ready in time")
 
+    def output(self) -> str:
+        """What the server has printed so far (stdout and stderr), while it runs."""
+        return "".join(list(self._lines))
+
     def stop(self) -> str:
         stop_process(self.proc)
         self._reader.join(10)

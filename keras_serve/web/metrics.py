@@ -32,6 +32,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                ProcessCollector, generate_latest, multiprocess, values)
 
 from keras_serve.web.metrics_processes import MULTIPROC_ENV
+from keras_serve.web.openapi import Body, operation
 
 UNMATCHED_ROUTE = "unmatched"
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
@@ -133,6 +134,8 @@ def init_app(app: Flask) -> PrometheusMetrics:
         if g.pop("metrics_started", None) is not None:
             metrics.in_progress.dec()
 
+    @operation("Prometheus metrics of this server (text exposition format)", tags=["operations"],
+               responses={200: Body("text/plain", {"type": "string"})})
     def scrape() -> Response:
         if shared_dir is None:
             body = generate_latest(registry)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, jsonify, make_response, render_template, request
+from flask import Flask, Response, g, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from keras_serve.errors import (CorruptImageError, DecodeBusyError, EmptyImageError, ImageTooLargeError,
                                 MissingFileError, NotAnImageError, PredictionError, ServiceError, StorageError,
                                 UploadNotFound, error_code)
+from keras_serve.web.request_log import current_request_id
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,14 @@ def body_too_large_message(limit: int) -> str:
 
 
 def error_response(status: int, code: str, message: str, hint: str, **extra) -> Response:
+    """The error answer of every route (body: openapi's ErrorBody), with the request's id."""
+    request_id = current_request_id()
     if wants_html():
-        page = render_template("error.html", status=status, message=message, hint=hint, **extra)
+        page = render_template("error.html", status=status, message=message, hint=hint, request_id=request_id,
+                               **extra)
         return make_response(page, status)
-    body = {"error": {"status": status, "code": code, "message": message, "hint": hint, **extra}}
+    body = {"error": {"status": status, "code": code, "message": message, "hint": hint, "request_id": request_id,
+                      **extra}}
     return make_response(jsonify(body), status)
 
 
@@ -83,6 +88,8 @@ def register_error_handlers(app: Flask) -> None:
         if status >= 500:
             log.error("%s: %s", type(exc).__name__, exc.message)
         extra = {"id": exc.upload_id} if getattr(exc, "upload_id", None) else {}
+        if extra:
+            g.upload_id = exc.upload_id  # for the request's log line
         response = error_response(status, error_code(type(exc).__name__), exc.message, exc.hint, **extra)
         if isinstance(exc, DecodeBusyError):
             response.headers["Retry-After"] = "5"

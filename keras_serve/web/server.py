@@ -50,6 +50,7 @@ from waitress.task import ErrorTask, WSGITask
 from waitress.utilities import BadRequest
 
 from keras_serve.errors import error_code
+from keras_serve.web.request_log import REQUEST_ID_HEADER, log_request, request_id_from
 from keras_serve.web.responses import SECURITY_HEADERS, body_too_large_message, error_response
 
 log = logging.getLogger(__name__)
@@ -141,21 +142,30 @@ class AppErrorTask(ErrorTask):
         # The app's error body (JSON, or the error page for a browser), built by the same code.
         code, hint = error_code(error.reason), ERROR_HINTS.get(status, "")
         accept = self.request.headers.get("ACCEPT", "")
+        # Its own id like any request's: the client's if sane (waitress names headers in CGI style).
+        request_id = request_id_from(self.request.headers.get("X_REQUEST_ID"))
         try:
-            with self.channel.server.flask_app.test_request_context(headers={"Accept": accept}):
+            with self.channel.server.flask_app.test_request_context(
+                    headers={"Accept": accept, REQUEST_ID_HEADER: request_id}):
                 response = error_response(status, code, message, hint)
                 body, content_type = response.get_data(), response.headers["Content-Type"]
         except Exception:  # this answer must not fail: the same JSON, by hand
             log.exception("could not render the %d page", status)
-            body = json.dumps({"error": {"status": status, "code": code, "message": message, "hint": hint}}).encode()
+            body = json.dumps({"error": {"status": status, "code": code, "message": message, "hint": hint,
+                                         "request_id": request_id}}).encode()
             content_type = "application/json"
         self.status = f"{status} {error.reason}"
         self.response_headers.append(("Content-Type", content_type))
+        self.response_headers.append((REQUEST_ID_HEADER, request_id))
         self.response_headers.extend(SECURITY_HEADERS.items())
         self.set_close_on_finish()
         self.channel.linger_wanted = True  # the client may still be sending the body
         self.content_length = len(body)
         self.write(body)
+        # No route: the request never reached the app. A request that failed to parse may have
+        # no method yet. Latency: from its first byte to now.
+        log_request(request_id, getattr(self.request, "command", None), None, status,
+                    (time.monotonic() - self.channel.request_started) * 1000)
 
 
 class DrainAwareTask(WSGITask):
