@@ -81,9 +81,8 @@ class AuthenticationError(ServiceError):
 
     # RFC 6750: the WWW-Authenticate challenge of a 401 from a Bearer-protected resource.
     challenge = 'Bearer realm="keras-serve"'
-    hint = ("Send an API token in an 'Authorization: Bearer <token>' header, for example "
-            "curl -H 'Authorization: Bearer $TOKEN' -F file=@photo.jpg <server>/file/ ; "
-            "the server's operator gives out the tokens.")
+    hint = ("Send an API token in an 'Authorization: Bearer <token>' header (curl: "
+            "-H 'Authorization: Bearer <token>'). The server's operator gives out the tokens.")
 
 
 class MissingTokenError(AuthenticationError):
