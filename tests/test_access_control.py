@@ -295,3 +295,15 @@ def test_a_rejected_upload_is_not_classified_or_stored(access_app):
     assert client.post("/file/", data={"file": (io.BytesIO(image_bytes(BLUE)), "b.png")},
                        headers=bearer(TOKEN_A)).status_code == 429
     assert app.extensions["classifier"].status()["images"] == stored_before + 1
+
+
+def test_several_limits_all_apply_and_the_tightest_is_reported(access_app):
+    client = access_app(RATE_LIMIT="5/hour;2/day").test_client()
+    answers = [post_image(client) for _ in range(3)]
+    assert [r.status_code for r in answers] == [200, 200, 429]
+    assert "2 per 1 day" in answers[-1].get_json()["error"]["message"]
+
+
+def test_the_access_settings_object_does_not_show_its_tokens(access_app):
+    app = access_app(API_TOKENS=TOKEN_A)
+    assert TOKEN_A not in repr(app.extensions["access"].settings)

@@ -33,12 +33,12 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from flask import Flask, current_app, g, request
+from flask import Flask, g, request
 
 from keras_serve.errors import ConfigurationError, InvalidTokenError, MissingTokenError, RateLimitedError
 
@@ -55,7 +55,7 @@ KEY_PREFIX = "keras-serve"
 
 @dataclass(frozen=True)
 class AccessSettings:
-    inline_tokens: tuple[str, ...]
+    inline_tokens: tuple[str, ...] = field(repr=False)  # never in a log line or traceback
     tokens_file: Path | None
     allow_anonymous_uploads: bool
     rate_limit: str | None
@@ -68,7 +68,7 @@ class AccessSettings:
         given = config.get("API_TOKENS") or ()
         inline = tuple(t.strip() for t in (given.split(",") if isinstance(given, str) else given) if t.strip())
         for position, token in enumerate(inline, 1):
-            check_token(token, f"API_TOKENS, token {position}")
+            check_token_syntax(token, f"API_TOKENS, token {position}")
         tokens_file = Path(config["API_TOKENS_FILE"]) if config.get("API_TOKENS_FILE") else None
         if tokens_file is not None:
             read_tokens_file(tokens_file)  # unreadable, empty or malformed: refuse to start
@@ -99,7 +99,7 @@ class AccessSettings:
         return bool(self.inline_tokens) or self.tokens_file is not None
 
 
-def check_token(token: str, where: str) -> None:
+def check_token_syntax(token: str, where: str) -> None:
     if not TOKEN_SYNTAX.fullmatch(token):
         raise ConfigurationError(f"{where}: a token may hold only letters, digits and - . _ ~ + / (then =)",
                                  "Make tokens with: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
@@ -119,7 +119,7 @@ def read_tokens_file(path: Path) -> tuple[str, ...]:
     for number, line in enumerate(lines, 1):
         line = line.strip()
         if line and not line.startswith("#"):
-            check_token(line, f"API_TOKENS_FILE {path}, line {number}")
+            check_token_syntax(line, f"API_TOKENS_FILE {path}, line {number}")
             tokens.append(line)
     if not tokens:
         raise ConfigurationError(f"API_TOKENS_FILE {path} holds no token",
@@ -238,7 +238,7 @@ class AccessControl:
     def rate_limit_key(self) -> str:
         return self.token_identity() or "address:" + client_address()
 
-    def check_token(self) -> None:
+    def require_token(self) -> None:
         if self.tokens is None or request.endpoint not in GUARDED_ENDPOINTS:
             return
         if self.token_identity() is not None:
@@ -268,7 +268,7 @@ def init_app(app: Flask) -> AccessControl:
     if settings.rate_limit:
         access.limiter = _limiter(app, access)  # its before_request runs before the token check
 
-    app.before_request(access.check_token)
+    app.before_request(access.require_token)
 
     @app.context_processor
     def access_for_templates() -> dict[str, bool]:
@@ -326,7 +326,3 @@ def _limiter(app: Flask, access: AccessControl):
             f"Too many uploads: this server allows {exc.limit.limit} per {who}.", retry_after))
 
     return limiter
-
-
-def current_access() -> AccessControl:
-    return current_app.extensions["access"]
