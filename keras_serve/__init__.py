@@ -15,20 +15,22 @@ from flask import Flask
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
-    """Build the app and load the model once; raises ModelLoadError if it cannot be served.
+    """Build the app and load the model once; raises ModelLoadError if it cannot be served,
+    ConfigurationError if a setting is unusable.
 
     `config["MODEL"]` may be a ready model object (tests); then MODEL_PATH is not read.
     """
     # Imported here, not at the top: `python -m keras_serve.settings` (the settings table)
     # would otherwise find its own module already imported by this package and warn.
     from keras_serve import settings
-    from keras_serve.web import metrics, multipart_form, openapi, request_log, responses, routes
+    from keras_serve.web import access, metrics, multipart_form, openapi, request_log, responses, routes
 
     app = Flask(__name__, template_folder=str(settings.PROJECT_ROOT / "templates"),
                 static_folder=str(settings.PROJECT_ROOT / "static"))
     app.request_class = multipart_form.ServingRequest  # python-multipart for uploads
     app.config.from_mapping({"MODEL": None, **settings.resolve(config)})
     request_log.init_app(app)  # first: the request id and the clock start before any other hook
+    access.AccessSettings.from_config(app.config)  # a bad token file or limit fails before the model loads
 
     from keras_serve.pipeline.service import ClassifierService
 
@@ -36,6 +38,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.extensions["classifier"] = service
     app.register_blueprint(routes.bp)
     responses.init_app(app)
+    access.init_app(app)  # after the metrics hooks: refused requests are counted too
     openapi.init_app(app)  # after every route: /openapi.json describes them all
     service.ready = True
     return app

@@ -12,7 +12,7 @@ import logging
 import sys
 
 from keras_serve import create_app, settings
-from keras_serve.errors import ModelLoadError
+from keras_serve.errors import StartupError
 from keras_serve.web.request_log import configure_logging
 
 
@@ -31,11 +31,14 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(effective["LOG_FORMAT"])  # JSON lines by default (keras_serve/web/request_log.py)
         logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" is normal under load
         if int(effective["WORKERS"]) > 1:  # several processes: gunicorn forks them (keras_serve/workers.py)
+            from keras_serve.web.access import AccessSettings
             from keras_serve.workers import serve_workers
+
+            AccessSettings.from_config(effective)  # one line now, not one per worker after the fork
 
             return serve_workers(effective)
         app = create_app(given)
-    except ModelLoadError as exc:
+    except StartupError as exc:
         print(f"error: {exc.message}" + (f"; {exc.hint}" if exc.hint else ""), file=sys.stderr)
         return 2
     except ValueError as exc:  # a malformed KERAS_SERVE_* value

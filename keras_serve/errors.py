@@ -63,8 +63,45 @@ class DecodeBusyError(ServiceError):
 
 
 # --- operator mistakes at startup ------------------------------------------------------
-class ModelLoadError(ServiceError):
+class StartupError(ServiceError):
+    """The server cannot start as configured; printed as one line, exit status 2."""
+
+
+class ModelLoadError(StartupError):
     """The model file cannot be served; raised at startup, printed as one line."""
+
+
+class ConfigurationError(StartupError):
+    """A setting is malformed or inconsistent (an unreadable token file, a bad rate limit)."""
+
+
+# --- access control (keras_serve/web/access.py) ----------------------------------------
+class AuthenticationError(ServiceError):
+    """POST /file/ needs an API token and the request has none, or not a valid one."""
+
+    # RFC 6750: the WWW-Authenticate challenge of a 401 from a Bearer-protected resource.
+    challenge = 'Bearer realm="keras-serve"'
+    hint = ("Send an API token in an 'Authorization: Bearer <token>' header (curl: "
+            "-H 'Authorization: Bearer <token>'). The server's operator gives out the tokens.")
+
+
+class MissingTokenError(AuthenticationError):
+    pass
+
+
+class InvalidTokenError(AuthenticationError):
+    challenge = 'Bearer realm="keras-serve", error="invalid_token"'
+    hint = ("Check the token (copied whole, no spaces or quotes) and send it as "
+            "'Authorization: Bearer <token>'; ask the server's operator if it was revoked.")
+
+
+class RateLimitedError(ServiceError):
+    """More uploads than RATE_LIMIT allows for one API token or client address."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, f"Wait {retry_after_s} s (the Retry-After header), then send it again; "
+                                  "the operator can raise RATE_LIMIT.")
+        self.retry_after_s = retry_after_s
 
 
 # --- server-side trouble after a request was accepted ---------------------------------

@@ -132,6 +132,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("WORKERS", 1, "server processes, each with its own model and batcher, sharing the port "
             "(1: one process; more: gunicorn forks them, each serving as one process does; see docs/performance.md)",
             int, flag="--workers"),
+    # Access control for programs (keras_serve/web/access.py, docs/access-control.md); all off by default.
+    # No flag for API_TOKENS: a command line is readable by every user of the machine (ps).
+    Setting("API_TOKENS", None, "API tokens that POST /file/ accepts, comma-separated (environment only; "
+            "prefer API_TOKENS_FILE). Set: a request without a valid 'Authorization: Bearer' token gets 401",
+            _optional_str),
+    Setting("API_TOKENS_FILE", None, "file with one API token per line (# comments ignored), read again when "
+            "it changes; adds to API_TOKENS", _optional_str, flag="--api-tokens-file", metavar="FILE"),
+    Setting("ALLOW_ANONYMOUS_UPLOADS", False, "with API tokens set, still accept uploads without a token (the "
+            "browser form sends none; so can any script): limited per client address. Off: the form page "
+            "says a token is needed", _bool, flag="--allow-anonymous-uploads"),
+    Setting("RATE_LIMIT", None, "uploads (POST /file/) allowed per API token, or per client address without "
+            "one, e.g. 60/minute or '10/second;500/hour'; more get 429 with Retry-After (default: no limit)",
+            _optional_str, flag="--rate-limit", metavar="LIMIT"),
+    Setting("RATE_LIMIT_STORAGE_URI", "memory://", "where rate-limit counts live: memory:// counts in each "
+            "process (--workers N allows N times the limit); redis://host:port/db is one count for every "
+            "process and replica", flag="--rate-limit-storage", metavar="URI"),
+    Setting("TRUSTED_PROXIES", 0, "reverse proxies in front that append the client to X-Forwarded-For; the "
+            "client address is read that many entries from its right (0: the connection's address, "
+            "X-Forwarded-For ignored)", int, flag="--trusted-proxies", metavar="N"),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

@@ -28,7 +28,7 @@ from gunicorn.errors import HaltServer
 from gunicorn.workers.base import Worker
 
 from keras_serve import create_app
-from keras_serve.errors import ModelLoadError
+from keras_serve.errors import StartupError
 from keras_serve.web import metrics_processes, server
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class WorkerProcesses(BaseApplication):
         """Runs in each worker after the fork: its own model, batcher and store."""
         try:
             app = create_app(self.app_config)
-        except ModelLoadError as exc:
+        except StartupError as exc:
             print(f"error: {exc.message}" + (f"; {exc.hint}" if exc.hint else ""), file=sys.stderr, flush=True)
             sys.exit(WORKER_BOOT_ERROR)
         self.service = app.extensions["classifier"]

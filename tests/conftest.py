@@ -159,3 +159,12 @@ def server(colour_model_path, tmp_path_factory):
                        "--max-upload-mb", "1") as srv:
         srv.uploads = uploads
         yield srv
+
+
+@pytest.fixture()
+def redis_server():
+    """A fresh, empty redis-server (tests/services.py), for one test."""
+    from services import running_redis
+
+    with running_redis() as server:
+        yield server

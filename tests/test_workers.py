@@ -14,21 +14,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from images import BLUE, RED, image_bytes
-from server_process import ROOT, ServerProcess
-
-
-def ready_pids(url: str, attempts: int = 200) -> set[int]:
-    """Worker pids that answer /readyz as ready (a new connection each time, so the kernel
-    spreads them over the workers)."""
-    pids: set[int] = set()
-    for _ in range(attempts):
-        status = requests.get(url + "/readyz", headers={"Connection": "close"}, timeout=10).json()
-        if status["ready"]:
-            pids.add(status["pid"])
-        if len(pids) >= 2:
-            break
-        time.sleep(0.05)
-    return pids
+from server_process import ROOT, ServerProcess, ready_pids
 
 
 def test_two_workers_share_the_port_and_both_answer(colour_model_path, tmp_path):

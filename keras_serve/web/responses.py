@@ -12,8 +12,9 @@ import logging
 from flask import Flask, Response, g, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from keras_serve.errors import (CorruptImageError, DecodeBusyError, EmptyImageError, ImageTooLargeError,
-                                MissingFileError, NotAnImageError, PredictionError, ServiceError, StorageError,
+from keras_serve.errors import (AuthenticationError, CorruptImageError, DecodeBusyError, EmptyImageError,
+                                ImageTooLargeError, InvalidTokenError, MissingFileError, MissingTokenError,
+                                NotAnImageError, PredictionError, RateLimitedError, ServiceError, StorageError,
                                 UploadNotFound, error_code)
 from keras_serve.web.request_log import current_request_id
 
@@ -25,7 +26,10 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     NotAnImageError: 415,
     CorruptImageError: 422,
     ImageTooLargeError: 413,
+    MissingTokenError: 401,
+    InvalidTokenError: 401,
     UploadNotFound: 404,
+    RateLimitedError: 429,
     PredictionError: 503,
     StorageError: 503,
     DecodeBusyError: 503,
@@ -81,19 +85,26 @@ def init_app(app: Flask) -> None:
     register_error_handlers(app)
 
 
+def service_error_response(exc: ServiceError) -> Response:
+    """A typed error as its answer: status, body, and the protocol headers its status needs."""
+    status = STATUS_BY_ERROR.get(type(exc), 500)
+    if status >= 500:
+        log.error("%s: %s", type(exc).__name__, exc.message)
+    extra = {"id": exc.upload_id} if getattr(exc, "upload_id", None) else {}
+    if extra:
+        g.upload_id = exc.upload_id  # for the request's log line
+    response = error_response(status, error_code(type(exc).__name__), exc.message, exc.hint, **extra)
+    if isinstance(exc, DecodeBusyError):
+        response.headers["Retry-After"] = "5"
+    elif isinstance(exc, RateLimitedError):
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+    elif isinstance(exc, AuthenticationError):
+        response.headers["WWW-Authenticate"] = exc.challenge
+    return response
+
+
 def register_error_handlers(app: Flask) -> None:
-    @app.errorhandler(ServiceError)
-    def handle_service_error(exc: ServiceError):
-        status = STATUS_BY_ERROR.get(type(exc), 500)
-        if status >= 500:
-            log.error("%s: %s", type(exc).__name__, exc.message)
-        extra = {"id": exc.upload_id} if getattr(exc, "upload_id", None) else {}
-        if extra:
-            g.upload_id = exc.upload_id  # for the request's log line
-        response = error_response(status, error_code(type(exc).__name__), exc.message, exc.hint, **extra)
-        if isinstance(exc, DecodeBusyError):
-            response.headers["Retry-After"] = "5"
-        return response
+    app.register_error_handler(ServiceError, service_error_response)
 
     @app.errorhandler(HTTPException)
     def handle_http_exception(exc: HTTPException):
