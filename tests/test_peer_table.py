@@ -9,7 +9,8 @@ from keras_serve.tools.benchmark import peers
 
 
 def level(c: int, req_s: float, p99: float = 10.0, cpu: float = 3.0, errors: int = 0) -> dict:
-    return {"c": c, "req_s": req_s, "p99_ms": p99, "cpu_ms_per_req": cpu, "errors_total": errors}
+    return {"c": c, "req_s": req_s, "p99_ms": p99, "cpu_ms_per_req": cpu + 1, "server_cpu_ms_per_req": cpu,
+            "errors_total": errors}
 
 
 RUNS = {
@@ -41,7 +42,7 @@ def test_ratio_rows_compare_to_the_best_other_peer_the_baseline_and_the_limit():
     headers = peers.ratio_headers([1, 32], "fastapi")
     ours = dict(zip(headers, rows["ours"]))
     assert ours["c=1"] == 310 and ours["c=32"] == 620 and ours["p99 ms c=32"] == 60
-    assert ours["errors"] == 1
+    assert ours["errors"] == 1 and ours["server CPU ms/req c=32"] == 3.0
     # the weakest level decides: 310/316 at c=1 is below 620/590 at c=32
     assert ours["min x best other peer"] == pytest.approx(310 / 316)
     assert ours["x fastapi c=1"] == pytest.approx(310 / 316) and ours["x fastapi c=32"] == pytest.approx(620 / 590)
