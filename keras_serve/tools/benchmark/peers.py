@@ -83,7 +83,7 @@ def peer_systems(work: Path, onnx: Path, port: int) -> dict[str, System]:
                                     "BENTOML_DO_NOT_TRACK": "true"}),
         "pytriton": System("PyTriton, dynamic batching", [str(work / "pytriton-venv/bin/python"), "server.py",
                            "--port", str(port)], PEERS_DIR / "pytriton", "/v2/models/catsdogs/infer",
-                           "kserve:image", "/v2/health/ready", env),
+                           "kserve:image", "/v2/models/catsdogs/ready", env),
     }
 
 
@@ -293,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {onnx} missing: run `bash ../shared/peers/setup.sh` first", file=sys.stderr)
         return 2
     ours = [spec.split("=", 1) for spec in (args.ours or DEFAULT_OURS)]
+
+    def on_sigterm(signum: int, frame: Any) -> None:  # `kill` or `timeout`: stop the system, print the table
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     loadgen = load_loadgen()
     loadgen.IMAGES = str(IMAGES)
     uploads = loadgen.load_uploads()
