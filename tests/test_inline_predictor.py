@@ -1,13 +1,16 @@
 """The forward pass in the request thread, and the start-up choice between that and batching."""
 from __future__ import annotations
 
+import io
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
+from images import RED, image_bytes
 from keras_serve.errors import PredictionError
+from keras_serve.pipeline.batcher import DynamicBatcher
 from keras_serve.pipeline import inline
 from keras_serve.pipeline.inline import InlinePredictor, batching_pays, choose_batching
 
@@ -102,3 +105,14 @@ def test_forward_ms_per_image_runs_the_model_on_zero_inputs_of_the_batch_size():
 
     assert inline.forward_ms_per_image(model, (3, 2), 4, budget_s=0.0) >= 0.0
     assert set(shapes) == {(4, 3, 2)} and len(shapes) >= 4  # one warm-up call and at least three timed
+
+
+def test_the_service_serves_a_tiny_model_inline_and_batches_when_told(make_app, colour_model_path):
+    auto = make_app(MODEL_PATH=str(colour_model_path))
+    # A tiny model's batch saves microseconds, less than the hand-offs cost: inline.
+    assert isinstance(auto.extensions["classifier"].batcher, InlinePredictor)
+    answer = auto.test_client().post("/file/", data={"file": (io.BytesIO(image_bytes(RED)), "r.png")})
+    assert answer.status_code == 200 and answer.get_json()["class"] == "DOG"
+    assert auto.extensions["classifier"].status()["images"] == 1
+    forced = make_app(MODEL_PATH=str(colour_model_path), BATCHING="on")
+    assert isinstance(forced.extensions["classifier"].batcher, DynamicBatcher)

@@ -141,7 +141,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def run_system(system: System, port: int, loadgen, uploads, levels: Sequence[int], n: int,
-               log_path: Path, startup_timeout_s: float) -> list[dict[str, Any]]:
+               log_path: Path, startup_timeout_s: float, warmup: int | None = None) -> list[dict[str, Any]]:
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(system.command, cwd=system.cwd, env={**os.environ, **system.env},
@@ -149,7 +149,8 @@ def run_system(system: System, port: int, loadgen, uploads, levels: Sequence[int
                                    start_new_session=True)
         try:
             wait_until_up(url + system.health, process, startup_timeout_s)
-            return [loadgen.run_level(url + system.path, system.field, uploads, c, n, process.pid) for c in levels]
+            return [loadgen.run_level(url + system.path, system.field, uploads, c, n, process.pid, warmup)
+                    for c in levels]
         finally:
             stop(process)
 
@@ -265,6 +266,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-c", "--concurrency", type=parse_int_list, default=[1, 8, 32, 64])
     p.add_argument("-n", "--requests", type=int, default=1000, help="measured requests per level")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats (medians)")
+    p.add_argument("--warmup", type=int, help="unmeasured answers per level (default: loadgen's max(200, 5c))")
     p.add_argument("--pipeline-seconds", type=float, default=8.0, help="0: skip the pipeline limit")
     p.add_argument("--startup-timeout", type=float, default=180.0)
     p.add_argument("--json", type=Path, help="write every level result here")
@@ -329,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     levels = run_system(system, port, loadgen, uploads, args.concurrency, args.requests,
                                         scratch / f"{key.replace(' ', '_').replace('/', '_')}.log",
-                                        args.startup_timeout)
+                                        args.startup_timeout, args.warmup)
                 except RuntimeError as exc:
                     log(f"{names[key]}: {exc}; skipped")
                     continue
