@@ -111,6 +111,9 @@ SETTINGS: tuple[Setting, ...] = (
             "(flag in MB, setting in bytes)", int, flag="--decode-budget-mb", to_config=_mb_to_bytes, metavar="MB"),
     Setting("DECODE_WAIT_SECONDS", 30.0, "how long an image may wait for decode memory before a 503", float,
             flag="--decode-wait-seconds", metavar="SECONDS"),
+    Setting("BATCHING", "auto", "auto: batch concurrent requests only if, measured at start-up on the loaded model, "
+            "a batched forward pass saves enough per image (GPUs, bigger models); off: the forward pass runs in "
+            "the request thread; on: always batch", flag="--batching", choices=("auto", "on", "off")),
     Setting("MAX_BATCH", 32, "largest inference batch", int, flag="--max-batch"),
     Setting("MAX_WAIT_MS", 2.0, "how long a forming batch waits for requests still decoding", float,
             flag="--max-wait-ms"),

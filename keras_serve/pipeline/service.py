@@ -1,7 +1,8 @@
 """ClassifierService: the request pipeline from uploaded bytes to a stored, answered prediction.
 
     preprocess (validates; bad input raises before anything is stored)
-    -> dynamic batch through the model
+    -> the model: in the request thread, or batched with concurrent requests where that pays
+       (decided at start-up by measuring the loaded model: keras_serve.pipeline.inline)
     -> store the image, then its record (both durable before the client hears back)
     -> return it
 
@@ -9,6 +10,7 @@ A failed prediction still stores the image, with the error, so the client can qu
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 from keras_serve.pipeline.batcher import DynamicBatcher
+from keras_serve.pipeline.inline import InlinePredictor, choose_batching
 from keras_serve.errors import PredictionError, StorageError, error_code
 from keras_serve.model.engines import usable_cores
 from keras_serve.model.served_model import Prediction, ServedModel
@@ -23,6 +26,8 @@ from keras_serve.pipeline.decode_budget import UNLIMITED, DecodeBudget, limit_ma
 from keras_serve.pipeline.preprocessing import image_format, preprocess
 from keras_serve.serving_metrics import NO_METRICS, ServingMetrics
 from keras_serve.storage.uploads import UploadStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,7 @@ class ClassifiedUpload:
 
 
 class ClassifierService:
-    def __init__(self, model: ServedModel, batcher: DynamicBatcher, store: UploadStore,
+    def __init__(self, model: ServedModel, batcher: DynamicBatcher | InlinePredictor, store: UploadStore,
                  decode_budget: DecodeBudget = UNLIMITED, metrics: ServingMetrics = NO_METRICS) -> None:
         self.model = model
         self.batcher = batcher
@@ -55,9 +60,16 @@ class ClassifierService:
             engine=config["ENGINE"],
             # Worker processes share the cores rather than each starting one thread per core.
             engine_threads=max(1, usable_cores() // max(1, int(config["WORKERS"]))))
-        max_batch = int(config["MAX_BATCH"])
-        model.warm_up(tuple(range(1, max_batch + 1)))  # every batch size the batcher can form
-        batcher = DynamicBatcher(model.predict_batch, max_batch, float(config["MAX_WAIT_MS"]), metrics=metrics)
+        batching, reason = choose_batching(str(config.get("BATCHING", "auto")), model.predict_batch,
+                                           model.spec.input_shape)
+        log.info("%s", reason)
+        batcher: DynamicBatcher | InlinePredictor
+        if batching:
+            max_batch = int(config["MAX_BATCH"])
+            model.warm_up(tuple(range(1, max_batch + 1)))  # every batch size the batcher can form
+            batcher = DynamicBatcher(model.predict_batch, max_batch, float(config["MAX_WAIT_MS"]), metrics=metrics)
+        else:
+            batcher = InlinePredictor(model.predict_batch, metrics=metrics)
         try:
             store = UploadStore.from_config(config)
             # /readyz and the uploads' circuit breaker read what these checks find (storage/faults.py)

@@ -5,6 +5,8 @@ own limits for the same model, measured in the same run.
         [--concurrency 1,8,32,64] [--duration 15] [--warmup 3] [--compare-engines]
         [--server-args="--workers 2 --engine onnxruntime --threads 32"]
         [--soak 10000 --soak-concurrency 32] [--json results.json]
+    .venv/bin/python -m keras_serve.tools.benchmark --peers fastapi,flask,litserve,bento,pytriton [...]
+        (side by side with the peer servers: peers.py)
 
 Steps, all on this one machine:
   1. Limits (limits.py), in a child process so its threads and memory are gone before the
@@ -287,6 +289,11 @@ def count_stored_uploads(upload_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--peers" or a.startswith("--peers=") for a in argv):  # side by side with the peer servers
+        from keras_serve.tools.benchmark import peers
+
+        return peers.main(argv)
     args = parse_args(argv)
     if args.limits_out:
         return limits_child_main(args)
