@@ -16,7 +16,10 @@ def service() -> ClassifierService:
 
 @bp.get("/")
 def index():
-    return render_template("index.html", model=service().model.describe())
+    # The page's limits reach its script as data- attributes (the CSP allows no inline script).
+    return render_template("index.html", model=service().model.describe(),
+                           max_files=current_app.config["MAX_FILES_PER_GO"],
+                           max_upload_bytes=current_app.config["MAX_CONTENT_LENGTH"])
 
 
 # "/file" is its own rule, not a redirect to "/file/" (curl would drop the POST body), and not
