@@ -177,6 +177,7 @@
   }
 
   function fail(tile, message, hint, retryable) {
+    tile.$(".no-preview").textContent = "No preview";
     setState(tile, "", "failed");
     tile.$(".failure").hidden = false;
     tile.$(".error-message").textContent = message;

@@ -1,0 +1,273 @@
+"""The upload page in real Chromium, with its script: many photos, every way they arrive.
+
+Choose several, drop, paste, the camera control, HEIC without a preview, a rejected file
+beside good ones, the per-go limit, phone and desktop widths, and axe-core's accessibility
+checks on every page. The colour model answers what the test expects: red is DOG, blue CAT.
+(The plain form with JavaScript off: tests/test_browser.py.)
+"""
+from __future__ import annotations
+
+import base64
+import re
+
+import pytest
+
+from chromium import launch, require_chromium
+from images import BLUE, RED, image_bytes
+from server_process import ServerProcess
+
+require_chromium()
+
+MAX_FILES_PER_GO = 4
+FINISHED = ".tile[data-state=done], .tile[data-state=unsure], .tile[data-state=failed]"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch(p)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def page_server(colour_model_path, tmp_path_factory):
+    uploads = tmp_path_factory.mktemp("uploads")
+    with ServerProcess("--model", str(colour_model_path), "--upload-dir", str(uploads),
+                       "--max-upload-mb", "1", "--max-files-per-go", str(MAX_FILES_PER_GO)) as server:
+        yield server
+
+
+@pytest.fixture()
+def open_page(browser, page_server):
+    """A fresh context on the upload page; console errors other than failed requests fail the test."""
+    contexts, errors = [], []
+
+    def open_(**context_args):
+        context = browser.new_context(**context_args)
+        contexts.append(context)
+        page = context.new_page()
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(page_server.url + "/")
+        page.locator("#dropzone").wait_for()
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()
+    assert errors == [], f"the page's script threw: {errors}"
+
+
+def photo(name: str, colour=RED, size=(96, 72), fmt="JPEG", mime="image/jpeg") -> dict:
+    return {"name": name, "mimeType": mime, "buffer": image_bytes(colour, size, fmt)}
+
+
+def wait_finished(page, count: int) -> None:
+    from playwright.sync_api import expect
+
+    expect(page.locator(FINISHED)).to_have_count(count, timeout=30_000)
+
+
+def tile(page, filename: str):
+    return page.locator(".tile", has=page.locator(".filename", has_text=re.compile(f"^{re.escape(filename)}$")))
+
+
+def in_page_files(files: list[dict]) -> list[dict]:
+    """Files as the page's own script can rebuild them (base64), for drop and paste events."""
+    return [{"name": f["name"], "type": f["mimeType"], "data": base64.b64encode(f["buffer"]).decode()}
+            for f in files]
+
+
+MAKE_DATA_TRANSFER = """
+(files) => {
+  const transfer = new DataTransfer();
+  for (const f of files) {
+    const bytes = Uint8Array.from(atob(f.data), (c) => c.charCodeAt(0));
+    transfer.items.add(new File([bytes], f.name, { type: f.type }));
+  }
+  return transfer;
+}
+"""
+
+
+def test_several_chosen_photos_each_get_label_confidence_bars_and_stored_link(open_page, page_server):
+    page = open_page()
+    page.set_input_files("#file", [photo("red.jpg", RED), photo("blue.png", BLUE, fmt="PNG", mime="image/png"),
+                                   photo("red2.jpg", RED)])
+    wait_finished(page, 3)
+    red, blue = tile(page, "red.jpg"), tile(page, "blue.png")
+    assert red.locator(".label").inner_text() == "DOG"
+    assert blue.locator(".label").inner_text() == "CAT"
+    assert re.fullmatch(r"\d{1,3}\.\d %", red.locator(".confidence").inner_text())
+    # A bar per label, the winner's the widest.
+    assert red.locator(".bar").count() == 2
+    assert red.locator(".bar.winner .bar-label").inner_text() == "DOG"
+    widths = red.locator(".bar-fill").evaluate_all("bars => bars.map(b => b.getBoundingClientRect().width)")
+    assert widths[0] > 10 * max(widths[1], 0.1)
+    # The preview is the chosen file itself, shown before any answer came back.
+    assert red.locator("img.preview").evaluate("img => img.src.startsWith('blob:') && img.naturalWidth") == 96
+    # The stored upload is the very bytes sent.
+    href = red.locator("a.stored").get_attribute("href")
+    assert re.fullmatch(r"/uploads/[A-Za-z0-9_-]+", href)
+    stored = page.request.get(page_server.url + href)
+    assert stored.ok and stored.body() == image_bytes(RED, (96, 72), "JPEG")
+    assert page.locator("#progress").inner_text() == "3 done"
+    # Screen readers hear each answer through the live region.
+    assert page.locator("#announcer[aria-live=polite]").count() == 1
+
+
+def test_dropped_photos_are_classified(open_page):
+    page = open_page()
+    files = in_page_files([photo("dropped red.jpg", RED), photo("dropped blue.jpg", BLUE)])
+    transfer = page.evaluate_handle(MAKE_DATA_TRANSFER, files)
+    page.dispatch_event("#dropzone", "dragenter", {"dataTransfer": transfer})
+    assert "dragging" in page.locator("body").get_attribute("class")
+    page.dispatch_event("#dropzone", "drop", {"dataTransfer": transfer})
+    wait_finished(page, 2)
+    assert tile(page, "dropped red.jpg").locator(".label").inner_text() == "DOG"
+    assert tile(page, "dropped blue.jpg").locator(".label").inner_text() == "CAT"
+    assert "dragging" not in (page.locator("body").get_attribute("class") or "")
+
+
+def test_pasted_image_is_classified(open_page):
+    page = open_page()
+    # What the clipboard holds after "copy image": a file with a generic name.
+    files = in_page_files([photo("image.png", BLUE, fmt="PNG", mime="image/png")])
+    page.evaluate(f"""(files) => {{
+        const transfer = ({MAKE_DATA_TRANSFER})(files);
+        document.dispatchEvent(new ClipboardEvent("paste", {{ clipboardData: transfer, bubbles: true }}));
+    }}""", files)
+    wait_finished(page, 1)
+    assert tile(page, "image.png").locator(".label").inner_text() == "CAT"
+
+
+def test_camera_control_and_chooser(open_page):
+    page = open_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    chooser = page.locator("#file")
+    assert chooser.get_attribute("accept") == "image/*"
+    assert chooser.evaluate("input => input.multiple") is True
+    assert chooser.get_attribute("capture") is None  # the library stays reachable
+    camera = page.locator("#camera")
+    assert camera.get_attribute("accept") == "image/*"
+    assert camera.get_attribute("capture") == "environment"
+    # "Take a photo" opens the camera input; the drop zone, a real button, opens the chooser
+    # from the keyboard too.
+    assert page.locator("#camera-button").is_visible()
+    with page.expect_file_chooser() as opened:
+        page.click("#camera-button")
+    assert opened.value.element.get_attribute("id") == "camera"
+    page.locator("#dropzone").focus()
+    with page.expect_file_chooser() as opened:
+        page.keyboard.press("Enter")
+    assert opened.value.element.get_attribute("id") == "file" and opened.value.is_multiple()
+
+
+def test_a_rejected_file_shows_its_error_beside_the_good_ones(open_page):
+    page = open_page()
+    page.set_input_files("#file", [photo("good.jpg", RED),
+                                   {"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"not really a jpeg"},
+                                   photo("good2.jpg", BLUE)])
+    wait_finished(page, 3)
+    bad = tile(page, "notes.jpg")
+    assert bad.get_attribute("data-state") == "failed"
+    assert "not an image" in bad.locator(".error-message").inner_text()
+    assert "JPEG" in bad.locator(".error-hint").inner_text()  # the server's hint: what to send instead
+    assert tile(page, "good.jpg").locator(".label").inner_text() == "DOG"
+    assert tile(page, "good2.jpg").locator(".label").inner_text() == "CAT"
+
+
+def test_heic_gets_a_placeholder_and_is_still_classified(open_page):
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    page = open_page()
+    page.set_input_files("#file", [photo("IMG_0001.HEIC", RED, fmt="HEIF", mime="image/heic")])
+    wait_finished(page, 1)
+    heic = tile(page, "IMG_0001.HEIC")
+    assert heic.locator(".no-preview").is_visible()
+    assert "No preview" in heic.locator(".no-preview").inner_text()
+    assert heic.locator(".label").inner_text() == "DOG"
+
+
+def test_more_photos_than_one_go_takes_get_a_message(open_page):
+    page = open_page()
+    page.set_input_files("#file", [photo(f"p{i}.jpg", RED) for i in range(MAX_FILES_PER_GO + 2)])
+    wait_finished(page, MAX_FILES_PER_GO)
+    notice = page.locator("#notice")
+    assert notice.is_visible()
+    assert f"Up to {MAX_FILES_PER_GO} photos at a time" in notice.inner_text()
+    assert "2 were left out" in notice.inner_text()
+    assert page.locator(".tile").count() == MAX_FILES_PER_GO
+    assert tile(page, "p0.jpg").count() == 1 and tile(page, f"p{MAX_FILES_PER_GO}.jpg").count() == 0
+
+
+def test_a_file_over_the_size_limit_is_refused_before_sending(open_page):
+    page = open_page()
+    big = {"name": "huge.jpg", "mimeType": "image/jpeg", "buffer": b"\xff\xd8" + bytes(1024 * 1024 + 10)}
+    page.set_input_files("#file", [big, photo("small.jpg", BLUE)])
+    wait_finished(page, 2)
+    assert "the limit is 1.0 MB" in tile(page, "huge.jpg").locator(".error-message").inner_text()
+    assert tile(page, "small.jpg").locator(".label").inner_text() == "CAT"
+
+
+@pytest.mark.parametrize("viewport", [{"width": 390, "height": 844}, {"width": 1280, "height": 800}],
+                         ids=["phone", "desktop"])
+def test_no_horizontal_overflow_with_results(open_page, viewport):
+    page = open_page(viewport=viewport)
+    long_name = "a very long file name from a phone camera roll without any spaces_" * 3 + ".jpg"
+    page.set_input_files("#file", [photo(long_name, RED), photo("blue.jpg", BLUE),
+                                   {"name": "bad.gif", "mimeType": "image/gif", "buffer": b"GIF89a broken"}])
+    wait_finished(page, 3)
+    overflow = page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow == 0
+    # Touch targets: every button at least 44 px tall.
+    heights = page.locator("button:visible").evaluate_all("bs => bs.map(b => b.getBoundingClientRect().height)")
+    assert heights and min(heights) >= 44
+
+
+# --- accessibility: axe-core (shipped inside the axe-playwright-python wheel, no CDN) ---------
+
+def serious_violations(page) -> list[str]:
+    """axe-core's serious and critical violations on the page as it is now, one line each."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    # Axe evaluates its script through the DevTools protocol, which the page's CSP does not
+    # govern: the page keeps its strict policy while it is checked.
+    results = Axe().run(page)
+    return [f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes']]}"
+            for v in results.response["violations"] if v["impact"] in ("serious", "critical")]
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_axe_upload_page_before_and_after_results(open_page, scheme):
+    page = open_page(color_scheme=scheme)
+    assert serious_violations(page) == []
+    page.set_input_files("#file", [photo("red.jpg", RED), photo("blue.jpg", BLUE),
+                                   {"name": "bad.jpg", "mimeType": "image/jpeg", "buffer": b"nope"}])
+    wait_finished(page, 3)
+    page.set_input_files("#file", [photo(f"p{i}.jpg", RED) for i in range(MAX_FILES_PER_GO + 1)])
+    wait_finished(page, 3 + MAX_FILES_PER_GO)  # the notice about the one left out shows too
+    assert page.locator("#notice").is_visible()
+    assert serious_violations(page) == []
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_axe_result_and_error_pages(browser, page_server, scheme):
+    # axe needs JavaScript, so "without JavaScript" here is: the page's script never arrives
+    # (as on a flaky connection), which leaves the same plain form.
+    context = browser.new_context(color_scheme=scheme)
+    context.route("**/static/upload.js", lambda route: route.abort())
+    page = context.new_page()
+    page.goto(page_server.url + "/")
+    assert page.locator(".picker").is_hidden() and page.locator("button[type=submit]").is_visible()
+    assert serious_violations(page) == []
+    page.set_input_files("#file", photo("red.jpg", RED))
+    page.click("button[type=submit]")
+    page.wait_for_selector("#label")
+    assert serious_violations(page) == []
+    page.goto(page_server.url + "/uploads/no-such-upload")
+    assert page.locator("#message").is_visible()
+    assert serious_violations(page) == []
+    context.close()
