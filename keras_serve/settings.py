@@ -82,8 +82,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_CONTENT_LENGTH", 16 * 1024 * 1024, "largest request body (flag in MB, setting in bytes)",
             int, flag="--max-upload-mb", to_config=_mb_to_bytes, metavar="MB"),
     Setting("MAX_PIXELS", DEFAULT_MAX_PIXELS, "largest image in pixels", int, flag="--max-pixels"),
-    Setting("MAX_FILES_PER_GO", 20, "most photos the upload page takes in one go (choose, drop or paste); "
-            "it sends each as its own request, the rest get a message", int, flag="--max-files-per-go"),
     Setting("MAX_DECODE_BYTES", DEFAULT_MAX_DECODE_BYTES,
             "most memory one image may take to decode, estimated from its header; more is refused with 413 "
             "(flag in MB, setting in bytes)", int, flag="--max-decode-mb", to_config=_mb_to_bytes, metavar="MB"),

@@ -18,7 +18,7 @@ from server_process import ServerProcess
 
 require_chromium()
 
-MAX_FILES_PER_GO = 4
+MAX_FILES = 4
 FINISHED = ".tile[data-state=done], .tile[data-state=unsure], .tile[data-state=failed]"
 
 
@@ -32,11 +32,41 @@ def browser():
         browser.close()
 
 
+UNSURE_BELOW = 0.75  # grey scores 0.5 (unsure), red and blue over 0.999 (sure)
+GREY = (128, 128, 128)
+
+
 @pytest.fixture(scope="module")
-def page_server(colour_model_path, tmp_path_factory):
+def conv_colour_model_path(tmp_path_factory):
+    """The colour model with a convolution in front (identity 1x1 kernels): the same answers,
+    and a layer for Grad-CAM to look at."""
+    import keras
+    import numpy as np
+
+    from conftest import build_colour_model
+
+    colour = build_colour_model()
+    inputs = keras.Input((32, 32, 3))
+    conv = keras.layers.Conv2D(3, 1, name="conv")
+    x = keras.layers.GlobalAveragePooling2D()(conv(inputs))
+    dense = keras.layers.Dense(1, activation="sigmoid")
+    model = keras.Model(inputs, dense(x), name="conv_colour")
+    conv.set_weights([np.eye(3, dtype=np.float32).reshape(1, 1, 3, 3), np.zeros(3, np.float32)])
+    dense.set_weights(colour.layers[-1].get_weights())
+    path = tmp_path_factory.mktemp("models") / "conv_colour.h5"
+    model.save(path)
+    return path
+
+
+def start_server(model_path, tmp_path_factory) -> ServerProcess:
     uploads = tmp_path_factory.mktemp("uploads")
-    with ServerProcess("--model", str(colour_model_path), "--upload-dir", str(uploads),
-                       "--max-upload-mb", "1", "--max-files-per-go", str(MAX_FILES_PER_GO)) as server:
+    return ServerProcess("--model", str(model_path), "--upload-dir", str(uploads), "--max-upload-mb", "1",
+                         "--max-files", str(MAX_FILES), "--unsure-below", str(UNSURE_BELOW))
+
+
+@pytest.fixture(scope="module")
+def page_server(conv_colour_model_path, tmp_path_factory):
+    with start_server(conv_colour_model_path, tmp_path_factory) as server:
         yield server
 
 
@@ -193,14 +223,14 @@ def test_heic_gets_a_placeholder_and_is_still_classified(open_page):
 
 def test_more_photos_than_one_go_takes_get_a_message(open_page):
     page = open_page()
-    page.set_input_files("#file", [photo(f"p{i}.jpg", RED) for i in range(MAX_FILES_PER_GO + 2)])
-    wait_finished(page, MAX_FILES_PER_GO)
+    page.set_input_files("#file", [photo(f"p{i}.jpg", RED) for i in range(MAX_FILES + 2)])
+    wait_finished(page, MAX_FILES)
     notice = page.locator("#notice")
     assert notice.is_visible()
-    assert f"Up to {MAX_FILES_PER_GO} photos at a time" in notice.inner_text()
+    assert f"Up to {MAX_FILES} photos at a time" in notice.inner_text()
     assert "2 were left out" in notice.inner_text()
-    assert page.locator(".tile").count() == MAX_FILES_PER_GO
-    assert tile(page, "p0.jpg").count() == 1 and tile(page, f"p{MAX_FILES_PER_GO}.jpg").count() == 0
+    assert page.locator(".tile").count() == MAX_FILES
+    assert tile(page, "p0.jpg").count() == 1 and tile(page, f"p{MAX_FILES}.jpg").count() == 0
 
 
 def test_a_file_over_the_size_limit_is_refused_before_sending(open_page):
@@ -210,6 +240,65 @@ def test_a_file_over_the_size_limit_is_refused_before_sending(open_page):
     wait_finished(page, 2)
     assert "the limit is 1.0 MB" in tile(page, "huge.jpg").locator(".error-message").inner_text()
     assert tile(page, "small.jpg").locator(".label").inner_text() == "CAT"
+
+
+def test_an_unclear_photo_says_not_sure_with_both_scores(open_page):
+    page = open_page()
+    page.set_input_files("#file", [photo("grey.jpg", GREY), photo("red.jpg", RED)])
+    wait_finished(page, 2)
+    grey, red = tile(page, "grey.jpg"), tile(page, "red.jpg")
+    assert grey.get_attribute("data-state") == "unsure"
+    assert grey.locator(".not-sure").is_visible()
+    advice = grey.locator(".unsure").inner_text()
+    assert "not sure" in advice
+    assert re.search(r"DOG \d+\.\d %", advice) and re.search(r"CAT \d+\.\d %", advice)  # both scores
+    assert "correction" in advice
+    assert red.get_attribute("data-state") == "done" and red.locator(".not-sure").is_hidden()
+    assert red.locator(".unsure").is_hidden()
+
+
+def test_heatmap_toggle_lays_grad_cam_over_the_photo(open_page, page_server):
+    page = open_page()
+    page.set_input_files("#file", [photo("red.jpg", RED, size=(120, 90))])
+    wait_finished(page, 1)
+    red = tile(page, "red.jpg")
+    button, overlay = red.locator(".heatmap-toggle"), red.locator("img.heatmap")
+    assert button.get_attribute("aria-pressed") == "false" and overlay.is_hidden()
+    button.click()
+    from playwright.sync_api import expect
+
+    expect(button).to_have_attribute("aria-pressed", "true")
+    expect(overlay).to_be_visible()
+    assert overlay.evaluate("img => img.complete && img.naturalWidth") > 0
+    assert "where the model looked" in overlay.get_attribute("alt")
+    # Over the photo, exactly: the same box.
+    boxes = [red.locator(sel).bounding_box() for sel in ("img.preview", "img.heatmap")]
+    assert boxes[0] == boxes[1]
+    button.click()
+    expect(button).to_have_attribute("aria-pressed", "false")
+    expect(overlay).to_be_hidden()
+    # From the keyboard too: Space on the focused button.
+    button.focus()
+    page.keyboard.press("Space")
+    expect(button).to_have_attribute("aria-pressed", "true")
+
+
+def test_heatmap_of_a_model_without_convolution_says_why(browser, colour_model_path, tmp_path_factory):
+    with start_server(colour_model_path, tmp_path_factory) as server:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(server.url + "/")
+        page.set_input_files("#file", [photo("red.jpg", RED)])
+        wait_finished(page, 1)
+        red = tile(page, "red.jpg")
+        red.locator(".heatmap-toggle").click()
+        from playwright.sync_api import expect
+
+        expect(red.locator(".heatmap-error")).to_be_visible()
+        assert "convolution" in red.locator(".heatmap-error").inner_text()
+        assert red.locator(".heatmap-toggle").get_attribute("aria-pressed") == "false"
+        assert red.locator("img.heatmap").is_hidden()
+        context.close()
 
 
 @pytest.mark.parametrize("viewport", [{"width": 390, "height": 844}, {"width": 1280, "height": 800}],
@@ -247,8 +336,8 @@ def test_axe_upload_page_before_and_after_results(open_page, scheme):
     page.set_input_files("#file", [photo("red.jpg", RED), photo("blue.jpg", BLUE),
                                    {"name": "bad.jpg", "mimeType": "image/jpeg", "buffer": b"nope"}])
     wait_finished(page, 3)
-    page.set_input_files("#file", [photo(f"p{i}.jpg", RED) for i in range(MAX_FILES_PER_GO + 1)])
-    wait_finished(page, 3 + MAX_FILES_PER_GO)  # the notice about the one left out shows too
+    page.set_input_files("#file", [photo(f"p{i}.jpg", RED) for i in range(MAX_FILES + 1)])
+    wait_finished(page, 3 + MAX_FILES)  # the notice about the one left out shows too
     assert page.locator("#notice").is_visible()
     assert serious_violations(page) == []
 

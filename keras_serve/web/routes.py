@@ -18,7 +18,7 @@ def service() -> ClassifierService:
 def index():
     # The page's limits reach its script as data- attributes (the CSP allows no inline script).
     return render_template("index.html", model=service().model.describe(),
-                           max_files=current_app.config["MAX_FILES_PER_GO"],
+                           max_files=current_app.config["MAX_FILES_PER_REQUEST"],
                            max_upload_bytes=current_app.config["MAX_CONTENT_LENGTH"])
 
 
