@@ -46,9 +46,14 @@
   }
 
   function announce(text) {
-    // A fresh text node each time, so a screen reader reads even a repeated message.
-    announcer.textContent = "";
-    window.setTimeout(function () { announcer.textContent = text; }, 50);
+    // Added, not replaced: a screen reader reads each addition to the live region, so answers
+    // arriving close together are all heard. Only the last few are kept.
+    const line = document.createElement("p");
+    line.textContent = text;
+    announcer.append(line);
+    while (announcer.childElementCount > 5) {
+      announcer.firstElementChild.remove();
+    }
   }
 
   function showNotice(text) {
@@ -140,6 +145,9 @@
         running -= 1;
         done += 1;
         updateProgress();
+        if (done === total && total > 1) {
+          announce(`All ${total} photos done.`);
+        }
         pump();
       });
     }

@@ -145,7 +145,14 @@ def test_several_chosen_photos_each_get_label_confidence_bars_and_stored_link(op
     assert stored.ok and stored.body() == image_bytes(RED, (96, 72), "JPEG")
     assert page.locator("#progress").inner_text() == "3 done"
     # Screen readers hear each answer through the live region.
-    assert page.locator("#announcer[aria-live=polite]").count() == 1
+    announcer = page.locator("#announcer[aria-live=polite]")
+    assert re.search(r"red\.jpg: DOG, \d+\.\d %", announcer.inner_text())
+    assert "All 3 photos done." in announcer.inner_text()
+    # The keyboard starts at the drop zone.
+    page.locator("body").focus()
+    page.evaluate("() => document.activeElement.blur()")
+    page.keyboard.press("Tab")
+    assert page.evaluate("() => document.activeElement.id") == "dropzone"
 
 
 def test_dropped_photos_are_classified(open_page):
