@@ -12,9 +12,10 @@ import logging
 from flask import Flask, Response, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from keras_serve.errors import (CorruptImageError, DecodeBusyError, EmptyImageError, ImageTooLargeError,
-                                MissingFileError, NotAnImageError, PredictionError, ServiceError, StorageError,
-                                UploadNotFound, error_code)
+from keras_serve.errors import (CorruptImageError, DecodeBusyError, EmptyImageError, HeatmapBusyError,
+                                ImageTooLargeError, MissingFileError, NoConvolutionLayerError, NotAnImageError,
+                                PredictionError, ServiceError, StorageError, TooManyFilesError, UploadNotFound,
+                                error_code)
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,12 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     PredictionError: 503,
     StorageError: 503,
     DecodeBusyError: 503,
+    TooManyFilesError: 413,
+    NoConvolutionLayerError: 422,
+    HeatmapBusyError: 503,
 }
+# Seconds a client should wait before retrying, for errors that only mean "busy right now".
+RETRY_AFTER_BY_ERROR: dict[type[ServiceError], str] = {DecodeBusyError: "5", HeatmapBusyError: "5"}
 
 HINT_BY_STATUS = {
     400: "Send the image as multipart/form-data in a field named 'file'.",
@@ -47,6 +53,21 @@ def wants_html() -> bool:
 
 def body_too_large_message(limit: int) -> str:
     return f"The request body is larger than the {limit:,}-byte ({limit / 2**20:g} MiB) limit."
+
+
+def service_error_status(exc: ServiceError) -> int:
+    return STATUS_BY_ERROR.get(type(exc), 500)
+
+
+def service_error_body(exc: ServiceError) -> dict:
+    """The `error` object of an answer to `exc` (also one item's error in a multi-image answer)."""
+    status = service_error_status(exc)
+    if status >= 500 and type(exc) not in STATUS_BY_ERROR:
+        code = "internal_error"  # never a class name of the server's insides
+    else:
+        code = error_code(type(exc).__name__)
+    extra = {"id": exc.upload_id} if getattr(exc, "upload_id", None) else {}
+    return {"status": status, "code": code, "message": exc.message, "hint": exc.hint, **extra}
 
 
 def error_response(status: int, code: str, message: str, hint: str, **extra) -> Response:
@@ -82,13 +103,13 @@ def init_app(app: Flask) -> None:
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ServiceError)
     def handle_service_error(exc: ServiceError):
-        status = STATUS_BY_ERROR.get(type(exc), 500)
+        status = service_error_status(exc)
         if status >= 500:
             log.error("%s: %s", type(exc).__name__, exc.message)
         extra = {"id": exc.upload_id} if getattr(exc, "upload_id", None) else {}
         response = error_response(status, error_code(type(exc).__name__), exc.message, exc.hint, **extra)
-        if isinstance(exc, DecodeBusyError):
-            response.headers["Retry-After"] = "5"
+        if type(exc) in RETRY_AFTER_BY_ERROR:
+            response.headers["Retry-After"] = RETRY_AFTER_BY_ERROR[type(exc)]
         return response
 
     @app.errorhandler(HTTPException)
