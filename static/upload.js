@@ -225,11 +225,10 @@
       bars.append(row);
     });
     if (answer.unsure) {
-      const scores = top.map((entry) => `${entry.label} ${percent(entry.score)}`).join(", ");
+      const scores = top.map((entry) => `${entry.label} ${percent(entry.score)}`).join(" or ");
       $(".unsure").hidden = false;
-      $(".unsure").textContent = `The model is not sure: the scores are close (${scores}). ` +
-        "If you can tell what it is, trust your eyes over the model. " +
-        "Sending a correction from this page is not possible yet.";
+      $(".unsure").textContent = `The model is not sure: ${scores}. If you can tell, trust your own eyes; ` +
+        "sending a correction from this page is not possible yet.";
     }
     const stored = $(".stored");
     stored.href = answer.image_url || `/uploads/${encodeURIComponent(answer.id)}`;

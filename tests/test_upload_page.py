@@ -309,6 +309,28 @@ def test_heatmap_of_a_model_without_convolution_says_why(browser, colour_model_p
         context.close()
 
 
+def test_without_javascript_the_result_page_says_not_sure_and_switches_the_heatmap(browser, page_server):
+    from playwright.sync_api import expect
+
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    page.goto(page_server.url + "/")
+    assert page.locator("#file").get_attribute("multiple") is None  # the plain form sends one photo
+    page.set_input_files("#file", photo("grey.jpg", GREY, size=(120, 90)))
+    page.click("button[type=submit]")
+    page.wait_for_selector("#label")
+    assert "not sure" in page.inner_text("#unsure")
+    heatmap = page.locator("#heatmap")
+    expect(heatmap).to_be_hidden()
+    page.check("#show-heatmap")  # a checkbox and CSS: no script needed
+    expect(heatmap).to_be_visible()
+    assert heatmap.evaluate("img => img.complete && img.naturalWidth") > 0
+    assert page.locator("#heatmap").bounding_box() == page.locator("#upload").bounding_box()
+    page.uncheck("#show-heatmap")
+    expect(heatmap).to_be_hidden()
+    context.close()
+
+
 @pytest.mark.parametrize("viewport", [{"width": 390, "height": 844}, {"width": 1280, "height": 800}],
                          ids=["phone", "desktop"])
 def test_no_horizontal_overflow_with_results(open_page, viewport):

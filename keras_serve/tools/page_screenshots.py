@@ -51,10 +51,10 @@ def capture(url: str, photos: list[Path], out: Path, chromium: str) -> list[Path
             page.goto(url.rstrip("/") + "/")
             page.set_input_files("#file", [str(p) for p in photos])
             expect(page.locator(FINISHED)).to_have_count(len(photos), timeout=60_000)
-            first = page.locator(".tile").nth(1)
-            first.locator(".heatmap-toggle").click()
-            expect(first.locator("img.heatmap")).to_be_visible(timeout=60_000)
-            page.evaluate("() => document.activeElement && document.activeElement.blur()")
+            for tile in page.locator(".tile").all()[:2]:
+                tile.locator(".heatmap-toggle").click()
+                expect(tile.locator("img.heatmap")).to_be_visible(timeout=60_000)
+            page.evaluate("() => { document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0); }")
             path = out / f"page-{name}.png"
             small_png(page.screenshot(), path)
             saved.append(path)
