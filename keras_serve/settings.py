@@ -82,7 +82,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_CONTENT_LENGTH", 16 * 1024 * 1024, "largest request body (flag in MB, setting in bytes)",
             int, flag="--max-upload-mb", to_config=_mb_to_bytes, metavar="MB"),
     Setting("MAX_FILES_PER_REQUEST", 20, "most images in one POST /file/ (repeated 'file' parts); more is "
-            "refused with 413 too_many_files. Their total size is capped by MAX_CONTENT_LENGTH", int,
+            "refused with 413 too_many_files. Their total size is capped by MAX_CONTENT_LENGTH. Also the most "
+            "photos the upload page takes in one go (it sends each as its own request)", int,
             flag="--max-files"),
     Setting("MAX_PIXELS", DEFAULT_MAX_PIXELS, "largest image in pixels", int, flag="--max-pixels"),
     Setting("MAX_DECODE_BYTES", DEFAULT_MAX_DECODE_BYTES,
