@@ -175,3 +175,22 @@ def test_unknown_upload_ids_are_404(cnn_app):
         assert r.status_code == 404 and r.get_json()["error"]["code"] == "upload_not_found"
     assert client.get("/uploads/..%2F..%2Fapp.py/heatmap.png").status_code == 404
     assert cnn_app.extensions["classifier"].heatmaps.computed == 0
+
+
+def test_softmax_models_explain_their_top_label():
+    import keras
+
+    from keras_serve.model.gradcam import GradCam
+
+    inputs = keras.Input((16, 16, 3))
+    conv = keras.layers.Conv2D(3, 1, activation="relu", name="channels")
+    x = keras.layers.GlobalAveragePooling2D()(conv(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+    conv.set_weights([np.eye(3, dtype=np.float32).reshape(1, 1, 3, 3), np.zeros(3, np.float32)])
+    model.layers[-1].set_weights([np.eye(3, dtype=np.float32) * 20, np.zeros(3, np.float32)])
+    image = np.zeros((1, 16, 16, 3), np.float32)
+    image[0, :, :8, 1] = 1.0   # green on the left half: the top label
+    image[0, 12:, 8:, 2] = 1.0  # a little blue bottom right
+    cam, target = GradCam(model, (16, 16, 3), "softmax", ["r", "g", "b"], 0.5)(image)
+    assert target == 1 and cam.shape == (16, 16)
+    assert cam[:, :8].min() == pytest.approx(1.0) and cam[:, 8:].max() == 0.0
