@@ -40,7 +40,7 @@ HINT_BY_STATUS = {
     400: "Send the image as multipart/form-data in a field named 'file'.",
     404: "See / for the upload form and POST /file/ for the API.",
     405: "Use GET / for the form and POST /file/ to classify an image.",
-    413: "Send a smaller file.",
+    413: "Send a smaller file, or fewer files per request.",
     500: "This is a server problem; try again later.",
 }
 
