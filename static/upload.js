@@ -26,7 +26,6 @@
   // Take over the form: the plain picker goes, the drop zone and camera button come.
   form.querySelector(".plain-picker").hidden = true;
   form.querySelector(".picker").hidden = false;
-  chooser.multiple = true;
   chooser.required = false;
 
   const queue = [];

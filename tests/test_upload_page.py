@@ -309,13 +309,12 @@ def test_heatmap_of_a_model_without_convolution_says_why(browser, colour_model_p
         context.close()
 
 
-def test_without_javascript_the_result_page_says_not_sure_and_switches_the_heatmap(browser, page_server):
+def test_without_javascript_results_say_not_sure_switch_the_heatmap_and_take_several_photos(browser, page_server):
     from playwright.sync_api import expect
 
     context = browser.new_context(java_script_enabled=False)
     page = context.new_page()
     page.goto(page_server.url + "/")
-    assert page.locator("#file").get_attribute("multiple") is None  # the plain form sends one photo
     page.set_input_files("#file", photo("grey.jpg", GREY, size=(120, 90)))
     page.click("button[type=submit]")
     page.wait_for_selector("#label")
@@ -328,6 +327,16 @@ def test_without_javascript_the_result_page_says_not_sure_and_switches_the_heatm
     assert page.locator("#heatmap").bounding_box() == page.locator("#upload").bounding_box()
     page.uncheck("#show-heatmap")
     expect(heatmap).to_be_hidden()
+
+    # Several photos without JavaScript: the server's page of results, a bad file among them.
+    page.goto(page_server.url + "/")
+    assert "Up to 4 photos, 1 MB in all." in page.inner_text("#plain-limits")
+    page.set_input_files("#file", [photo("red.jpg", RED), photo("blue.jpg", BLUE),
+                                   {"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"nope"}])
+    page.click("button[type=submit]")
+    page.wait_for_selector("#results-title")
+    assert page.locator("#results .label").all_inner_texts() == ["DOG", "CAT"]
+    assert "not an image" in page.inner_text("#results .error-message")
     context.close()
 
 
