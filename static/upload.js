@@ -1,6 +1,7 @@
 // The upload page, enhanced: several photos at once (choose, drop, paste, camera), a preview
 // at once, each photo sent as its own POST /file/ (three in flight) so results fill in one by one.
-// Without this script the page's plain form posts one photo and gets the result page.
+// Without this script the page's plain form posts the chosen photos in one request and gets
+// the server's result page.
 "use strict";
 
 (function () {
@@ -64,11 +65,6 @@
     progress.textContent = done < total ? `${done} of ${total} done` : `${total} done`;
   }
 
-  // Browsers other than Safari cannot show HEIC/HEIF; the server decodes it all the same.
-  function previewable(file) {
-    return !/\.(heic|heif)$/i.test(file.name) && !/^image\/hei[cf]/i.test(file.type);
-  }
-
   function addFiles(fileList) {
     const files = Array.from(fileList || []);
     if (files.length === 0) {
@@ -102,13 +98,11 @@
     const name = file.name || `pasted image ${index + 1}`;
     $(".filename").textContent = name;
     const preview = $(".preview");
-    if (previewable(file)) {
-      preview.alt = `Your photo ${name}`;
-      preview.addEventListener("error", function () { noPreview(); }, { once: true });
-      preview.src = objectUrl(file);
-    } else {
-      noPreview();
-    }
+    // Tried for every file: Safari draws HEIC, most other browsers cannot and say so with an
+    // error event, which swaps in the placeholder (the server decodes HEIC all the same).
+    preview.alt = `Your photo ${name}`;
+    preview.addEventListener("error", function () { noPreview(); }, { once: true });
+    preview.src = objectUrl(file);
     function noPreview() {
       preview.hidden = true;
       preview.removeAttribute("src");

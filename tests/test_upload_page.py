@@ -277,7 +277,8 @@ def test_heatmap_toggle_lays_grad_cam_over_the_photo(open_page, page_server):
 
     expect(button).to_have_attribute("aria-pressed", "true")
     expect(overlay).to_be_visible()
-    assert overlay.evaluate("img => img.complete && img.naturalWidth") > 0
+    expect(overlay).to_have_js_property("complete", True)
+    assert overlay.evaluate("img => img.naturalWidth") > 0
     assert "where the model looked" in overlay.get_attribute("alt")
     # Over the photo, exactly: the same box.
     boxes = [red.locator(sel).bounding_box() for sel in ("img.preview", "img.heatmap")]
@@ -323,7 +324,8 @@ def test_without_javascript_results_say_not_sure_switch_the_heatmap_and_take_sev
     expect(heatmap).to_be_hidden()
     page.check("#show-heatmap")  # a checkbox and CSS: no script needed
     expect(heatmap).to_be_visible()
-    assert heatmap.evaluate("img => img.complete && img.naturalWidth") > 0
+    expect(heatmap).to_have_js_property("complete", True, timeout=30_000)  # made on demand: it may take a moment
+    assert heatmap.evaluate("img => img.naturalWidth") > 0
     assert page.locator("#heatmap").bounding_box() == page.locator("#upload").bounding_box()
     page.uncheck("#show-heatmap")
     expect(heatmap).to_be_hidden()
