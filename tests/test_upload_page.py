@@ -216,6 +216,24 @@ def test_a_rejected_file_shows_its_error_beside_the_good_ones(open_page):
     assert tile(page, "good2.jpg").locator(".label").inner_text() == "CAT"
 
 
+def test_a_lost_connection_offers_try_again_and_clear_empties_the_list(open_page):
+    page = open_page()
+    page.route("**/file/", lambda route: route.abort("internetdisconnected"))
+    page.set_input_files("#file", [photo("offline.jpg", RED)])
+    wait_finished(page, 1)
+    offline = tile(page, "offline.jpg")
+    assert "Could not reach the server" in offline.locator(".error-message").inner_text()
+    page.unroute("**/file/")
+    offline.locator(".retry").click()  # the same file, sent again
+    from playwright.sync_api import expect
+
+    expect(offline).to_have_attribute("data-state", "done", timeout=30_000)
+    assert offline.locator(".label").inner_text() == "DOG"
+    page.click("#clear")
+    assert page.locator(".tile").count() == 0 and page.locator("#results-section").is_hidden()
+    assert page.evaluate("() => document.activeElement.id") == "dropzone"
+
+
 def test_heic_gets_a_placeholder_and_is_still_classified(open_page):
     import pillow_heif
 
