@@ -12,10 +12,11 @@ from uploading import post_file
 MAP_RED = (220, 20, 20)
 
 
-def build_red_detector_cnn(size: int = 32, nested: bool = False):
+def build_red_detector_cnn(size: int = 32, nested: bool = False, strength: float = 40.0):
     """Conv2D whose first filter fires on red minus blue (ReLU), pooled into one sigmoid:
     a red area drives the answer to DOG, so Grad-CAM must light up where the red is.
-    `nested`: the convolution sits inside a nested functional model."""
+    `nested`: the convolution sits inside a nested functional model. `strength`: the Dense
+    weight; thousands saturate the sigmoid to exactly 1.0 in float32."""
     import keras
 
     conv = keras.layers.Conv2D(2, 3, padding="same", activation="relu", name="red_minus_blue")
@@ -32,7 +33,7 @@ def build_red_detector_cnn(size: int = 32, nested: bool = False):
     kernel[1, 1, 0, 0], kernel[1, 1, 2, 0] = 1.0, -1.0   # filter 0: red - blue
     kernel[1, 1, 2, 1], kernel[1, 1, 0, 1] = 1.0, -1.0   # filter 1: blue - red
     conv.set_weights([kernel, np.zeros(2, np.float32)])
-    model.layers[-1].set_weights([np.array([[40.0], [-40.0]], np.float32), np.zeros(1, np.float32)])
+    model.layers[-1].set_weights([np.array([[strength], [-strength]], np.float32), np.zeros(1, np.float32)])
     return model
 
 
@@ -194,3 +195,14 @@ def test_softmax_models_explain_their_top_label():
     cam, target = GradCam(model, (16, 16, 3), "softmax", ["r", "g", "b"], 0.5)(image)
     assert target == 1 and cam.shape == (16, 16)
     assert cam[:, :8].min() == pytest.approx(1.0) and cam[:, 8:].max() == 0.0
+
+
+def test_a_saturated_sigmoid_still_gets_a_map(make_app, tmp_path):
+    """p is exactly 1.0, so d p / d features is 0; Grad-CAM takes the logit before the sigmoid."""
+    path = tmp_path / "saturated.keras"
+    build_red_detector_cnn(strength=5000.0).save(path)
+    client = make_app(MODEL_PATH=str(path)).test_client()
+    body, r = heatmap_of(client, red_left_blue_right())
+    assert body["label"] == "DOG" and body["confidence"] == 1.0
+    red_side, blue_side = alpha_sides(r.data)
+    assert red_side > 100 and blue_side < 5, (red_side, blue_side)

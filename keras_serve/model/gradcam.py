@@ -129,6 +129,8 @@ class GradCam:
                         else:
                             scores = captured["head"]
                         scores = tf.reshape(scores, (1, -1))
+                        if head is not None:
+                            scores = _logits_if_they_give(scores, out, head[0])
                         # Explain the label the server answered for this image.
                         if output_kind == "sigmoid":
                             p = tf.sigmoid(out[0, 0]) if logits_out else out[0, 0]
@@ -158,6 +160,19 @@ class GradCam:
         peak = cam.max()
         cam = cam / peak if peak > 0 and np.isfinite(peak) else np.zeros_like(cam)
         return cam.astype(np.float32), int(target)
+
+
+def _logits_if_they_give(logits: Any, out: Any, head: Any) -> Any:
+    """`logits` where squashing them gives the model's output (the head really is the output
+    layer), else the output itself: a branched model whose last-listed layer is not its output
+    still gets a correct, if flatter, map."""
+    import tensorflow as tf
+
+    if logits.shape != out.shape:
+        return out
+    squashed = tf.sigmoid(logits) if head.activation.__name__ == "sigmoid" else tf.nn.softmax(logits)
+    agrees = tf.reduce_max(tf.abs(squashed - tf.cast(out, squashed.dtype))) < 1e-4
+    return tf.where(agrees, logits, tf.cast(out, logits.dtype))
 
 
 @contextmanager
