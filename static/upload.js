@@ -228,7 +228,7 @@
     stored.textContent = "Stored upload";
     const hidden = document.createElement("span");
     hidden.className = "visually-hidden";
-    hidden.textContent = ` of ${tile.name}`;
+    hidden.textContent = ` of ${tile.name} (opens in a new tab)`;
     stored.append(hidden);
     announce(`${tile.name}: ${answer.unsure ? "not sure, maybe " : ""}${answer.label}, ${percent(answer.confidence)}.`);
   }
