@@ -5,7 +5,7 @@
 # beside it, my.json for my.h5, is read too):
 #   docker run --rm -p 8080:8080 -v "$PWD/my-models:/models:ro" \
 #     -e KERAS_SERVE_MODEL_PATH=/models/my.h5 -e KERAS_SERVE_LABELS=cat,dog,fox keras-serve
-# Every setting is a KERAS_SERVE_* variable (README, "Options"). deploy/compose.yaml runs it
+# Every setting is a KERAS_SERVE_* variable (docs/reference.md, Options). deploy/compose.yaml runs it
 # with PostgreSQL and an S3 store; deploy/k8s/ holds Kubernetes manifests.
 FROM python:3.11-slim-bookworm
 

@@ -1,9 +1,9 @@
 """Every server setting, declared once: name, type, default, environment variable, flag, help.
 
 `create_app` takes its defaults and environment values from this table, the CLI builds its
-flags from it, and README's options table is printed by `python -m keras_serve.settings`
-(a test keeps README in step). Precedence: default, then KERAS_SERVE_<NAME>, then the
-command line or the `config` argument of `create_app`.
+flags from it, and the options table of docs/reference.md is printed by
+`python -m keras_serve.settings` (a test keeps that page in step). Precedence: default, then
+KERAS_SERVE_<NAME>, then the command line or the `config` argument of `create_app`.
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ SETTINGS: tuple[Setting, ...] = (
             "or force one; a converted engine that fails or differs falls back to tensorflow with a log line",
             flag="--engine", choices=ENGINE_CHOICES),
     Setting("WORKERS", 1, "server processes, each with its own model and batcher, sharing the port "
-            "(1: one process; more: gunicorn forks them, each serving as one process does; see README Performance)",
+            "(1: one process; more: gunicorn forks them, each serving as one process does; see docs/performance.md)",
             int, flag="--workers"),
 )
 

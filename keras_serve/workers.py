@@ -10,7 +10,7 @@ socket: each connection goes to whichever worker's event loop accepts it first, 
 keep-alive connection stays with it. One worker process (the default) is served by
 `keras_serve.cli` with no arbiter in between.
 
-Sizing (README "Performance"): each worker's converted engine runs batches on cores / workers
+Sizing (docs/performance.md): each worker's converted engine runs batches on cores / workers
 threads and a lone input on every core (`keras_serve.model.engines.LoneInputSplit`).
 """
 from __future__ import annotations
@@ -140,7 +140,7 @@ def serve_workers(config: dict[str, Any]) -> int:
           f"max wait {config['MAX_WAIT_MS']} ms, uploads in {config['UPLOAD_DIR']})", flush=True)
     arbiter_pid = os.getpid()
     try:
-        # /metrics adds up every worker's counts from files in one folder (README "Metrics").
+        # /metrics adds up every worker's counts from files in one folder (docs/operations.md, Metrics).
         with metrics_processes.share_between_processes():
             WorkerProcesses(config).run()
     except (SystemExit, HaltServer) as exc:

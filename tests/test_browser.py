@@ -2,7 +2,7 @@
 
 Playwright cannot download its own browser here, so it launches /usr/bin/chromium
 (`apt-get install -y chromium`; .ci/run does; tests/chromium.py). Without Chromium the test skips with that
-reason, except where REQUIRE_BROWSER=1 (CI), where a missing browser is a failure.
+command, except where REQUIRE_BROWSER=1 (CI), where a missing browser is a failure.
 """
 import re
 

@@ -307,26 +307,50 @@ def with_dependencies(names: set[str]) -> set[str]:
 
 
 # --- the pod's filesystem, for real ------------------------------------------------------------
+# Every mount but the kernel's own becomes read-only and /tmp a fresh tmpfs: the pod's emptyDir.
+# What the test runs from (the checkout, the venv, Python) may itself live under /tmp, which the
+# new tmpfs would hide: so the tmpfs is built aside first ($1), with each of those folders
+# (the arguments up to "--") bound into it at its own path, and only then moved onto /tmp.
 READ_ONLY_ROOT = r"""
 set -e
-# Every mount but the kernel's own becomes read-only, then /tmp is a fresh tmpfs: the pod's emptyDir.
-awk '{print $2}' /proc/self/mounts | grep -v -E '^/(proc|sys|dev)(/|$)' | sort -u | while read -r m; do
+fresh=$1; shift
+mount -t tmpfs -o mode=1777 tmpfs "$fresh"
+while [ "$1" != "--" ]; do
+  mkdir -p "$fresh${1#/tmp}"
+  mount --rbind "$1" "$fresh${1#/tmp}"
+  shift
+done
+shift
+awk '{print $2}' /proc/self/mounts | grep -v -E '^/(proc|sys|dev)(/|$)' | grep -v -F -x "$fresh" | sort -u |
+while read -r m; do
   mount -o remount,bind,ro "$m"
 done
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+mount --no-mtab --move "$fresh" /tmp  # -n: /run/mount/utab is read-only now
 touch /tmp/.writable
 if touch "$PWD/.written" 2>/dev/null; then echo "the root filesystem is still writable" >&2; exit 3; fi
 exec "$@"
 """
 
 
+def folders_under_tmp() -> list[str]:
+    """The folders the server runs from that live under /tmp (outermost only)."""
+    needed = {ROOT, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), Path(sys.executable).resolve().parent}
+    tmp = Path("/tmp").resolve()
+    under = sorted(str(p) for p in needed if p != tmp and p.is_relative_to(tmp))
+    return [p for p in under if not any(p != q and Path(p).is_relative_to(q) for q in under)]
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
-                    reason="needs root and unshare(1) for a private mount namespace (CI runs as root)")
-def test_the_server_runs_on_a_read_only_root_with_only_tmp_writable():
+                    reason="needs root and unshare(1) for a private mount namespace; run as root: "
+                           "sudo make test ARGS='tests/test_deploy.py -k read_only_root' (CI runs as root)")
+def test_the_server_runs_on_a_read_only_root_with_only_tmp_writable(tmp_path):
     env = {name: value for name, value in dockerfile_env().items() if not name.startswith("KERAS_SERVE_")}
     assert {"HOME", "KERAS_HOME"} <= set(env)  # the image points every writer at /tmp
     env.update(KERAS_SERVE_UPLOAD_DIR="/tmp/uploads", PROMETHEUS_MULTIPROC_DIR="/tmp/prometheus")
-    wrapper = ("unshare", "--mount", "--propagation", "private", "sh", "-c", READ_ONLY_ROOT, "read-only-root")
+    staging = tmp_path / "fresh-tmp"
+    staging.mkdir()
+    wrapper = ("unshare", "--mount", "--propagation", "private", "sh", "-c", READ_ONLY_ROOT, "read-only-root",
+               str(staging), *folders_under_tmp(), "--")
     server = ServerProcess(env=env, wrapper=wrapper)
     try:
         data = image_bytes(RED)

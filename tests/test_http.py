@@ -182,7 +182,7 @@ def test_config_layers_defaults_then_environment_then_argument(make_app, colour_
     from keras_serve.settings import from_arguments
 
     model = str(colour_model_path)
-    assert make_app(MODEL_PATH=model).extensions["classifier"].store.images.fsync is False  # see README: latency
+    assert make_app(MODEL_PATH=model).extensions["classifier"].store.images.fsync is False  # see docs/performance.md: latency
     monkeypatch.setenv("KERAS_SERVE_UPLOAD_FSYNC", "true")
     monkeypatch.setenv("KERAS_SERVE_MAX_BATCH", "4")
     app = make_app(MODEL_PATH=model)
@@ -200,11 +200,11 @@ def test_a_malformed_environment_value_names_the_variable(make_app, colour_model
         make_app(MODEL_PATH=str(colour_model_path))
 
 
-def test_readme_options_table_is_the_settings_table():
+def test_the_documented_options_table_is_the_settings_table():
     from keras_serve.settings import PROJECT_ROOT, markdown_table
 
-    assert markdown_table() in (PROJECT_ROOT / "README.md").read_text(), \
-        "README's options table is stale: paste the output of `python -m keras_serve.settings`"
+    assert markdown_table() in (PROJECT_ROOT / "docs" / "reference.md").read_text(), \
+        "docs/reference.md's options table is stale: paste there the output of `python -m keras_serve.settings`"
 
 
 def test_the_settings_table_command_prints_the_table_and_nothing_else():
@@ -213,7 +213,7 @@ def test_the_settings_table_command_prints_the_table_and_nothing_else():
 
     from keras_serve.settings import markdown_table
 
-    # The command README names; it once also printed runpy's warning about a module imported twice.
+    # The command docs/reference.md names; it once also printed runpy's warning about a module imported twice.
     done = subprocess.run([sys.executable, "-m", "keras_serve.settings"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stderr == ""
     assert done.stdout.strip() == markdown_table().strip()

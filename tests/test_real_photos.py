@@ -8,7 +8,8 @@ from conftest import DEFAULT_MODEL, SHARED_DATA
 
 VALIDATION = SHARED_DATA / "validation"
 pytestmark = pytest.mark.skipif(not VALIDATION.is_dir(),
-                                reason=f"real photos not available: {VALIDATION} is absent")
+                                reason=f"real photos not available: {VALIDATION} is absent "
+                                       "(clone the project beside its shared/ folder)")
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ def test_sixteen_concurrent_uploads_with_the_same_name_are_all_answered_and_stor
     assert all(bodies[i]["class"] == ("DOG" if i % 2 else "CAT") for i in bodies)
     ids = {b["id"] for b in bodies.values()}
     assert len(ids) == 16
-    with sqlite3.connect(server.uploads / "uploads.db") as db:  # as README tells operators to query
+    with sqlite3.connect(server.uploads / "uploads.db") as db:  # as docs/storage.md tells operators to query
         stored = {row[0]: (row[1], json.loads(row[2])) for row in
                   db.execute("SELECT id, image_key, prediction FROM uploads")}
     for i, body in bodies.items():

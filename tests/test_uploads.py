@@ -58,7 +58,7 @@ def test_local_layout_is_plain_files_and_a_sqlite_database(local_store, local_st
     upload_id = store.save(data, "JPEG", {"model": "m.h5"})
     root = Path(storage_config["UPLOAD_DIR"])
     assert (root / time.strftime("%Y/%m/%d", time.gmtime()) / f"{upload_id}.jpg").read_bytes() == data
-    with sqlite3.connect(root / "uploads.db") as db:  # what README tells operators to run
+    with sqlite3.connect(root / "uploads.db") as db:  # what docs/storage.md tells operators to run
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert db.execute("SELECT id, bytes, format FROM uploads").fetchall() == [(upload_id, len(data), "JPEG")]
     assert not [p for p in root.rglob(".tmp-*")]

@@ -1,7 +1,7 @@
 """Engines: what runs a loaded Keras model's forward pass on the CPU.
 
 Keras and TensorFlow always load the file (every Keras era needs them); the forward pass can
-then run elsewhere. Measured on the 2-core development VM with the default model (README,
+then run elsewhere. Measured on the 2-core development VM with the default model (docs/performance.md,
 "Performance"), ONNX Runtime and LiteRT both beat TensorFlow's traced `tf.function` with
 outputs within 1e-6 of it, so `auto` tries ONNX Runtime, then LiteRT, and keeps TensorFlow
 when neither converts or either answers differently (`ServedModel` checks that at start-up).
@@ -128,7 +128,7 @@ class LiteRtEngine:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         # The interpreter has one shape at a time; a new batch size costs a re-allocation
-        # (README: measured), which the batcher's steady batch sizes make rare.
+        # (docs/performance.md: measured), which the batcher's steady batch sizes make rare.
         if batch.shape != self._shape:
             self._interpreter.resize_tensor_input(self._input, batch.shape, strict=True)
             self._interpreter.allocate_tensors()
@@ -147,7 +147,7 @@ class LoneInputSplit:
 
     With `--workers N` each process's engine gets cores / N threads, right for the batches that
     keep every worker busy under load; a lone request, though, most likely has the machine to
-    itself. Measured with 2 workers on 2 cores (README "Performance"): p50 at one client
+    itself. Measured with 2 workers on 2 cores (docs/performance.md): p50 at one client
     4.3 ms against 5.1 with one thread, and 32 clients unchanged.
     """
 

@@ -13,7 +13,7 @@ reproduced from the two numbers the run prints. Kinds of case:
   refused    a real image in a format outside the allow-list (PPM, TGA, PCX, SGI, QOI, ICO, ...)
   junk       random bytes, text, an empty file, an image behind a junk prefix
 
-The server may answer only the statuses README documents for an upload (200, 400, 413, 415,
+The server may answer only the statuses docs/reference.md documents for an upload (200, 400, 413, 415,
 422); anything else, or a dropped connection, is reported with its seed and index, and the
 run exits 1.
 """

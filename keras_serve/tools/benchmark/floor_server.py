@@ -9,7 +9,7 @@
                      (HTTP, waitress, Flask, the multipart parse and the JSON answer remain)
 
 Every other option is app.py's. One process only: `--workers` would fork servers this script
-does not reach. For measuring (README "Performance"); never for serving, every answer is the same.
+does not reach. For measuring (docs/performance.md); never for serving, every answer is the same.
 """
 from __future__ import annotations
 

@@ -164,7 +164,7 @@ def post_once(conn: CountingConnection, upload: Upload, log: WorkerLog) -> None:
 def batcher_counters(host: str, port: int, timeout_s: float = 10.0) -> tuple[int, int] | None:
     """(model calls, images) so far, from the server's /metrics; None if it does not say.
 
-    /metrics adds up every worker process (README "Metrics"); /readyz speaks for whichever
+    /metrics adds up every worker process (docs/operations.md, Metrics); /readyz speaks for whichever
     worker answers, so with --workers N its counters would mix processes.
     """
     conn = http.client.HTTPConnection(host, port, timeout=timeout_s)

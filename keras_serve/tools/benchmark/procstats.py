@@ -41,7 +41,7 @@ def parse_machine_ticks(proc_stat_text: str) -> tuple[int, int]:
 
 
 def cpu_model() -> str:
-    """`lscpu`'s model name (what the README quotes), else /proc/cpuinfo's."""
+    """`lscpu`'s model name (what docs/performance.md quotes), else /proc/cpuinfo's."""
     try:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
             if line.startswith("Model name:"):

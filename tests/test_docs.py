@@ -1,0 +1,62 @@
+"""The documentation: the README stays a short, true front page; the site in docs/ builds strictly."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+
+def test_the_site_builds_with_strict_checks(tmp_path):
+    # --strict turns every warning into a failure: a broken link or anchor between pages, a
+    # nav entry without its page, a page that does not render.
+    site = tmp_path / "site"
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    for entry in config["nav"]:
+        (page,) = entry.values()
+        built = site / ("index.html" if page == "index.md" else page.removesuffix(".md") + "/index.html")
+        assert built.is_file(), f"{page} was not built"
+    reference = (site / "reference" / "index.html").read_text()
+    assert "<table>" in reference and "KERAS_SERVE_MAX_PIXELS" in reference  # the options table, rendered
+
+
+def test_every_page_in_docs_is_listed_or_waits_for_its_place():
+    """A page missing from nav still builds (validation.nav.omitted_files: info): pages can land
+    before the navigation names them."""
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    assert config["validation"]["nav"]["omitted_files"] == "info"
+    listed = {page for entry in config["nav"] for page in entry.values()}
+    assert listed <= {p.name for p in (ROOT / "docs").glob("*.md")}
+
+
+def test_the_readme_is_a_five_minute_read_whose_links_resolve():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 250, "README.md is the front page: move detail into docs/"
+    for heading in ("## Run it", "## Test it", "## The API", "## Serve your own model", "## Headline numbers",
+                    "## Read more"):
+        assert heading in text
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
+    local = [link for link in links if "://" not in link]
+    assert local, "README links to the docs pages"
+    missing = [link for link in local if not (ROOT / link).is_file()]
+    assert not missing, f"README links to files that do not exist: {missing}"
+
+
+def test_no_file_or_folder_is_named_after_a_ticket():
+    skip = {".git", ".venv", "site", "uploads", "node_modules", "__pycache__"}
+    named = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in skip and not d.startswith(".")]
+        named += [str(Path(folder, n).relative_to(ROOT)) for n in dirs + files
+                  if re.search(r"(issue|ticket|bug)[-_ ]?\d+", n, re.IGNORECASE)]
+    assert not named, f"name these by what they do: {named}"
