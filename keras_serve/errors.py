@@ -56,6 +56,12 @@ class ImageTooLargeError(ImageError):
     hint = "Downscale the image (for example to 4000x4000 or less) and try again."
 
 
+class TooManyFilesError(ServiceError):
+    """One request carries more `file` parts than MAX_FILES_PER_REQUEST."""
+
+    hint = "Send fewer files per request (split them over several requests)."
+
+
 class DecodeBusyError(ServiceError):
     """Large images already being decoded hold the memory budget; this one waited too long."""
 
@@ -118,3 +124,17 @@ class StorageError(ServiceError):
     # No guess at the cause here: the message says what is known, the log has the details.
     hint = "The upload could not be saved, so it was not classified. Try again later; " \
            "if it keeps happening, tell the server's operator."
+
+
+# --- heatmaps (Grad-CAM) -------------------------------------------------------------------
+class NoConvolutionLayerError(ServiceError):
+    """The served model has no 2-D convolution layer, so Grad-CAM has nothing to look at."""
+
+    hint = ("Heatmaps need a convolutional (CNN) Keras model; this server's model has no convolution "
+            "layer, so only the classification is available.")
+
+
+class HeatmapBusyError(ServiceError):
+    """Another heatmap is being computed and this one waited its bounded time."""
+
+    hint = "Heatmaps are made one at a time so classification stays fast; try again in a few seconds."

@@ -102,6 +102,10 @@ SETTINGS: tuple[Setting, ...] = (
             "store for /readyz", float),
     Setting("MAX_CONTENT_LENGTH", 16 * 1024 * 1024, "largest request body (flag in MB, setting in bytes)",
             int, flag="--max-upload-mb", to_config=_mb_to_bytes, metavar="MB"),
+    Setting("MAX_FILES_PER_REQUEST", 20, "most images in one POST /file/ (repeated 'file' parts); more is "
+            "refused with 413 too_many_files. Their total size is capped by MAX_CONTENT_LENGTH. Also the most "
+            "photos the upload page takes in one go (it sends each as its own request)", int,
+            flag="--max-files"),
     Setting("MAX_PIXELS", DEFAULT_MAX_PIXELS, "largest image in pixels", int, flag="--max-pixels"),
     Setting("MAX_DECODE_BYTES", DEFAULT_MAX_DECODE_BYTES,
             "most memory one image may take to decode, estimated from its header; more is refused with 413 "
@@ -117,6 +121,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_BATCH", 32, "largest inference batch", int, flag="--max-batch"),
     Setting("MAX_WAIT_MS", 2.0, "how long a forming batch waits for requests still decoding", float,
             flag="--max-wait-ms"),
+    Setting("UNSURE_BELOW", 0.85, "an answer whose winning score is under this is marked \"unsure\": true "
+            "(0: never); the default comes from the shipped model's validation photos, see docs/unsure.md",
+            float, flag="--unsure-below"),
+    Setting("HEATMAP_WAIT_SECONDS", 10.0, "heatmaps are made one at a time per process; how long a heatmap "
+            "request waits for its turn before a 503", float, flag="--heatmap-wait-seconds", metavar="SECONDS"),
     Setting("CONNECTION_LIMIT", 10_000, "most open client connections; capped by the open-file limit, "
             "which start-up raises to its hard limit", int, flag="--connection-limit"),
     Setting("IDLE_TIMEOUT_S", 30.0, "close a connection with no request in flight after this many seconds",

@@ -123,3 +123,31 @@ def test_a_failed_decode_leaves_no_announcement_behind():
         assert time.perf_counter() - started < 0.25
     finally:
         batcher.close()
+
+
+def test_inputs_of_one_request_share_a_batch_and_a_bad_one_fails_alone():
+    calls = []
+
+    def model(batch):
+        calls.append(len(batch))
+        return sum_model(batch)
+
+    batcher = DynamicBatcher(model, max_batch=8, max_wait_ms=500)
+
+    def decode(i):
+        def prepare():
+            if i == 2:
+                raise ValueError("not an image")
+            time.sleep(0.02)  # decoding takes time; the batch waits for the announced rest
+            return np.full((1, 2), i, np.float32)
+        return prepare
+
+    try:
+        futures = batcher.submit_prepared([decode(i) for i in range(5)])
+        assert batcher.announced == 0
+        assert [float(batcher.result(f)[0]) for i, f in enumerate(futures) if i != 2] == [0.0, 2.0, 6.0, 8.0]
+        with pytest.raises(ValueError):
+            batcher.result(futures[2])
+        assert calls == [4], "the request's images were not batched together"
+    finally:
+        batcher.close()

@@ -1,27 +1,18 @@
-"""A real browser: Playwright drives Debian's Chromium through the upload form.
+"""A real browser: Playwright drives Debian's Chromium through the plain upload form (JavaScript off).
 
 Playwright cannot download its own browser here, so it launches /usr/bin/chromium
-(`apt-get install -y chromium`; .ci/run does). Without Chromium the test skips with that
+(`apt-get install -y chromium`; .ci/run does; tests/chromium.py). Without Chromium the test skips with that
 command, except where REQUIRE_BROWSER=1 (CI), where a missing browser is a failure.
 """
-import os
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 
+from chromium import launch, require_chromium
 from images import RED, image_bytes
 from server_process import ServerProcess
 
-CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
-
-if not Path(CHROMIUM).exists() and os.environ.get("REQUIRE_BROWSER") != "1":
-    pytest.skip(f"Chromium not found at {CHROMIUM}: run `apt-get install -y chromium` as root "
-                "(or point CHROMIUM_PATH at a Chromium)", allow_module_level=True)
-
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+require_chromium()
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +20,7 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        browser = launch(p)
         yield browser
         browser.close()
 
@@ -38,7 +29,10 @@ def test_upload_form_shows_label_confidence_and_image(browser, colour_model_path
     photo = tmp_path / "red photo.jpg"
     photo.write_bytes(image_bytes(RED, (320, 240)))
     with ServerProcess("--model", str(colour_model_path), "--upload-dir", str(tmp_path / "uploads")) as server:
-        page = browser.new_page()
+        # The plain form, as without JavaScript (with it, static/upload.js takes the form over:
+        # tests/test_upload_page.py). It must keep working: it is the page's fallback.
+        context = browser.new_context(java_script_enabled=False)
+        page = context.new_page()
         page.goto(server.url + "/")
         page.set_input_files("input[type=file][name=file]", str(photo))
         page.click("button[type=submit]")
@@ -59,4 +53,4 @@ def test_upload_form_shows_label_confidence_and_image(browser, colour_model_path
         page.click("button[type=submit]")
         page.wait_for_selector("#message")
         assert "not an image" in page.inner_text("#message")
-        page.close()
+        context.close()

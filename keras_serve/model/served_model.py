@@ -39,6 +39,8 @@ class Prediction:
     confidence: float
     scores: dict[str, float]
     top: list[tuple[str, float]] = field(default_factory=list)
+    # The winning score is under the server's UNSURE_BELOW: the model is not sure (docs/unsure.md).
+    unsure: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -47,6 +49,7 @@ class Prediction:
             "confidence": round(self.confidence, 6),
             "scores": {k: round(v, 6) for k, v in self.scores.items()},
             "top": [{"label": k, "score": round(v, 6)} for k, v in self.top],
+            "unsure": self.unsure,
         }
 
 
@@ -84,6 +87,7 @@ class ServedModel:
         # What runs the forward pass (keras_serve.model.engines); `load` may pick a faster one.
         self.engine = engine or TensorFlowEngine(model, spec.input_shape)
         self.engine_fallback_reason: str | None = None  # why a requested engine is not serving
+        self.file_sha256: str | None = None  # of the model file; keys what is derived from it (heatmaps)
         self._lock = threading.Lock()
 
     @property
@@ -142,6 +146,10 @@ class ServedModel:
         }
         served = cls(model, spec, labels, output_kind, card.threshold, info,
                      apply_activation=applies_activation)
+        if path.is_file():
+            from keras_serve.model.engines import file_sha256
+
+            served.file_sha256 = file_sha256(path)
         if engine != "tensorflow":
             served._switch_engine(engine, path, arch, engine_threads)
         return served

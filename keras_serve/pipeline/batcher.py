@@ -16,7 +16,7 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -58,6 +58,41 @@ class DynamicBatcher:
         """
         with self._announced():
             future = self.submit(prepare())  # queued before the count drops: a forming batch waits for it
+        return self._result(future)
+
+    def submit_prepared(self, prepares: Sequence[Callable[[], np.ndarray]]) -> list[Future]:
+        """Several inputs of one request: all announced at once, then prepared and queued in turn.
+
+        The caller's thread decodes them one after another (one request takes one thread's CPU,
+        as a single upload does); each is queued as soon as it is ready, and a forming batch waits
+        for the rest as it waits for other requests' decodes. A `prepare` that raises gives a
+        future holding that exception, so one bad input never fails its neighbours.
+        `result(future)` waits for one answer.
+        """
+        futures: list[Future] = []
+        with self._expected_lock:
+            self._expected += len(prepares)
+        settled = 0
+        try:
+            for prepare in prepares:
+                try:
+                    futures.append(self.submit(prepare()))
+                except Exception as exc:
+                    failed: Future = Future()
+                    failed.set_exception(exc)
+                    futures.append(failed)
+                finally:
+                    with self._expected_lock:
+                        self._expected -= 1
+                    settled += 1
+        finally:
+            with self._expected_lock:  # an interruption must not leave a count behind
+                self._expected -= len(prepares) - settled
+        return futures
+
+    def result(self, future: Future) -> np.ndarray:
+        """The output row of a future from `submit`/`submit_prepared`; raises its error, or
+        PredictionError after the batcher's timeout."""
         return self._result(future)
 
     @property

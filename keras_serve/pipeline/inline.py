@@ -22,7 +22,8 @@ import logging
 import statistics
 import threading
 import time
-from typing import Any, Callable
+from concurrent.futures import Future
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -81,6 +82,24 @@ class InlinePredictor:
             self.batches += 1
             self.items += 1
         return row
+
+    def submit_prepared(self, prepares: Sequence[Callable[[], np.ndarray]]) -> list[Future]:
+        """Several inputs of one request, each decoded and predicted in turn in this thread; a
+        `prepare` or forward pass that raises gives a future holding that error, so one bad input
+        never fails its neighbours (the same contract as `DynamicBatcher.submit_prepared`)."""
+        futures: list[Future] = []
+        for prepare in prepares:
+            future: Future = Future()
+            try:
+                future.set_result(self.predict_prepared(prepare))
+            except Exception as exc:
+                future.set_exception(exc)
+            futures.append(future)
+        return futures
+
+    def result(self, future: Future) -> np.ndarray:
+        """The output row of a future from `submit_prepared`, or its error (already settled)."""
+        return future.result()
 
     def close(self) -> None:
         self._stopped.set()

@@ -10,19 +10,21 @@ A failed prediction still stores the image, with the error, so the client can qu
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from keras_serve.pipeline.batcher import DynamicBatcher
 from keras_serve.pipeline.inline import InlinePredictor, choose_batching
-from keras_serve.errors import PredictionError, StorageError, error_code
+from keras_serve.errors import PredictionError, ServiceError, StorageError, error_code
 from keras_serve.model.engines import usable_cores
 from keras_serve.model.served_model import Prediction, ServedModel
 from keras_serve.pipeline.decode_budget import UNLIMITED, DecodeBudget, limit_malloc_arenas
+from keras_serve.pipeline.heatmaps import HeatmapMaker
 from keras_serve.pipeline.preprocessing import image_format, preprocess
 from keras_serve.serving_metrics import NO_METRICS, ServingMetrics
 from keras_serve.storage.uploads import UploadStore
@@ -37,14 +39,23 @@ class ClassifiedUpload:
     milliseconds: float
 
 
+class UnexpectedItemError(ServiceError):
+    """A server bug met while answering one image of several; the others are still answered."""
+
+    hint = "This is a server problem; try again later."
+
+
 class ClassifierService:
     def __init__(self, model: ServedModel, batcher: DynamicBatcher | InlinePredictor, store: UploadStore,
-                 decode_budget: DecodeBudget = UNLIMITED, metrics: ServingMetrics = NO_METRICS) -> None:
+                 decode_budget: DecodeBudget = UNLIMITED, metrics: ServingMetrics = NO_METRICS,
+                 unsure_below: float = 0.0, heatmap_wait_s: float = 10.0) -> None:
         self.model = model
         self.batcher = batcher
         self.store = store
         self.decode_budget = decode_budget  # bounds the pixels decoded at once across requests
         self.metrics = metrics
+        self.unsure_below = unsure_below  # a winning score under this is "unsure"; 0: never
+        self.heatmaps = HeatmapMaker(model, decode_budget, heatmap_wait_s)
         self.ready = False
 
     @classmethod
@@ -78,27 +89,69 @@ class ClassifierService:
         except BaseException:
             batcher.close()
             raise
-        return cls(model, batcher, store, budget, metrics)
+        return cls(model, batcher, store, budget, metrics, unsure_below=float(config.get("UNSURE_BELOW") or 0.0),
+                   heatmap_wait_s=float(config.get("HEATMAP_WAIT_SECONDS", 10.0)))
 
     def classify(self, data: bytes, client_filename: str | None = None) -> ClassifiedUpload:
         started = time.perf_counter()
+        # Decoding runs while a forming batch knows this input is on its way. A decode that
+        # raises (an ImageError: bad input) stores nothing; a failed prediction stores the
+        # image with its error so the client can quote the id.
+        return self._answer(data, client_filename, started,
+                            lambda: self.batcher.predict_prepared(lambda: self._prepare(data)))
+
+    def classify_many(self, uploads: Sequence[tuple[bytes, str | None]]) -> list[ClassifiedUpload | ServiceError]:
+        """Several images of one request, answered in order: each a ClassifiedUpload or the
+        ServiceError that image met (one bad image never fails the others).
+
+        They go through the shared batcher like everyone's: decoded one after another in this
+        thread, each queued as soon as it is decoded, so they share forward passes with each
+        other and with other requests. Each is stored as a single upload is.
+        """
+        started = time.perf_counter()
+        futures = self.batcher.submit_prepared([lambda data=data: self._prepare(data) for data, _ in uploads])
+        results: list[ClassifiedUpload | ServiceError] = []
+        for (data, filename), future in zip(uploads, futures):
+            try:
+                results.append(self._answer(data, filename, started, lambda f=future: self.batcher.result(f)))
+            except ServiceError as exc:
+                results.append(exc)
+            except Exception:
+                log.exception("unexpected error on one image of a multi-image request")
+                results.append(UnexpectedItemError("Something went wrong on the server with this image."))
+        return results
+
+    def _prepare(self, data: bytes) -> Any:
+        return preprocess(data, self.model.spec, self.decode_budget)
+
+    def _answer(self, data: bytes, client_filename: str | None, started: float,
+                predict: Any) -> ClassifiedUpload:
+        """Predict (the callable returns the model's output row), interpret, store; as `classify`."""
         audit = {
             "client_filename": (client_filename or "")[:255],  # audit only; never used as a path
             "model": self.model.info.get("file"),
         }
         try:
-            # Decoding runs while a forming batch knows this input is on its way. A decode that
-            # raises (an ImageError: bad input) stores nothing; a failed prediction stores the
-            # image with its error so the client can quote the id.
-            output = self.batcher.predict_prepared(lambda: preprocess(data, self.model.spec, self.decode_budget))
-            prediction = self.model.interpret(output)
+            prediction = self.model.interpret(predict())
         except PredictionError as exc:
             exc.upload_id = self._save(data, {**audit, "prediction": None, "error": exc.message})
             raise
+        prediction = dataclasses.replace(prediction, unsure=prediction.confidence < self.unsure_below)
         elapsed_ms = (time.perf_counter() - started) * 1000
         upload_id = self._save(data, {
             **audit, "prediction": prediction.as_json(), "milliseconds": round(elapsed_ms, 2)})
         return ClassifiedUpload(upload_id, prediction, elapsed_ms)
+
+    def heatmap_etag(self, upload_id: str) -> str:
+        """The entity tag of an upload's heatmap; raises UploadNotFound for an unknown id."""
+        self.read_record(upload_id)  # the id is checked and looked up here: 404 before anything else
+        return self.heatmaps.etag(upload_id)
+
+    def heatmap(self, upload_id: str) -> bytes:
+        """The Grad-CAM PNG of a stored upload (keras_serve.pipeline.heatmaps). Raises
+        UploadNotFound, NoConvolutionLayerError, HeatmapBusyError, StorageError."""
+        self.read_record(upload_id)
+        return self.heatmaps.png(upload_id, lambda: self.read_image(upload_id)[0])
 
     def _save(self, data: bytes, record: dict[str, Any]) -> str:
         with self._storage("save"):

@@ -44,6 +44,8 @@ class Prediction(BaseModel):
     confidence: float = Field(ge=0, le=1, description="The winning label's score")
     scores: dict[str, float] = Field(description="Every label's score")
     top: list[LabelScore] = Field(description="Labels by score, best first")
+    unsure: bool | None = Field(None, description="The winning score is under the server's UNSURE_BELOW "
+                                                  "(GET /model: unsure_below); absent in records made before it")
 
 
 class Classification(Prediction):
@@ -51,6 +53,23 @@ class Classification(Prediction):
     image_url: str = Field(description="Where the stored image is served")
     milliseconds: float = Field(ge=0, description="Time from the upload's arrival to its answer")
 
+
+class ItemError(BaseModel):
+    """One image of several that was not classified; the others are answered beside it."""
+
+    error: ErrorDetail
+    filename: str | None = Field(description="The client's file name (last segment, control characters removed)")
+
+
+class ClassificationList(BaseModel):
+    """The answer to several `file` parts in one request, in the order sent."""
+
+    results: list[Classification | ItemError]
+
+
+# One `file` part answers a Classification (exactly as before several were possible); two or
+# more answer {"results": [...]}.
+CLASSIFY_ANSWER = (Classification, ClassificationList)
 
 CLASSIFY_FORM: dict[str, Any] = {
     "type": "object",
@@ -111,11 +130,16 @@ class Liveness(BaseModel):
     alive: bool
 
 
-class StorageHealth(BaseModel):
+class ComponentHealth(BaseModel):
     ok: bool
-    records: str = Field(description="Where records go (a database URL without its password)")
-    images: str = Field(description="Where images go")
-    problems: list[str] | None = None
+
+
+class StorageHealth(BaseModel):
+    """ok / not ok per half; where each store is and why it failed go to the log only."""
+
+    ok: bool
+    records: ComponentHealth
+    images: ComponentHealth
 
 
 class Readiness(BaseModel):

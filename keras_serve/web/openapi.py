@@ -45,7 +45,7 @@ class Body:
     """One media type of a request or response body."""
 
     media_type: str
-    schema: type[BaseModel] | dict[str, Any] = field(default_factory=dict)
+    schema: type[BaseModel] | tuple[type[BaseModel], ...] | dict[str, Any] = field(default_factory=dict)
     example: Any = None
 
 
@@ -57,7 +57,7 @@ ERROR = _ErrorMarker()
 ResponseSpec = Body | list[Body] | _ErrorMarker
 
 
-def json_body(schema: type[BaseModel] | dict[str, Any], example: Any = None) -> Body:
+def json_body(schema: type[BaseModel] | tuple[type[BaseModel], ...] | dict[str, Any], example: Any = None) -> Body:
     return Body("application/json", schema, example)
 
 
@@ -159,10 +159,13 @@ def openapi_path(rule: Rule) -> str:
     return RULE_VARIABLE.sub(r"{\1}", rule.rule)
 
 
-def _model_schema(spec: APISpec, schema: type[BaseModel] | dict[str, Any]) -> dict[str, Any]:
-    """A $ref to the model, registered in components with the models it uses."""
+def _model_schema(spec: APISpec, schema: type[BaseModel] | tuple[type[BaseModel], ...] | dict[str, Any]) -> dict[str, Any]:
+    """A $ref to the model, registered in components with the models it uses; a tuple of
+    models is one of them (`oneOf`)."""
     if isinstance(schema, dict):
         return schema
+    if isinstance(schema, tuple):
+        return {"oneOf": [_model_schema(spec, one) for one in schema]}
     name = schema.__name__
     if name not in spec.components.schemas:
         generated = schema.model_json_schema(ref_template="#/components/schemas/{model}")

@@ -13,9 +13,10 @@ from flask import Flask, Response, g, jsonify, make_response, render_template, r
 from werkzeug.exceptions import HTTPException
 
 from keras_serve.errors import (AuthenticationError, CorruptImageError, DecodeBusyError, EmptyImageError,
-                                ImageTooLargeError, InvalidTokenError, MissingFileError, MissingTokenError,
-                                NotAnImageError, PredictionError, RateLimitedError, ServiceError, StorageError,
-                                UploadNotFound, error_code)
+                                HeatmapBusyError, ImageTooLargeError, InvalidTokenError, MissingFileError,
+                                MissingTokenError, NoConvolutionLayerError, NotAnImageError, PredictionError,
+                                RateLimitedError, ServiceError, StorageError, TooManyFilesError, UploadNotFound,
+                                error_code)
 from keras_serve.web.request_log import current_request_id
 
 log = logging.getLogger(__name__)
@@ -33,13 +34,18 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     PredictionError: 503,
     StorageError: 503,
     DecodeBusyError: 503,
+    TooManyFilesError: 413,
+    NoConvolutionLayerError: 422,
+    HeatmapBusyError: 503,
 }
+# Seconds a client should wait before retrying, for errors that only mean "busy right now".
+RETRY_AFTER_BY_ERROR: dict[type[ServiceError], str] = {DecodeBusyError: "5", HeatmapBusyError: "5"}
 
 HINT_BY_STATUS = {
     400: "Send the image as multipart/form-data in a field named 'file'.",
     404: "See / for the upload form and POST /file/ for the API.",
     405: "Use GET / for the form and POST /file/ to classify an image.",
-    413: "Send a smaller file.",
+    413: "Send a smaller file, or fewer files per request.",
     500: "This is a server problem; try again later.",
 }
 
@@ -52,6 +58,21 @@ def wants_html() -> bool:
 
 def body_too_large_message(limit: int) -> str:
     return f"The request body is larger than the {limit:,}-byte ({limit / 2**20:g} MiB) limit."
+
+
+def service_error_status(exc: ServiceError) -> int:
+    return STATUS_BY_ERROR.get(type(exc), 500)
+
+
+def service_error_body(exc: ServiceError) -> dict:
+    """The `error` object of an answer to `exc` (also one item's error in a multi-image answer)."""
+    status = service_error_status(exc)
+    if status >= 500 and type(exc) not in STATUS_BY_ERROR:
+        code = "internal_error"  # never a class name of the server's insides
+    else:
+        code = error_code(type(exc).__name__)
+    extra = {"id": exc.upload_id} if getattr(exc, "upload_id", None) else {}
+    return {"status": status, "code": code, "message": exc.message, "hint": exc.hint, **extra}
 
 
 def error_response(status: int, code: str, message: str, hint: str, **extra) -> Response:
@@ -70,7 +91,10 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
-    "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'",
+    # Scripts, styles and fetches only from this origin; blob: images are the page's own previews
+    # of photos not yet sent (object URLs). No inline script or style anywhere.
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
+                               "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
 }
 
 
@@ -87,15 +111,15 @@ def init_app(app: Flask) -> None:
 
 def service_error_response(exc: ServiceError) -> Response:
     """A typed error as its answer: status, body, and the protocol headers its status needs."""
-    status = STATUS_BY_ERROR.get(type(exc), 500)
+    status = service_error_status(exc)
     if status >= 500:
         log.error("%s: %s", type(exc).__name__, exc.message)
     extra = {"id": exc.upload_id} if getattr(exc, "upload_id", None) else {}
     if extra:
         g.upload_id = exc.upload_id  # for the request's log line
     response = error_response(status, error_code(type(exc).__name__), exc.message, exc.hint, **extra)
-    if isinstance(exc, DecodeBusyError):
-        response.headers["Retry-After"] = "5"
+    if type(exc) in RETRY_AFTER_BY_ERROR:
+        response.headers["Retry-After"] = RETRY_AFTER_BY_ERROR[type(exc)]
     elif isinstance(exc, RateLimitedError):
         response.headers["Retry-After"] = str(exc.retry_after_s)
     elif isinstance(exc, AuthenticationError):

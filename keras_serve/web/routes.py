@@ -1,16 +1,22 @@
-"""HTTP routes: the upload form, the classify endpoint, stored images, health."""
+"""HTTP routes: the upload form, the classify endpoint, stored images and heatmaps, health."""
 from __future__ import annotations
+
+import unicodedata
 
 from flask import Blueprint, Response, current_app, g, jsonify, render_template, request, url_for
 
-from keras_serve.pipeline.service import ClassifierService
-from keras_serve.errors import MissingFileError
-from keras_serve.web.api_models import (CLASSIFY_FORM, Classification, Liveness, ModelDescription, Readiness,
+from keras_serve.errors import MissingFileError, ServiceError, TooManyFilesError
+from keras_serve.pipeline.service import ClassifiedUpload, ClassifierService
+from keras_serve.web.api_models import (CLASSIFY_FORM, CLASSIFY_ANSWER, Liveness, ModelDescription, Readiness,
                                         UploadRecord)
 from keras_serve.web.openapi import ERROR, binary, html_page, json_body, multipart, operation
-from keras_serve.web.responses import wants_html
+from keras_serve.web.responses import service_error_body, service_error_status, wants_html
 
 bp = Blueprint("web", __name__)
+
+# An upload and its heatmap never change (a new model file changes the heatmap's ETag), so the
+# browser may keep them; "private" keeps them out of shared caches.
+IMMUTABLE_PRIVATE = "private, max-age=3600"
 
 
 def service() -> ClassifierService:
@@ -20,7 +26,27 @@ def service() -> ClassifierService:
 @bp.get("/")
 @operation("The upload form (a page for people)", tags=["pages"], responses={200: html_page()})
 def index():
-    return render_template("index.html", model=service().model.describe())
+    # The page's limits reach its script as data- attributes (the CSP allows no inline script).
+    return render_template("index.html", model=service().model.describe(),
+                           max_files=current_app.config["MAX_FILES_PER_REQUEST"],
+                           max_upload_bytes=current_app.config["MAX_CONTENT_LENGTH"])
+
+
+def result_json(result: ClassifiedUpload) -> dict:
+    """What POST /file/ answers for one classified image."""
+    return {**result.prediction.as_json(), "id": result.upload_id,
+            "image_url": url_for("web.uploaded_image", upload_id=result.upload_id),
+            "milliseconds": round(result.milliseconds, 2)}
+
+
+def display_filename(name: str | None) -> str | None:
+    """A client's file name fit to show back: its last path segment, no control or format
+    characters, at most 255 characters; None if nothing is left. Never used as a path."""
+    if not name:
+        return None
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c for c in name if unicodedata.category(c)[0] != "C").strip()
+    return name[:255] or None
 
 
 # "/file" is its own rule, not a redirect to "/file/" (curl would drop the POST body), and not
@@ -32,26 +58,51 @@ def index():
     description="Send the image as multipart/form-data in a field named `file`. The upload is stored "
                 "before it is answered. Browsers (Accept: text/html first) get the result page.",
     request=multipart(CLASSIFY_FORM),
-    responses={200: [json_body(Classification), html_page()], 400: ERROR, 413: ERROR, 415: ERROR, 422: ERROR,
-               503: ERROR},
-    response_headers={503: {"Retry-After": {"type": "string", "pattern": "^[0-9]+$"}}},
+    responses={200: [json_body(CLASSIFY_ANSWER), html_page()], 400: ERROR, 401: ERROR, 413: ERROR, 415: ERROR,
+               422: ERROR, 429: ERROR, 503: ERROR},
+    response_headers={401: {"WWW-Authenticate": {"type": "string"}},
+                      429: {"Retry-After": {"type": "string", "pattern": "^[0-9]+$"}}},
     links={200: {"UploadRecord": {"operationId": "web_upload_record_get",
                                   "parameters": {"upload_id": "$response.body#/id"}},
                  "UploadImage": {"operationId": "web_uploaded_image_get",
                                  "parameters": {"upload_id": "$response.body#/id"}}}},
 )
 def classify():
-    upload = request.files.get("file")
-    if upload is None:
+    uploads = request.files.getlist("file")
+    if not uploads:
         raise MissingFileError("The request has no file part named 'file'.")
+    if len(uploads) == 1:  # the answer to one file is exactly what it has always been
+        return classify_one(uploads[0])
+    limit = int(current_app.config["MAX_FILES_PER_REQUEST"])
+    if len(uploads) > limit:
+        raise TooManyFilesError(f"The request has {len(uploads)} files; at most {limit} are accepted per request.")
+    return classify_several(uploads)
+
+
+def classify_one(upload) -> Response:
     result = service().classify(upload.read(), upload.filename)  # preprocess rejects empty files
     g.upload_id = result.upload_id  # for the request's log line
-    image_url = url_for("web.uploaded_image", upload_id=result.upload_id)
     if wants_html():
-        return render_template("result.html", prediction=result.prediction, image_url=image_url,
+        return render_template("result.html", prediction=result.prediction,
+                               image_url=url_for("web.uploaded_image", upload_id=result.upload_id),
                                upload_id=result.upload_id)
-    return jsonify({**result.prediction.as_json(), "id": result.upload_id, "image_url": image_url,
-                    "milliseconds": round(result.milliseconds, 2)})
+    return jsonify(result_json(result))
+
+
+def classify_several(uploads) -> tuple[Response | str, int]:
+    """{"results": [...]} in the order sent; 200 if any image was classified, else the first error's status."""
+    answers = service().classify_many([(u.read(), u.filename) for u in uploads])
+    items = []
+    for upload, answer in zip(uploads, answers):
+        if isinstance(answer, ServiceError):
+            items.append({"error": service_error_body(answer), "filename": display_filename(upload.filename)})
+        else:
+            items.append(result_json(answer))
+    errors = [a for a in answers if isinstance(a, ServiceError)]
+    status = 200 if len(errors) < len(answers) else service_error_status(errors[0])
+    if wants_html():
+        return render_template("results.html", items=items), status
+    return jsonify({"results": items}), status
 
 
 @bp.get("/uploads/<upload_id>")
@@ -61,8 +112,20 @@ def classify():
            response_headers={200: {"Cache-Control": {"type": "string"}}})
 def uploaded_image(upload_id: str):
     data, mimetype = service().read_image(upload_id)
-    # An upload never changes, so the browser may keep it; "private" keeps it out of shared caches.
-    return Response(data, mimetype=mimetype, headers={"Cache-Control": "private, max-age=3600"})
+    return Response(data, mimetype=mimetype, headers={"Cache-Control": IMMUTABLE_PRIVATE})
+
+
+@bp.get("/uploads/<upload_id>/heatmap.png")
+@operation("Where the model looked (Grad-CAM): a transparent PNG to lay over the stored image", tags=["uploads"],
+           responses={200: binary("image/png"), 304: binary("image/png"), 404: ERROR, 422: ERROR, 503: ERROR},
+           response_headers={200: {"ETag": {"type": "string"}}})
+def upload_heatmap(upload_id: str):
+    """Grad-CAM of the stored upload: a transparent PNG to lay over the photo (docs/heatmap.md)."""
+    etag = service().heatmap_etag(upload_id)  # 404 for an unknown id
+    headers = {"Cache-Control": IMMUTABLE_PRIVATE, "ETag": f'"{etag}"'}
+    if request.if_none_match.contains(etag):
+        return Response(status=304, headers=headers)
+    return Response(service().heatmap(upload_id), mimetype="image/png", headers=headers)
 
 
 @bp.get("/uploads/<upload_id>/record")
@@ -76,7 +139,8 @@ def upload_record(upload_id: str):
 @operation("The loaded model's serving contract: input, preprocessing, labels, engine", tags=["model"],
            responses={200: json_body(ModelDescription)})
 def model_description():
-    return jsonify(service().model.describe())
+    # unsure_below: a winning score under it is answered "unsure": true (0: never).
+    return jsonify({**service().model.describe(), "unsure_below": service().unsure_below})
 
 
 # Both answer from state already in memory and never wait on the model or the store, so

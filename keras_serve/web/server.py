@@ -69,7 +69,7 @@ BARE_LF = re.compile(rb"(?<!\r)\n")
 LOOP_ANSWERED_PATHS = frozenset({"/healthz", "/readyz"})
 ERROR_HINTS = {
     400: "Send a well-formed HTTP/1.1 request: header lines end in CRLF.",
-    413: "Send a smaller file.",
+    413: "Send a smaller file, or fewer files per request.",
     431: "Send fewer or shorter request headers.",
     501: "Send the body with Content-Length or Transfer-Encoding: chunked.",
     500: "This is a server problem; try again later.",

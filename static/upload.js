@@ -1,0 +1,350 @@
+// The upload page, enhanced: several photos at once (choose, drop, paste, camera), a preview
+// at once, each photo sent as its own POST /file/ (three in flight) so results fill in one by one.
+// Without this script the page's plain form posts the chosen photos in one request and gets
+// the server's result page.
+"use strict";
+
+(function () {
+  const form = document.getElementById("upload-form");
+  if (!form || !window.fetch || !window.URL || !document.createElement("template").content) {
+    return; // an old browser keeps the plain form
+  }
+
+  const IN_FLIGHT = 3; // enough to keep the server's batcher fed, few enough to show progress
+  const maxFiles = Number(form.dataset.maxFiles) || 20;
+  const maxUploadBytes = Number(form.dataset.maxUploadBytes) || Infinity;
+
+  const chooser = document.getElementById("file");
+  const camera = document.getElementById("camera");
+  const dropzone = document.getElementById("dropzone");
+  const notice = document.getElementById("notice");
+  const section = document.getElementById("results-section");
+  const list = document.getElementById("results");
+  const progress = document.getElementById("progress");
+  const announcer = document.getElementById("announcer");
+  const template = document.getElementById("tile-template");
+
+  // Take over the form: the plain picker goes, the drop zone and camera button come.
+  form.querySelector(".plain-picker").hidden = true;
+  form.querySelector(".picker").hidden = false;
+  chooser.required = false;
+
+  const queue = [];
+  let running = 0;
+  let done = 0;
+  let total = 0;
+  const objectUrls = new Set();
+
+  function objectUrl(blob) {
+    const url = URL.createObjectURL(blob);
+    objectUrls.add(url);
+    return url;
+  }
+
+  function percent(score) {
+    return (score * 100).toFixed(1) + " %";
+  }
+
+  function announce(text) {
+    // Added, not replaced: a screen reader reads each addition to the live region, so answers
+    // arriving close together are all heard. Only the last few are kept.
+    const line = document.createElement("p");
+    line.textContent = text;
+    announcer.append(line);
+    while (announcer.childElementCount > 5) {
+      announcer.firstElementChild.remove();
+    }
+  }
+
+  function showNotice(text) {
+    notice.textContent = text;
+    notice.hidden = !text;
+  }
+
+  function updateProgress() {
+    progress.textContent = done < total ? `${done} of ${total} done` : `${total} done`;
+  }
+
+  function addFiles(fileList) {
+    const files = Array.from(fileList || []);
+    if (files.length === 0) {
+      return;
+    }
+    const taken = files.slice(0, maxFiles);
+    const left = files.length - taken.length;
+    showNotice(left > 0
+      ? `Up to ${maxFiles} photos at a time: the first ${maxFiles} are being classified, ` +
+        `${left} ${left === 1 ? "was" : "were"} left out. Add ${left === 1 ? "it" : "them"} again afterwards.`
+      : "");
+    section.hidden = false;
+    if (done === total) { // a new go after the last one finished: count afresh
+      done = 0;
+      total = 0;
+    }
+    total += taken.length;
+    updateProgress();
+    // Newest first, as photo apps list them; within one go, in the order given.
+    const tiles = taken.map(makeTile);
+    for (let i = tiles.length - 1; i >= 0; i--) {
+      list.prepend(tiles[i].element);
+    }
+    tiles.forEach(function (tile) { queue.push(tile); });
+    pump();
+  }
+
+  function makeTile(file, index) {
+    const element = template.content.firstElementChild.cloneNode(true);
+    const $ = function (selector) { return element.querySelector(selector); };
+    const name = file.name || `pasted image ${index + 1}`;
+    $(".filename").textContent = name;
+    const preview = $(".preview");
+    // Tried for every file: Safari draws HEIC, most other browsers cannot and say so with an
+    // error event, which swaps in the placeholder (the server decodes HEIC all the same).
+    preview.alt = `Your photo ${name}`;
+    preview.addEventListener("error", function () { noPreview(); }, { once: true });
+    preview.src = objectUrl(file);
+    function noPreview() {
+      preview.hidden = true;
+      preview.removeAttribute("src");
+      $(".no-preview").hidden = false;
+      element.classList.add("without-preview");
+    }
+    const tile = { file: file, name: name, element: element, $: $ };
+    $(".retry").addEventListener("click", function () {
+      $(".failure").hidden = true;
+      $(".retry").hidden = true;
+      setState(tile, "Waiting", "waiting");
+      total += 1;
+      updateProgress();
+      queue.push(tile);
+      pump();
+    });
+    $(".heatmap-toggle").addEventListener("click", function () { toggleHeatmap(tile); });
+    setState(tile, "Waiting", "waiting");
+    return tile;
+  }
+
+  function setState(tile, text, kind) {
+    tile.element.dataset.state = kind;
+    const state = tile.$(".state");
+    state.textContent = text;
+    state.hidden = !text;
+  }
+
+  function pump() {
+    while (running < IN_FLIGHT && queue.length > 0) {
+      running += 1;
+      classify(queue.shift()).finally(function () {
+        running -= 1;
+        done += 1;
+        updateProgress();
+        if (done === total && total > 1) {
+          announce(`All ${total} photos done.`);
+        }
+        pump();
+      });
+    }
+  }
+
+  async function classify(tile) {
+    if (tile.file.size > maxUploadBytes) {
+      const mb = (n) => (n / 1048576).toFixed(1) + " MB";
+      return fail(tile, `This file is ${mb(tile.file.size)}; the limit is ${mb(maxUploadBytes)}.`,
+                  "Send a smaller copy (most phones can share a photo at a smaller size).", false);
+    }
+    setState(tile, "Classifying…", "busy");
+    const body = new FormData();
+    body.append("file", tile.file, tile.name);
+    let response;
+    try {
+      response = await fetch(form.action, {
+        method: "POST", body: body, headers: { Accept: "application/json" }, credentials: "same-origin",
+      });
+    } catch (err) {
+      return fail(tile, "Could not reach the server.", "Check the connection, then try again.", true);
+    }
+    let answer = null;
+    try {
+      answer = await response.json();
+    } catch (err) {
+      answer = null;
+    }
+    if (!response.ok || !answer || answer.error) {
+      const error = (answer && answer.error) || {};
+      return fail(tile, error.message || `The server answered ${response.status}.`, error.hint || "",
+                  response.status >= 500 || response.status === 0);
+    }
+    show(tile, answer);
+  }
+
+  function fail(tile, message, hint, retryable) {
+    tile.$(".no-preview").textContent = "No preview";
+    setState(tile, "", "failed");
+    tile.$(".failure").hidden = false;
+    tile.$(".error-message").textContent = message;
+    tile.$(".error-hint").textContent = hint;
+    tile.$(".retry").hidden = !retryable;
+    announce(`${tile.name}: not classified. ${message}`);
+  }
+
+  function show(tile, answer) {
+    const $ = tile.$;
+    tile.answer = answer;
+    setState(tile, "", answer.unsure ? "unsure" : "done");
+    $(".not-sure").hidden = !answer.unsure;
+    $(".answer").hidden = false;
+    $(".label").textContent = answer.label;
+    $(".confidence").textContent = percent(answer.confidence);
+    const bars = $(".bars");
+    bars.textContent = "";
+    const top = answer.top || Object.entries(answer.scores || {}).map(([label, score]) => ({ label, score }));
+    top.forEach(function (entry) {
+      const row = document.createElement("li");
+      row.className = "bar" + (entry.label === answer.label ? " winner" : "");
+      const name = document.createElement("span");
+      name.className = "bar-label";
+      name.textContent = entry.label;
+      const value = document.createElement("span");
+      value.className = "bar-value";
+      value.textContent = percent(entry.score);
+      const track = document.createElement("span");
+      track.className = "bar-track";
+      track.setAttribute("aria-hidden", "true");
+      const fill = document.createElement("span");
+      fill.className = "bar-fill";
+      fill.style.width = Math.max(0, Math.min(100, entry.score * 100)).toFixed(1) + "%"; // CSSOM: allowed by the CSP
+      track.append(fill);
+      row.append(name, track, value);
+      bars.append(row);
+    });
+    if (answer.unsure) {
+      const scores = top.map((entry) => `${entry.label} ${percent(entry.score)}`).join(" or ");
+      $(".unsure").hidden = false;
+      $(".unsure").textContent = `The model is not sure: ${scores}. If you can tell, trust your own eyes; ` +
+        "sending a correction from this page is not possible yet.";
+    }
+    const stored = $(".stored");
+    stored.href = answer.image_url || `/uploads/${encodeURIComponent(answer.id)}`;
+    stored.textContent = "Stored upload";
+    const hidden = document.createElement("span");
+    hidden.className = "visually-hidden";
+    hidden.textContent = ` of ${tile.name} (opens in a new tab)`;
+    stored.append(hidden);
+    announce(`${tile.name}: ${answer.unsure ? "not sure, maybe " : ""}${answer.label}, ${percent(answer.confidence)}.`);
+  }
+
+  async function toggleHeatmap(tile) {
+    const button = tile.$(".heatmap-toggle");
+    const overlay = tile.$(".heatmap");
+    const pressed = button.getAttribute("aria-pressed") === "true";
+    if (pressed) {
+      button.setAttribute("aria-pressed", "false");
+      overlay.hidden = true;
+      return;
+    }
+    if (!overlay.getAttribute("src")) {
+      // Fetched, not just an <img src>: a model without a convolution layer answers 422 with a
+      // message worth showing, which an image element would swallow.
+      button.disabled = true;
+      button.setAttribute("aria-busy", "true");
+      try {
+        const response = await fetch(`/uploads/${encodeURIComponent(tile.answer.id)}/heatmap.png`);
+        if (!response.ok) {
+          let message = `No heatmap (the server answered ${response.status}).`;
+          try {
+            const body = await response.json();
+            if (body && body.error && body.error.message) { message = body.error.message; }
+          } catch (err) { /* keep the status line */ }
+          heatmapError(tile, message);
+          return;
+        }
+        overlay.alt = `Heatmap over ${tile.name}: the warm areas are where the model looked`;
+        overlay.src = objectUrl(await response.blob());
+      } catch (err) {
+        heatmapError(tile, "Could not reach the server for the heatmap. Try again.");
+        return;
+      } finally {
+        button.disabled = false;
+        button.removeAttribute("aria-busy");
+      }
+    }
+    tile.$(".heatmap-error").hidden = true;
+    overlay.hidden = false;
+    button.setAttribute("aria-pressed", "true");
+  }
+
+  function heatmapError(tile, message) {
+    const box = tile.$(".heatmap-error");
+    box.textContent = message;
+    box.hidden = false;
+    announce(`${tile.name}: ${message}`);
+  }
+
+  function clearResults() {
+    queue.length = 0;
+    list.textContent = "";
+    objectUrls.forEach(function (url) { URL.revokeObjectURL(url); });
+    objectUrls.clear();
+    total = running;
+    done = 0;
+    showNotice("");
+    section.hidden = true;
+    dropzone.focus();
+  }
+
+  // --- every way a photo arrives --------------------------------------------------------
+  dropzone.addEventListener("click", function () { chooser.click(); });
+  document.getElementById("camera-button").addEventListener("click", function () { camera.click(); });
+  document.getElementById("clear").addEventListener("click", clearResults);
+  [chooser, camera].forEach(function (input) {
+    input.addEventListener("change", function () {
+      addFiles(input.files);
+      input.value = ""; // choosing the same photo again still fires "change"
+    });
+  });
+  form.addEventListener("submit", function (event) {
+    event.preventDefault();
+    addFiles(chooser.files);
+  });
+
+  // Dropped anywhere on the page: a miss beside the drop zone must not navigate away to the file.
+  let dragDepth = 0;
+  function carriesFiles(event) {
+    return event.dataTransfer && Array.from(event.dataTransfer.types || []).includes("Files");
+  }
+  document.addEventListener("dragenter", function (event) {
+    if (!carriesFiles(event)) { return; }
+    dragDepth += 1;
+    document.body.classList.add("dragging");
+  });
+  document.addEventListener("dragleave", function (event) {
+    if (!carriesFiles(event)) { return; }
+    dragDepth = Math.max(0, dragDepth - 1);
+    if (dragDepth === 0) { document.body.classList.remove("dragging"); }
+  });
+  document.addEventListener("dragover", function (event) {
+    if (!carriesFiles(event)) { return; }
+    event.preventDefault();
+    event.dataTransfer.dropEffect = "copy";
+  });
+  document.addEventListener("drop", function (event) {
+    dragDepth = 0;
+    document.body.classList.remove("dragging");
+    if (!event.dataTransfer || event.dataTransfer.files.length === 0) { return; }
+    event.preventDefault();
+    addFiles(event.dataTransfer.files);
+  });
+
+  document.addEventListener("paste", function (event) {
+    const data = event.clipboardData;
+    if (!data) { return; }
+    let files = Array.from(data.files || []);
+    if (files.length === 0 && data.items) { // some browsers list a copied image only as an item
+      files = Array.from(data.items).filter((item) => item.kind === "file")
+        .map((item) => item.getAsFile()).filter(Boolean);
+    }
+    if (files.length === 0) { return; } // pasted text goes where it was going
+    event.preventDefault();
+    addFiles(files);
+  });
+})();

@@ -1,0 +1,426 @@
+"""The upload page in real Chromium, with its script: many photos, every way they arrive.
+
+Choose several, drop, paste, the camera control, HEIC without a preview, a rejected file
+beside good ones, the per-go limit, phone and desktop widths, and axe-core's accessibility
+checks on every page. The colour model answers what the test expects: red is DOG, blue CAT.
+(The plain form with JavaScript off: tests/test_browser.py.)
+"""
+from __future__ import annotations
+
+import base64
+import re
+
+import pytest
+
+from chromium import launch, require_chromium
+from images import BLUE, RED, image_bytes
+from server_process import ServerProcess
+
+require_chromium()
+
+MAX_FILES = 4
+FINISHED = ".tile[data-state=done], .tile[data-state=unsure], .tile[data-state=failed]"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch(p)
+        yield browser
+        browser.close()
+
+
+UNSURE_BELOW = 0.75  # grey scores 0.5 (unsure), red and blue over 0.999 (sure)
+GREY = (128, 128, 128)
+
+
+@pytest.fixture(scope="module")
+def conv_colour_model_path(tmp_path_factory):
+    """The colour model with a convolution in front (identity 1x1 kernels): the same answers,
+    and a layer for Grad-CAM to look at."""
+    import keras
+    import numpy as np
+
+    from conftest import build_colour_model
+
+    colour = build_colour_model()
+    inputs = keras.Input((32, 32, 3))
+    conv = keras.layers.Conv2D(3, 1, name="conv")
+    x = keras.layers.GlobalAveragePooling2D()(conv(inputs))
+    dense = keras.layers.Dense(1, activation="sigmoid")
+    model = keras.Model(inputs, dense(x), name="conv_colour")
+    conv.set_weights([np.eye(3, dtype=np.float32).reshape(1, 1, 3, 3), np.zeros(3, np.float32)])
+    dense.set_weights(colour.layers[-1].get_weights())
+    path = tmp_path_factory.mktemp("models") / "conv_colour.h5"
+    model.save(path)
+    return path
+
+
+def start_server(model_path, tmp_path_factory) -> ServerProcess:
+    uploads = tmp_path_factory.mktemp("uploads")
+    return ServerProcess("--model", str(model_path), "--upload-dir", str(uploads), "--max-upload-mb", "1",
+                         "--max-files", str(MAX_FILES), "--unsure-below", str(UNSURE_BELOW))
+
+
+@pytest.fixture(scope="module")
+def page_server(conv_colour_model_path, tmp_path_factory):
+    with start_server(conv_colour_model_path, tmp_path_factory) as server:
+        yield server
+
+
+@pytest.fixture()
+def open_page(browser, page_server):
+    """A fresh context on the upload page; console errors other than failed requests fail the test."""
+    contexts, errors = [], []
+
+    def open_(**context_args):
+        context = browser.new_context(**context_args)
+        contexts.append(context)
+        page = context.new_page()
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(page_server.url + "/")
+        page.locator("#dropzone").wait_for()
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()
+    assert errors == [], f"the page's script threw: {errors}"
+
+
+def photo(name: str, colour=RED, size=(96, 72), fmt="JPEG", mime="image/jpeg") -> dict:
+    return {"name": name, "mimeType": mime, "buffer": image_bytes(colour, size, fmt)}
+
+
+def wait_finished(page, count: int) -> None:
+    from playwright.sync_api import expect
+
+    expect(page.locator(FINISHED)).to_have_count(count, timeout=30_000)
+
+
+def tile(page, filename: str):
+    return page.locator(".tile", has=page.locator(".filename", has_text=re.compile(f"^{re.escape(filename)}$")))
+
+
+def in_page_files(files: list[dict]) -> list[dict]:
+    """Files as the page's own script can rebuild them (base64), for drop and paste events."""
+    return [{"name": f["name"], "type": f["mimeType"], "data": base64.b64encode(f["buffer"]).decode()}
+            for f in files]
+
+
+MAKE_DATA_TRANSFER = """
+(files) => {
+  const transfer = new DataTransfer();
+  for (const f of files) {
+    const bytes = Uint8Array.from(atob(f.data), (c) => c.charCodeAt(0));
+    transfer.items.add(new File([bytes], f.name, { type: f.type }));
+  }
+  return transfer;
+}
+"""
+
+
+def test_several_chosen_photos_each_get_label_confidence_bars_and_stored_link(open_page, page_server):
+    page = open_page()
+    page.set_input_files("#file", [photo("red.jpg", RED), photo("blue.png", BLUE, fmt="PNG", mime="image/png"),
+                                   photo("red2.jpg", RED)])
+    wait_finished(page, 3)
+    red, blue = tile(page, "red.jpg"), tile(page, "blue.png")
+    assert red.locator(".label").inner_text() == "DOG"
+    assert blue.locator(".label").inner_text() == "CAT"
+    assert re.fullmatch(r"\d{1,3}\.\d %", red.locator(".confidence").inner_text())
+    # A bar per label, the winner's the widest.
+    assert red.locator(".bar").count() == 2
+    assert red.locator(".bar.winner .bar-label").inner_text() == "DOG"
+    widths = red.locator(".bar-fill").evaluate_all("bars => bars.map(b => b.getBoundingClientRect().width)")
+    assert widths[0] > 10 * max(widths[1], 0.1)
+    # The preview is the chosen file itself, shown before any answer came back.
+    assert red.locator("img.preview").evaluate("img => img.src.startsWith('blob:') && img.naturalWidth") == 96
+    # The stored upload is the very bytes sent.
+    href = red.locator("a.stored").get_attribute("href")
+    assert re.fullmatch(r"/uploads/[A-Za-z0-9_-]+", href)
+    stored = page.request.get(page_server.url + href)
+    assert stored.ok and stored.body() == image_bytes(RED, (96, 72), "JPEG")
+    assert page.locator("#progress").inner_text() == "3 done"
+    # Screen readers hear each answer through the live region.
+    announcer = page.locator("#announcer[aria-live=polite]")
+    assert re.search(r"red\.jpg: DOG, \d+\.\d %", announcer.inner_text())
+    assert "All 3 photos done." in announcer.inner_text()
+    # The keyboard starts at the drop zone.
+    page.locator("body").focus()
+    page.evaluate("() => document.activeElement.blur()")
+    page.keyboard.press("Tab")
+    assert page.evaluate("() => document.activeElement.id") == "dropzone"
+
+
+def test_dropped_photos_are_classified(open_page):
+    page = open_page()
+    files = in_page_files([photo("dropped red.jpg", RED), photo("dropped blue.jpg", BLUE)])
+    transfer = page.evaluate_handle(MAKE_DATA_TRANSFER, files)
+    page.dispatch_event("#dropzone", "dragenter", {"dataTransfer": transfer})
+    assert "dragging" in page.locator("body").get_attribute("class")
+    page.dispatch_event("#dropzone", "drop", {"dataTransfer": transfer})
+    wait_finished(page, 2)
+    assert tile(page, "dropped red.jpg").locator(".label").inner_text() == "DOG"
+    assert tile(page, "dropped blue.jpg").locator(".label").inner_text() == "CAT"
+    assert "dragging" not in (page.locator("body").get_attribute("class") or "")
+
+
+def test_pasted_image_is_classified(open_page):
+    page = open_page()
+    # What the clipboard holds after "copy image": a file with a generic name.
+    files = in_page_files([photo("image.png", BLUE, fmt="PNG", mime="image/png")])
+    page.evaluate(f"""(files) => {{
+        const transfer = ({MAKE_DATA_TRANSFER})(files);
+        document.dispatchEvent(new ClipboardEvent("paste", {{ clipboardData: transfer, bubbles: true }}));
+    }}""", files)
+    wait_finished(page, 1)
+    assert tile(page, "image.png").locator(".label").inner_text() == "CAT"
+
+
+def test_camera_control_and_chooser(open_page):
+    page = open_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    chooser = page.locator("#file")
+    assert chooser.get_attribute("accept") == "image/*"
+    assert chooser.evaluate("input => input.multiple") is True
+    assert chooser.get_attribute("capture") is None  # the library stays reachable
+    camera = page.locator("#camera")
+    assert camera.get_attribute("accept") == "image/*"
+    assert camera.get_attribute("capture") == "environment"
+    # "Take a photo" opens the camera input; the drop zone, a real button, opens the chooser, from
+    # the keyboard too. Which input each one opens is recorded by a spy on input.click(): a real
+    # file chooser event only comes while none is pending in the browser, which made it flaky.
+    page.evaluate("""() => {
+        window.clickedInputs = [];
+        const click = HTMLInputElement.prototype.click;
+        HTMLInputElement.prototype.click = function () { window.clickedInputs.push(this.id); return click.call(this); };
+    }""")
+    assert page.locator("#camera-button").is_visible()
+    with page.expect_file_chooser() as opened:  # the real thing, once: Chromium offers a chooser
+        page.click("#camera-button")
+    assert opened.value.element.get_attribute("id") == "camera"
+    page.locator("#dropzone").focus()
+    page.keyboard.press("Enter")
+    page.keyboard.press("Space")
+    assert page.evaluate("() => window.clickedInputs") == ["camera", "file", "file"]
+
+
+def test_a_rejected_file_shows_its_error_beside_the_good_ones(open_page):
+    page = open_page()
+    page.set_input_files("#file", [photo("good.jpg", RED),
+                                   {"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"not really a jpeg"},
+                                   photo("good2.jpg", BLUE)])
+    wait_finished(page, 3)
+    bad = tile(page, "notes.jpg")
+    assert bad.get_attribute("data-state") == "failed"
+    assert "not an image" in bad.locator(".error-message").inner_text()
+    assert "JPEG" in bad.locator(".error-hint").inner_text()  # the server's hint: what to send instead
+    assert tile(page, "good.jpg").locator(".label").inner_text() == "DOG"
+    assert tile(page, "good2.jpg").locator(".label").inner_text() == "CAT"
+
+
+def test_a_lost_connection_offers_try_again_and_clear_empties_the_list(open_page):
+    page = open_page()
+    page.route("**/file/", lambda route: route.abort("internetdisconnected"))
+    page.set_input_files("#file", [photo("offline.jpg", RED)])
+    wait_finished(page, 1)
+    offline = tile(page, "offline.jpg")
+    assert "Could not reach the server" in offline.locator(".error-message").inner_text()
+    page.unroute("**/file/")
+    offline.locator(".retry").click()  # the same file, sent again
+    from playwright.sync_api import expect
+
+    expect(offline).to_have_attribute("data-state", "done", timeout=30_000)
+    assert offline.locator(".label").inner_text() == "DOG"
+    page.click("#clear")
+    assert page.locator(".tile").count() == 0 and page.locator("#results-section").is_hidden()
+    assert page.evaluate("() => document.activeElement.id") == "dropzone"
+
+
+def test_heic_gets_a_placeholder_and_is_still_classified(open_page):
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    page = open_page()
+    page.set_input_files("#file", [photo("IMG_0001.HEIC", RED, fmt="HEIF", mime="image/heic")])
+    wait_finished(page, 1)
+    heic = tile(page, "IMG_0001.HEIC")
+    assert heic.locator(".no-preview").is_visible()
+    assert "No preview" in heic.locator(".no-preview").inner_text()
+    assert heic.locator(".label").inner_text() == "DOG"
+
+
+def test_more_photos_than_one_go_takes_get_a_message(open_page):
+    page = open_page()
+    page.set_input_files("#file", [photo(f"p{i}.jpg", RED) for i in range(MAX_FILES + 2)])
+    wait_finished(page, MAX_FILES)
+    notice = page.locator("#notice")
+    assert notice.is_visible()
+    assert f"Up to {MAX_FILES} photos at a time" in notice.inner_text()
+    assert "2 were left out" in notice.inner_text()
+    assert page.locator(".tile").count() == MAX_FILES
+    assert tile(page, "p0.jpg").count() == 1 and tile(page, f"p{MAX_FILES}.jpg").count() == 0
+
+
+def test_a_file_over_the_size_limit_is_refused_before_sending(open_page):
+    page = open_page()
+    big = {"name": "huge.jpg", "mimeType": "image/jpeg", "buffer": b"\xff\xd8" + bytes(1024 * 1024 + 10)}
+    page.set_input_files("#file", [big, photo("small.jpg", BLUE)])
+    wait_finished(page, 2)
+    assert "the limit is 1.0 MB" in tile(page, "huge.jpg").locator(".error-message").inner_text()
+    assert tile(page, "small.jpg").locator(".label").inner_text() == "CAT"
+
+
+def test_an_unclear_photo_says_not_sure_with_both_scores(open_page):
+    page = open_page()
+    page.set_input_files("#file", [photo("grey.jpg", GREY), photo("red.jpg", RED)])
+    wait_finished(page, 2)
+    grey, red = tile(page, "grey.jpg"), tile(page, "red.jpg")
+    assert grey.get_attribute("data-state") == "unsure"
+    assert grey.locator(".not-sure").is_visible()
+    advice = grey.locator(".unsure").inner_text()
+    assert "not sure" in advice
+    assert re.search(r"DOG \d+\.\d %", advice) and re.search(r"CAT \d+\.\d %", advice)  # both scores
+    assert "correction" in advice
+    assert red.get_attribute("data-state") == "done" and red.locator(".not-sure").is_hidden()
+    assert red.locator(".unsure").is_hidden()
+
+
+def test_heatmap_toggle_lays_grad_cam_over_the_photo(open_page, page_server):
+    page = open_page()
+    page.set_input_files("#file", [photo("red.jpg", RED, size=(120, 90))])
+    wait_finished(page, 1)
+    red = tile(page, "red.jpg")
+    button, overlay = red.locator(".heatmap-toggle"), red.locator("img.heatmap")
+    assert button.get_attribute("aria-pressed") == "false" and overlay.is_hidden()
+    button.click()
+    from playwright.sync_api import expect
+
+    expect(button).to_have_attribute("aria-pressed", "true")
+    expect(overlay).to_be_visible()
+    expect(overlay).to_have_js_property("complete", True)
+    assert overlay.evaluate("img => img.naturalWidth") > 0
+    assert "where the model looked" in overlay.get_attribute("alt")
+    # Over the photo, exactly: the same box.
+    boxes = [red.locator(sel).bounding_box() for sel in ("img.preview", "img.heatmap")]
+    assert boxes[0] == boxes[1]
+    button.click()
+    expect(button).to_have_attribute("aria-pressed", "false")
+    expect(overlay).to_be_hidden()
+    # From the keyboard too: Space on the focused button.
+    button.focus()
+    page.keyboard.press("Space")
+    expect(button).to_have_attribute("aria-pressed", "true")
+
+
+def test_heatmap_of_a_model_without_convolution_says_why(browser, colour_model_path, tmp_path_factory):
+    with start_server(colour_model_path, tmp_path_factory) as server:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(server.url + "/")
+        page.set_input_files("#file", [photo("red.jpg", RED)])
+        wait_finished(page, 1)
+        red = tile(page, "red.jpg")
+        red.locator(".heatmap-toggle").click()
+        from playwright.sync_api import expect
+
+        expect(red.locator(".heatmap-error")).to_be_visible()
+        assert "convolution" in red.locator(".heatmap-error").inner_text()
+        assert red.locator(".heatmap-toggle").get_attribute("aria-pressed") == "false"
+        assert red.locator("img.heatmap").is_hidden()
+        context.close()
+
+
+def test_without_javascript_results_say_not_sure_switch_the_heatmap_and_take_several_photos(browser, page_server):
+    from playwright.sync_api import expect
+
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    page.goto(page_server.url + "/")
+    page.set_input_files("#file", photo("grey.jpg", GREY, size=(120, 90)))
+    page.click("button[type=submit]")
+    page.wait_for_selector("#label")
+    assert "not sure" in page.inner_text("#unsure")
+    heatmap = page.locator("#heatmap")
+    expect(heatmap).to_be_hidden()
+    page.check("#show-heatmap")  # a checkbox and CSS: no script needed
+    expect(heatmap).to_be_visible()
+    expect(heatmap).to_have_js_property("complete", True, timeout=30_000)  # made on demand: it may take a moment
+    assert heatmap.evaluate("img => img.naturalWidth") > 0
+    assert page.locator("#heatmap").bounding_box() == page.locator("#upload").bounding_box()
+    page.uncheck("#show-heatmap")
+    expect(heatmap).to_be_hidden()
+
+    # Several photos without JavaScript: the server's page of results, a bad file among them.
+    page.goto(page_server.url + "/")
+    assert "Up to 4 photos, 1 MB in all." in page.inner_text("#plain-limits")
+    page.set_input_files("#file", [photo("red.jpg", RED), photo("blue.jpg", BLUE),
+                                   {"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"nope"}])
+    page.click("button[type=submit]")
+    page.wait_for_selector("#results-title")
+    assert page.locator("#results .label").all_inner_texts() == ["DOG", "CAT"]
+    assert "not an image" in page.inner_text("#results .error-message")
+    context.close()
+
+
+@pytest.mark.parametrize("viewport", [{"width": 390, "height": 844}, {"width": 1280, "height": 800}],
+                         ids=["phone", "desktop"])
+def test_no_horizontal_overflow_with_results(open_page, viewport):
+    page = open_page(viewport=viewport)
+    long_name = "a very long file name from a phone camera roll without any spaces_" * 3 + ".jpg"
+    page.set_input_files("#file", [photo(long_name, RED), photo("blue.jpg", BLUE),
+                                   {"name": "bad.gif", "mimeType": "image/gif", "buffer": b"GIF89a broken"}])
+    wait_finished(page, 3)
+    overflow = page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow == 0
+    # Touch targets: every button at least 44 px tall.
+    heights = page.locator("button:visible").evaluate_all("bs => bs.map(b => b.getBoundingClientRect().height)")
+    assert heights and min(heights) >= 44
+
+
+# --- accessibility: axe-core (shipped inside the axe-playwright-python wheel, no CDN) ---------
+
+def serious_violations(page) -> list[str]:
+    """axe-core's serious and critical violations on the page as it is now, one line each."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    # Axe evaluates its script through the DevTools protocol, which the page's CSP does not
+    # govern: the page keeps its strict policy while it is checked.
+    results = Axe().run(page)
+    return [f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes']]}"
+            for v in results.response["violations"] if v["impact"] in ("serious", "critical")]
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_axe_upload_page_before_and_after_results(open_page, scheme):
+    page = open_page(color_scheme=scheme)
+    assert serious_violations(page) == []
+    page.set_input_files("#file", [photo("red.jpg", RED), photo("blue.jpg", BLUE),
+                                   {"name": "bad.jpg", "mimeType": "image/jpeg", "buffer": b"nope"}])
+    wait_finished(page, 3)
+    page.set_input_files("#file", [photo(f"p{i}.jpg", RED) for i in range(MAX_FILES + 1)])
+    wait_finished(page, 3 + MAX_FILES)  # the notice about the one left out shows too
+    assert page.locator("#notice").is_visible()
+    assert serious_violations(page) == []
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_axe_result_and_error_pages(browser, page_server, scheme):
+    # axe needs JavaScript, so "without JavaScript" here is: the page's script never arrives
+    # (as on a flaky connection), which leaves the same plain form.
+    context = browser.new_context(color_scheme=scheme)
+    context.route("**/static/upload.js", lambda route: route.abort())
+    page = context.new_page()
+    page.goto(page_server.url + "/")
+    assert page.locator(".picker").is_hidden() and page.locator("button[type=submit]").is_visible()
+    assert serious_violations(page) == []
+    page.set_input_files("#file", photo("red.jpg", RED))
+    page.click("button[type=submit]")
+    page.wait_for_selector("#label")
+    assert serious_violations(page) == []
+    page.goto(page_server.url + "/uploads/no-such-upload")
+    assert page.locator("#message").is_visible()
+    assert serious_violations(page) == []
+    context.close()
