@@ -22,7 +22,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     # Imported here, not at the top: `python -m keras_serve.settings` (the settings table)
     # would otherwise find its own module already imported by this package and warn.
     from keras_serve import settings
-    from keras_serve.web import metrics, multipart_form, responses, routes
+    from keras_serve.web import metrics, multipart_form, responses, review, routes
 
     app = Flask(__name__, template_folder=str(settings.PROJECT_ROOT / "templates"),
                 static_folder=str(settings.PROJECT_ROOT / "static"))
@@ -34,6 +34,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     service = ClassifierService.from_config(app.config, metrics=metrics.init_app(app))
     app.extensions["classifier"] = service
     app.register_blueprint(routes.bp)
+    try:
+        review.init_app(app, service.store)  # /review and /api/uploads: on with ADMIN_TOKEN, else 404
+    except BaseException:
+        service.close()
+        raise
     responses.init_app(app)
     service.ready = True
     return app

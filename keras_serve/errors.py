@@ -80,3 +80,29 @@ class UploadNotFound(ServiceError):
 class StorageError(ServiceError):
     hint = "The upload could not be saved, so it was not classified. Try again later; " \
            "if it keeps happening, the server's disk may be full."
+
+
+# --- the review loop -------------------------------------------------------------------
+class ReviewRequestError(ServiceError):
+    """A listing filter, cursor, label or review body that cannot be used."""
+
+    hint = "See docs/review.md for the listing's filters and the review API."
+
+
+class NotAuthorizedError(ServiceError):
+    """No admin credential, or a wrong or expired one."""
+
+    hint = "Send Authorization: Bearer <admin token>, or log in at /review/login."
+
+
+class TooManyAttemptsError(ServiceError):
+    """Failed logins from this client came too fast; it must wait before the next try."""
+
+    hint = "Wait a little and try again with the right token."
+    retry_after = 1
+
+
+class FeedbackLimitError(ServiceError):
+    """One client sent more feedback in an hour than anyone plausibly would."""
+
+    hint = "Try again in an hour."

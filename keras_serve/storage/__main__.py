@@ -23,7 +23,8 @@ from keras_serve import settings
 from keras_serve.errors import StorageError
 from keras_serve.storage import dayfiles
 from keras_serve.storage.images import ImageStore
-from keras_serve.storage.uploads import (MIMETYPE_BY_SUFFIX, UploadStore, image_key, is_upload_id, public_record,
+from keras_serve.storage.uploads import (MIMETYPE_BY_SUFFIX, UploadStore, image_key, is_upload_id, prediction_columns,
+                                         public_record,
                                          suffix_for)
 
 FIELDS = ("id", "received", "bytes", "sha256", "format", "client_filename", "model", "prediction", "error",
@@ -74,7 +75,8 @@ def import_day_files(store: UploadStore, folder: Path, log: IO[str] = sys.stderr
                    "model": model_file_name(dayfiles.text_or_none(record.get("model"))),
                    "prediction": prediction if isinstance(prediction, dict) else None,
                    "error": dayfiles.text_or_none(record.get("error")),
-                   "milliseconds": dayfiles.number_or_none(record.get("milliseconds"))}
+                   "milliseconds": dayfiles.number_or_none(record.get("milliseconds")),
+                   **prediction_columns(prediction)}
             if store.records.insert_if_absent(row):
                 counts["imported"] += 1
             else:

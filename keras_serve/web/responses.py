@@ -12,9 +12,10 @@ import logging
 from flask import Flask, Response, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from keras_serve.errors import (CorruptImageError, DecodeBusyError, EmptyImageError, ImageTooLargeError,
-                                MissingFileError, NotAnImageError, PredictionError, ServiceError, StorageError,
-                                UploadNotFound, error_code)
+from keras_serve.errors import (CorruptImageError, DecodeBusyError, EmptyImageError, FeedbackLimitError,
+                                ImageTooLargeError, MissingFileError, NotAnImageError, NotAuthorizedError,
+                                PredictionError, ReviewRequestError, ServiceError, StorageError,
+                                TooManyAttemptsError, UploadNotFound, error_code)
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,10 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     PredictionError: 503,
     StorageError: 503,
     DecodeBusyError: 503,
+    ReviewRequestError: 400,
+    NotAuthorizedError: 401,
+    TooManyAttemptsError: 429,
+    FeedbackLimitError: 429,
 }
 
 HINT_BY_STATUS = {
@@ -86,6 +91,12 @@ def register_error_handlers(app: Flask) -> None:
         response = error_response(status, error_code(type(exc).__name__), exc.message, exc.hint, **extra)
         if isinstance(exc, DecodeBusyError):
             response.headers["Retry-After"] = "5"
+        elif isinstance(exc, TooManyAttemptsError):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        elif isinstance(exc, FeedbackLimitError):
+            response.headers["Retry-After"] = "3600"
+        elif isinstance(exc, NotAuthorizedError):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="keras-serve review"'
         return response
 
     @app.errorhandler(HTTPException)
