@@ -144,8 +144,9 @@ class BackfillPredictions:
 # Each migration is idempotent, so two servers starting at once cannot trip over each other.
 # The first table of uploads is created from `uploads` minus the columns schema 2 adds, so
 # an old database and a new one end up the same whichever way they came.
-_UPLOADS_V1 = sa.Table("uploads", sa.MetaData(), *(c.copy() for c in uploads.columns
-                                                     if c.name not in {r.name for r in REVIEW_COLUMNS}),
+_UPLOADS_V1 = sa.Table("uploads", sa.MetaData(),
+                       *(sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+                         for c in uploads.columns if c.name not in {r.name for r in REVIEW_COLUMNS}),
                        sqlite_with_rowid=False)
 MIGRATIONS: tuple[tuple[int, tuple[Any, ...]], ...] = (
     (1, (sa.schema.CreateTable(_UPLOADS_V1, if_not_exists=True),
