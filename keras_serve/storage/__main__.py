@@ -29,7 +29,7 @@ from keras_serve.storage.uploads import (MIMETYPE_BY_SUFFIX, UploadStore, image_
                                          suffix_for)
 
 FIELDS = ("id", "received", "bytes", "sha256", "format", "client_filename", "model", "prediction", "error",
-          "milliseconds", "image_key")
+          "milliseconds", "image_key", "model_sha256")
 
 
 def export(store: UploadStore, out: IO[str], fmt: str, images: Path | None = None) -> int:

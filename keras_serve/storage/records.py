@@ -99,6 +99,13 @@ REVIEW_INDEXES = (
     sa.Index("uploads_confidence", uploads.c.confidence, uploads.c.id),
     sa.Index("uploads_state_confidence", uploads.c.review_state, uploads.c.confidence, uploads.c.id),
     sa.Index("uploads_feedback", uploads.c.feedback_at, uploads.c.id),
+    # Partial: only the few reviewed (or answered) uploads, newest first without a sort. The
+    # listing writes these conditions with literal constants (REVIEWED, HAS_FEEDBACK): SQLite
+    # uses a partial index only when the query's term is the index's own, parameters excluded.
+    sa.Index("uploads_reviewed_received", uploads.c.received, uploads.c.id,
+             sqlite_where=sa.text("review_state != 0"), postgresql_where=sa.text("review_state != 0")),
+    sa.Index("uploads_feedback_received", uploads.c.received, uploads.c.id,
+             sqlite_where=sa.text("feedback_at IS NOT NULL"), postgresql_where=sa.text("feedback_at IS NOT NULL")),
     sa.Index("uploads_model_received", uploads.c.model_sha256, uploads.c.received, uploads.c.id),
     sa.Index("reviews_upload", reviews.c.upload_id, reviews.c.created),
     sa.Index("feedback_upload", feedback.c.upload_id, feedback.c.created),
