@@ -28,6 +28,16 @@ def counts(page) -> dict[str, int]:
     return {el.get_attribute("data-count"): int(el.inner_text()) for el in page.query_selector_all("[data-count]")}
 
 
+def wait_until(page, selector: str, predicate: str, timeout_s: float = 10.0) -> None:
+    """Poll `predicate` over the elements matching `selector`. (wait_for_function would evaluate
+    a string in the page, which the review page's CSP forbids: no unsafe-eval.)"""
+    for _ in range(int(timeout_s * 10)):
+        if page.eval_on_selector_all(selector, predicate):
+            return
+        page.wait_for_timeout(100)
+    raise AssertionError(f"{predicate} did not hold for {selector} within {timeout_s} s")
+
+
 def gradient_png(colour, size=(320, 240)) -> bytes:
     from PIL import Image, ImageDraw
 
@@ -85,7 +95,7 @@ def test_review_page_filter_correct_with_the_keyboard_counts_change(colour_model
             page.wait_for_selector("#grid .card")
             assert counts(page)["total"] == len(COLOURS) + 1 and counts(page)["feedback_disagrees"] == 1
             # every thumbnail really rendered (made by the server, WebP, at most 256 px)
-            page.wait_for_function("Array.from(document.querySelectorAll('#grid img')).every(i => i.complete && i.naturalWidth > 0)")
+            wait_until(page, "#grid img", "imgs => imgs.every(i => i.complete && i.naturalWidth > 0)")
             assert page.eval_on_selector("#grid img", "i => i.naturalWidth") == 256
 
             # filter: predicted CAT only
@@ -103,8 +113,7 @@ def test_review_page_filter_correct_with_the_keyboard_counts_change(colour_model
             page.wait_for_selector(f'.card[data-id="{ids[1]}"].state-corrected')
             page.keyboard.press("n")
             page.wait_for_selector(f'.card[data-id="{ids[2]}"].state-corrected')
-            page.wait_for_function("document.querySelector('[data-count=to_review]').textContent == '%d'"
-                                   % (len(COLOURS) + 1 - 3))
+            wait_until(page, "[data-count=to_review]", "els => els[0].textContent == '%d'" % (len(COLOURS) + 1 - 3))
             assert counts(page) | {} == {"total": len(COLOURS) + 1, "to_review": len(COLOURS) + 1 - 3, "confirmed": 1,
                                          "corrected": 2, "feedback_disagrees": 1}
 
@@ -127,7 +136,7 @@ def test_review_page_filter_correct_with_the_keyboard_counts_change(colour_model
             shot = os.environ.get("KERAS_SERVE_SCREENSHOT")
             if shot:
                 page.goto(server.url + "/review")
-                page.wait_for_function("Array.from(document.querySelectorAll('#grid img')).every(i => i.complete)")
+                wait_until(page, "#grid img", "imgs => imgs.every(i => i.complete)")
                 page.keyboard.press("ArrowRight")
                 page.screenshot(path=shot, full_page=True)
             browser.close()
