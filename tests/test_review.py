@@ -291,6 +291,15 @@ def test_listing_filters_orders_and_keyset_pages(api):
     assert listed(corrected="yes") == {ids[1]} and listed(corrected="no") == {ids[0]}
     r = api.get(f"/api/uploads/{ids[3]}/thumbnail", headers=BEARER)
     assert r.status_code == 200 and r.mimetype == "image/webp" and r.data[:4] == b"RIFF"
+    # made once: kept in the local cache, served from there next time (even with the upload's image gone)
+    cached = Path(api.application.config["UPLOAD_DIR"]) / ".thumbnails" / ids[3][:2] / f"{ids[3]}.webp"
+    assert cached.read_bytes() == r.data
+    from PIL import Image
+    import io
+    assert max(Image.open(io.BytesIO(r.data)).size) <= 256
+    store = api.application.extensions["classifier"].store
+    store.images.delete(store.records.get(ids[3])["image_key"])
+    assert api.get(f"/api/uploads/{ids[3]}/thumbnail", headers=BEARER).data == r.data
 
 
 def test_hostile_cursors_and_filters_are_400_never_500(api):
@@ -403,3 +412,25 @@ def test_a_database_of_the_previous_version_is_migrated_keeping_its_rows(tmp_pat
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall() == [(1,), (2,)]
         assert db.execute("SELECT count(*) FROM uploads").fetchone() == (1,)
+
+
+def test_retention_deletes_an_uploads_reviews_feedback_and_thumbnail(make_app, colour_model_path, storage_config):
+    from keras_serve.storage.records import feedback, reviews
+
+    app = make_app(MODEL_PATH=str(colour_model_path), ADMIN_TOKEN=TOKEN, UPLOAD_RETENTION_DAYS=1 / 86400,
+                   **storage_config)
+    client = app.test_client()
+    upload_id = upload(client)["id"]
+    client.post(f"/api/uploads/{upload_id}/review", json={"label": "DOG"}, headers=BEARER)
+    client.post(f"/uploads/{upload_id}/feedback", data={"label": "neither"})
+    assert client.get(f"/api/uploads/{upload_id}/thumbnail", headers=BEARER).status_code == 200
+    cached = Path(storage_config["UPLOAD_DIR"]) / ".thumbnails" / upload_id[:2] / f"{upload_id}.webp"
+    assert cached.exists()
+    time.sleep(1.5)
+    store = app.extensions["classifier"].store
+    assert store.prune()["expired"] == 1
+    with store.records.engine.connect() as conn:
+        for table in (reviews, feedback):
+            assert conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() == 0
+    assert not cached.exists()
+    assert client.get(f"/api/uploads/{upload_id}/thumbnail", headers=BEARER).status_code == 404
