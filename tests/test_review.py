@@ -4,7 +4,6 @@ import csv
 import hashlib
 import logging
 import re
-import sqlite3
 import subprocess
 import sys
 import time
@@ -391,27 +390,35 @@ def test_export_dataset_command_line(review_app, api, storage_config, tmp_path, 
 
 # --- the schema ---------------------------------------------------------------------------
 
-def test_a_database_of_the_previous_version_is_migrated_keeping_its_rows(tmp_path):
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_database_of_the_previous_version_is_migrated_keeping_its_rows(engine, tmp_path, request):
     from keras_serve.storage.records import _UPLOADS_V1, RecordStore, schema_migrations
 
-    path = tmp_path / "uploads.db"
-    engine = sa.create_engine(f"sqlite:///{path}")
-    with engine.begin() as conn:  # what version 1 made, with one upload in it
+    if engine == "sqlite":
+        url = f"sqlite:///{tmp_path / 'uploads.db'}"
+    else:
+        postgres = request.getfixturevalue("postgres")
+        url = postgres.create_database()
+        request.addfinalizer(lambda: postgres.drop_database(url))
+    old = sa.create_engine(url)
+    with old.begin() as conn:  # what version 1 made, with one upload in it
         _UPLOADS_V1.create(conn)
         schema_migrations.create(conn)
         conn.execute(schema_migrations.insert().values(version=1, applied=sa.func.now()))
         conn.execute(_UPLOADS_V1.insert().values(
             id="a" * 32, received=sa.func.now(), bytes=3, sha256="0" * 64, format="PNG", model="m.h5",
             prediction={"label": "CAT", "confidence": 0.75}, image_key=f"2026/12/01/{'a' * 32}.png"))
-    engine.dispose()
     for _ in range(2):  # and starting again changes nothing
-        store = RecordStore(f"sqlite:///{path}")
+        store = RecordStore(url)
         row = store.get("a" * 32)
         assert row["predicted_label"] == "CAT" and row["confidence"] == 0.75 and row["review_state"] == 0
+        assert row["prediction"] == {"label": "CAT", "confidence": 0.75}
         store.close()
-    with sqlite3.connect(path) as db:
-        assert db.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall() == [(1,), (2,)]
-        assert db.execute("SELECT count(*) FROM uploads").fetchone() == (1,)
+    with old.connect() as conn:
+        assert conn.execute(sa.text("SELECT version FROM schema_migrations ORDER BY version")).all() == [(1,), (2,)]
+        assert conn.execute(sa.text("SELECT count(*) FROM uploads")).scalar() == 1
+        assert conn.execute(sa.text("SELECT count(*) FROM reviews")).scalar() == 0
+    old.dispose()
 
 
 def test_retention_deletes_an_uploads_reviews_feedback_and_thumbnail(make_app, colour_model_path, storage_config):
