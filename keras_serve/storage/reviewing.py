@@ -65,25 +65,33 @@ class ListingQuery:
     limit: int = DEFAULT_PAGE
     after: tuple[Any, ...] | None = field(default=None, compare=False)
 
-    def equality_prefix(self) -> tuple[sa.Column, ...]:
-        """The column an equality filter pins, when an index starts with it and goes on in this order."""
+    def equality_prefix(self) -> tuple[tuple[sa.Column, Any], ...]:
+        """(column, value) an equality filter pins, when an index starts with it and goes on in this order."""
         c = uploads.c
-        state_pinned = self.corrected is not None or self.reviewed is False
+        state = CORRECTED if self.corrected else CONFIRMED if self.corrected is False else (
+            NOT_REVIEWED if self.reviewed is False else None)
         if self.order in ("newest", "oldest"):
             if self.model is not None and _is_sha256(self.model):
-                return (c.model_sha256,)
+                return ((c.model_sha256, self.model),)
             if self.label is not None:
-                return (c.predicted_label,)
-            if state_pinned:
-                return (c.review_state,)
-        elif self.order == "least_sure" and state_pinned:
-            return (c.review_state,)
+                return ((c.predicted_label, self.label),)
+            if state is not None:
+                return ((c.review_state, state),)
+        elif self.order == "least_sure" and state is not None:
+            return ((c.review_state, state),)
         return ()
 
     def conditions(self) -> list[Any]:
         c = uploads.c
         where: list[Any] = list(ORDERS[self.order].requires)
-        if self.label is not None:
+        for column, value in self.equality_prefix():
+            # "between v and v", not "= v": PostgreSQL treats a column pinned by "=" as constant,
+            # drops it from the ORDER BY, and may then walk the time index past every row of
+            # the other values (seconds at a million rows); as a range it keeps the ORDER BY
+            # that only the index starting with this column provides.
+            where.append(column.between(value, value))
+        pinned = {column.name for column, _ in self.equality_prefix()}
+        if self.label is not None and "predicted_label" not in pinned:
             where.append(c.predicted_label == self.label)
         # In time order a confidence range is checked on the rows the time index gives (+ 0 keeps
         # the planner off the confidence index, which would sort a large share of the table).
@@ -96,11 +104,13 @@ class ListingQuery:
             where.append(c.received >= self.since)
         if self.until is not None:
             where.append(c.received < self.until)
-        if self.corrected is not None:
+        if "review_state" in pinned:
+            pass
+        elif self.corrected is not None:
             where.append(c.review_state == (CORRECTED if self.corrected else CONFIRMED))
         elif self.reviewed is not None:
             where.append(REVIEWED if self.reviewed else c.review_state == NOT_REVIEWED)
-        if self.model is not None:
+        if self.model is not None and "model_sha256" not in pinned:
             where.append(c.model_sha256 == self.model if _is_sha256(self.model) else c.model == self.model)
         if self.feedback in ("any", "disagrees"):
             where.append(HAS_FEEDBACK)
@@ -141,13 +151,17 @@ class ReviewStore:
         order = ORDERS[query.order]
         limit = max(1, min(int(query.limit), MAX_PAGE))
         statement = sa.select(*LISTED_COLUMNS).where(*query.conditions())
+        prefix = query.equality_prefix()
         if query.after is not None:
-            key, after = sa.tuple_(*order.columns), sa.tuple_(*query.after)
+            # The pinned column leads the key too: then only the index that starts with it can
+            # bound the scan, and the planner no longer prefers the plain time index.
+            key = sa.tuple_(*(column for column, _ in prefix), *order.columns)
+            after = sa.tuple_(*(value for _, value in prefix), *query.after)
             statement = statement.where(key < after if order.descending else key > after)
         # Ordering by the filter's equality column too changes nothing in the result but names
         # the index to use (filter column first, then the order): without it PostgreSQL, at a
         # million rows, sometimes walked the time index and skipped most of it (p95 340 ms).
-        sort = (*query.equality_prefix(), *order.columns)
+        sort = (*(column for column, _ in prefix), *order.columns)
         statement = statement.order_by(*(column.desc() if order.descending else column.asc()
                                          for column in sort)).limit(limit + 1)
         with self.records._errors("read", read=True), self.records._connect() as conn:
