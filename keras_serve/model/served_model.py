@@ -134,7 +134,7 @@ class ServedModel:
             raise ModelLoadError(f"label(s) {','.join(repeated)} given more than once: {','.join(labels)}")
         info = {
             "file": path.name,  # where the server keeps its files is nobody else's business
-            "sha256": file_sha256(path),  # the version: every upload's record names it
+            "sha256": file_sha256(path) if path.is_file() else None,  # the version: every upload's record names it
             "saved_by_keras": loaded.keras_version,
             "loaded_with": loaded.loader,
             "architecture": card.architecture or getattr(model, "name", None),
