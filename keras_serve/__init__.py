@@ -23,7 +23,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     # Imported here, not at the top: `python -m keras_serve.settings` (the settings table)
     # would otherwise find its own module already imported by this package and warn.
     from keras_serve import settings
-    from keras_serve.web import access, metrics, multipart_form, openapi, request_log, responses, routes
+    from keras_serve.web import access, metrics, multipart_form, openapi, request_log, responses, review, routes
 
     app = Flask(__name__, template_folder=str(settings.PROJECT_ROOT / "templates"),
                 static_folder=str(settings.PROJECT_ROOT / "static"))
@@ -37,6 +37,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     service = ClassifierService.from_config(app.config, metrics=metrics.init_app(app))
     app.extensions["classifier"] = service
     app.register_blueprint(routes.bp)
+    try:
+        review.init_app(app, service.store)  # /review and /api/uploads: on with ADMIN_TOKEN, else 404
+    except BaseException:
+        service.close()
+        raise
     responses.init_app(app)
     access.init_app(app)  # after the metrics hooks: refused requests are counted too
     openapi.init_app(app)  # after every route: /openapi.json describes them all

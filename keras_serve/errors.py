@@ -138,3 +138,29 @@ class HeatmapBusyError(ServiceError):
     """Another heatmap is being computed and this one waited its bounded time."""
 
     hint = "Heatmaps are made one at a time so classification stays fast; try again in a few seconds."
+
+
+# --- the review loop -------------------------------------------------------------------
+class ReviewRequestError(ServiceError):
+    """A listing filter, cursor, label or review body that cannot be used."""
+
+    hint = "See docs/review.md for the listing's filters and the review API."
+
+
+class NotAuthorizedError(ServiceError):
+    """No admin credential, or a wrong or expired one."""
+
+    hint = "Send Authorization: Bearer <admin token>, or log in at /review/login."
+
+
+class TooManyAttemptsError(ServiceError):
+    """Failed logins from this client came too fast; it must wait before the next try."""
+
+    hint = "Wait a little and try again with the right token."
+    retry_after = 1
+
+
+class FeedbackLimitError(ServiceError):
+    """One client sent more feedback in an hour than anyone plausibly would."""
+
+    hint = "Try again in an hour."

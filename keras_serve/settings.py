@@ -141,6 +141,14 @@ SETTINGS: tuple[Setting, ...] = (
             flag="--engine", choices=ENGINE_CHOICES),
     Setting("LOG_FORMAT", "json", "log lines: json (one object per line, with the request id; see docs/api.md) "
             "or text, for people", _log_format, flag="--log-format", choices=LOG_FORMATS),
+    Setting("ADMIN_TOKEN", None, "the admin credential for /review and /api/uploads (at least 16 characters; "
+            "unset: review is off and its routes answer 404); environment only, never a flag, so it stays out of "
+            "`ps`", _optional_str),
+    Setting("ADMIN_TOKEN_FILE", None, "a file holding ADMIN_TOKEN (a Docker or Kubernetes secret)",
+            _optional_str, flag="--admin-token-file", metavar="FILE"),
+    Setting("ADMIN_SESSION_HOURS", 12.0, "a reviewer's browser login lasts this long", float),
+    Setting("FEEDBACK_PER_HOUR", 30, "most \"Was this right?\" answers one client address may send in an hour",
+            int),
     Setting("WORKERS", 1, "server processes, each with its own model and batcher, sharing the port "
             "(1: one process; more: gunicorn forks them, each serving as one process does; see docs/performance.md)",
             int, flag="--workers"),

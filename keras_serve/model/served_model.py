@@ -20,6 +20,7 @@ import numpy as np
 
 from keras_serve.errors import ModelLoadError
 from keras_serve.model.card import ModelCard, card_path
+from keras_serve.model.engines import file_sha256
 from keras_serve.pipeline.preprocessing import SCALINGS, PreprocessSpec
 
 SIGMOID_DEFAULT_LABELS = ["CAT", "DOG"]
@@ -137,6 +138,7 @@ class ServedModel:
             raise ModelLoadError(f"label(s) {','.join(repeated)} given more than once: {','.join(labels)}")
         info = {
             "file": path.name,  # where the server keeps its files is nobody else's business
+            "sha256": file_sha256(path) if path.is_file() else None,  # the version: every upload's record names it
             "saved_by_keras": loaded.keras_version,
             "loaded_with": loaded.loader,
             "architecture": card.architecture or getattr(model, "name", None),

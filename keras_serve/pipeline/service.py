@@ -130,6 +130,7 @@ class ClassifierService:
         audit = {
             "client_filename": (client_filename or "")[:255],  # audit only; never used as a path
             "model": self.model.info.get("file"),
+            "model_sha256": self.model.info.get("sha256"),  # the version that answered
         }
         try:
             prediction = self.model.interpret(predict())

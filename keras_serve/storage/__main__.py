@@ -7,6 +7,7 @@
     python -m keras_serve.storage prune
     python -m keras_serve.storage quarantine [--restore | --restore-all | --empty]
     python -m keras_serve.storage claim-image-store    # this database owns the image store now
+    python -m keras_serve.storage export-dataset OUT [--reviewed-only] [--since DATE] [--include-unverified]
 
 The store is chosen like the server's: --upload-dir, --database-url, --image-store, or their
 KERAS_SERVE_* environment variables (and AWS_* for S3).
@@ -25,11 +26,12 @@ from keras_serve import settings
 from keras_serve.errors import StorageError
 from keras_serve.storage import dayfiles
 from keras_serve.storage.images import ImageStore
-from keras_serve.storage.uploads import (MIMETYPE_BY_SUFFIX, UploadStore, image_key, is_upload_id, public_record,
+from keras_serve.storage.uploads import (MIMETYPE_BY_SUFFIX, UploadStore, image_key, is_upload_id, prediction_columns,
+                                         public_record,
                                          suffix_for)
 
 FIELDS = ("id", "received", "bytes", "sha256", "format", "client_filename", "model", "prediction", "error",
-          "milliseconds", "image_key")
+          "milliseconds", "image_key", "model_sha256")
 
 
 def export(store: UploadStore, out: IO[str], fmt: str, images: Path | None = None) -> int:
@@ -76,7 +78,8 @@ def import_day_files(store: UploadStore, folder: Path, log: IO[str] = sys.stderr
                    "model": model_file_name(dayfiles.text_or_none(record.get("model"))),
                    "prediction": prediction if isinstance(prediction, dict) else None,
                    "error": dayfiles.text_or_none(record.get("error")),
-                   "milliseconds": dayfiles.number_or_none(record.get("milliseconds"))}
+                   "milliseconds": dayfiles.number_or_none(record.get("milliseconds")),
+                   **prediction_columns(prediction)}
             if store.records.insert_if_absent(row):
                 counts["imported"] += 1
             else:
@@ -119,6 +122,16 @@ def copy_store(source: UploadStore, target: UploadStore) -> dict[str, int]:
     return counts
 
 
+def _date(text: str):
+    from datetime import datetime, timezone
+
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date: {text!r} (e.g. 2026-12-01)") from None
+    return value.astimezone(timezone.utc).replace(tzinfo=None) if value.tzinfo else value
+
+
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The server's settings (defaults, then KERAS_SERVE_*), then this command's own options."""
     given = {name: getattr(args, name) for name in ("UPLOAD_DIR", "DATABASE_URL", "IMAGE_STORE",
@@ -143,6 +156,19 @@ def main(argv: Iterable[str] | None = None) -> int:
     copy_cmd.add_argument("--to-database-url", required=True)
     copy_cmd.add_argument("--to-image-store", help="s3://bucket/prefix (default: files in --to-upload-dir)")
     copy_cmd.add_argument("--to-upload-dir")
+    dataset_cmd = sub.add_parser("export-dataset", help="reviewed uploads as one folder per label + manifest.csv "
+                                 "(what train reads); deduplicated by sha256; safe to run again")
+    dataset_cmd.add_argument("out", type=Path)
+    which = dataset_cmd.add_mutually_exclusive_group()
+    which.add_argument("--reviewed-only", action="store_true",
+                       help="only labels a reviewer gave (the default; say it in scripts that rely on it)")
+    which.add_argument("--include-unverified", action="store_true",
+                       help="also the public \"Was this right?\" answers, for uploads no reviewer labelled")
+    dataset_cmd.add_argument("--since", type=_date, help="only uploads received on or after this date (UTC)")
+    dataset_cmd.add_argument("--include-neither", action="store_true",
+                             help="also a 'neither' folder of out-of-scope images (it becomes a class)")
+    dataset_cmd.add_argument("--folder", action="append", default=[], metavar="LABEL=NAME",
+                             help="write LABEL into folder NAME, e.g. CAT=cats to match the base data")
     prune_cmd = sub.add_parser("prune", help="delete uploads past retention and quarantine orphaned images now")
     prune_cmd.add_argument("--retention-days", dest="UPLOAD_RETENTION_DAYS", type=float)
     quarantine_cmd = sub.add_parser("quarantine", help="count the images in the quarantine, or restore or delete them")
@@ -199,6 +225,13 @@ def main(argv: Iterable[str] | None = None) -> int:
             store.images.write_owner(store_id)
             print(f"the image store now belongs to this database (store id {store_id}; it was {previous})",
                   file=sys.stderr)
+        elif args.command == "export-dataset":
+            from keras_serve.storage.dataset_export import export_dataset
+
+            folders = dict(item.split("=", 1) for item in args.folder if "=" in item)
+            counts = export_dataset(store, args.out, since=args.since, include_unverified=args.include_unverified,
+                                    include_neither=args.include_neither, folders=folders)
+            print(f"{args.out}: {counts.summary()}", file=sys.stderr)
         else:
             result = store.prune()
             print(f"removed {result['expired']} expired uploads, moved {result['orphans']} orphaned images to the "

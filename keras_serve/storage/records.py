@@ -60,6 +60,71 @@ uploads = sa.Table(
 )
 received_index = sa.Index("uploads_received", uploads.c.received)
 
+# Schema 2 (the review loop): columns added to `uploads` by ALTER TABLE, so a database made by
+# an earlier version keeps its rows. They are facts copied out of the prediction (to filter and
+# sort on them with an index) and a cache of the latest review and feedback, whose full history
+# is in their own tables below; the prediction itself is never changed.
+REVIEW_COLUMNS = (
+    sa.Column("predicted_label", sa.String(64)),
+    sa.Column("confidence", sa.Float()),
+    sa.Column("model_sha256", sa.String(64)),
+    sa.Column("review_label", sa.String(64)),      # the latest review's label
+    sa.Column("review_state", sa.SmallInteger(), nullable=False, server_default="0"),  # REVIEW_STATES
+    sa.Column("reviewed_at", sa.DateTime()),
+    sa.Column("feedback_label", sa.String(64)),    # the latest public feedback's label
+    sa.Column("feedback_at", sa.DateTime()),
+)
+for _column in REVIEW_COLUMNS:
+    uploads.append_column(_column)
+NOT_REVIEWED, CONFIRMED, CORRECTED = 0, 1, 2
+NEITHER = "neither"  # a review label: the image is out of scope (neither of the model's labels)
+
+reviews = sa.Table(
+    "reviews", metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("upload_id", sa.String(64), nullable=False),
+    sa.Column("label", sa.String(64), nullable=False),
+    sa.Column("reviewer", sa.String(64), nullable=False),
+    sa.Column("created", sa.DateTime(), nullable=False),   # UTC
+)
+feedback = sa.Table(
+    "feedback", metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("upload_id", sa.String(64), nullable=False),
+    sa.Column("label", sa.String(64), nullable=False),     # what the visitor says is in the picture
+    sa.Column("agrees", sa.Boolean(), nullable=False),     # ... equal to the prediction
+    sa.Column("client", sa.String(32), nullable=False),    # keyed hash of the address, never the address
+    sa.Column("created", sa.DateTime(), nullable=False),
+)
+instance_secrets = sa.Table(
+    "instance_secrets", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(128), nullable=False),
+)
+# The listing's orders and filters, each an index whose prefix is the filter and whose rest
+# is the order (see keras_serve/storage/listing.py; tools/listing_speed.py measures them).
+REVIEW_INDEXES = (
+    sa.Index("uploads_received_id", uploads.c.received, uploads.c.id),
+    sa.Index("uploads_label_received", uploads.c.predicted_label, uploads.c.received, uploads.c.id),
+    sa.Index("uploads_state_received", uploads.c.review_state, uploads.c.received, uploads.c.id),
+    sa.Index("uploads_confidence", uploads.c.confidence, uploads.c.id),
+    sa.Index("uploads_state_confidence", uploads.c.review_state, uploads.c.confidence, uploads.c.id),
+    # With the two labels in it, counting the disagreeing answers never reads the table.
+    sa.Index("uploads_feedback", uploads.c.feedback_at, uploads.c.id, uploads.c.feedback_label,
+             uploads.c.predicted_label),
+    # Partial: only the few reviewed (or answered) uploads, newest first without a sort. The
+    # listing writes these conditions with literal constants (REVIEWED, HAS_FEEDBACK): SQLite
+    # uses a partial index only when the query's term is the index's own, parameters excluded.
+    sa.Index("uploads_reviewed_received", uploads.c.received, uploads.c.id,
+             sqlite_where=sa.text("review_state != 0"), postgresql_where=sa.text("review_state != 0")),
+    sa.Index("uploads_feedback_received", uploads.c.received, uploads.c.id,
+             sqlite_where=sa.text("feedback_at IS NOT NULL"), postgresql_where=sa.text("feedback_at IS NOT NULL")),
+    sa.Index("uploads_model_received", uploads.c.model_sha256, uploads.c.received, uploads.c.id),
+    sa.Index("reviews_upload", reviews.c.upload_id, reviews.c.created),
+    sa.Index("feedback_upload", feedback.c.upload_id, feedback.c.created),
+    sa.Index("feedback_client", feedback.c.client, feedback.c.created),
+)
+
 schema_migrations = sa.Table(
     "schema_migrations", metadata,
     sa.Column("version", sa.Integer(), primary_key=True),
@@ -83,12 +148,51 @@ def _add_store_id(conn: sa.Connection) -> None:
         conn.execute(store_identity.insert().values(id=1, store_id=secrets.token_hex(16), created=_utc_now()))
 
 
-# Each migration is idempotent (DDL with IF NOT EXISTS, or a callable that checks first) and
-# runs under a lock on PostgreSQL, so two servers starting at once cannot trip over each other.
+
+
+class AddColumns:
+    """ALTER TABLE uploads ADD COLUMN for each column not there yet (SQLite has no IF NOT EXISTS)."""
+
+    def __init__(self, table: sa.Table, columns: tuple[sa.Column, ...]) -> None:
+        self.table, self.columns = table, columns
+
+    def apply(self, conn: sa.Connection) -> None:
+        present = {column["name"] for column in sa.inspect(conn).get_columns(self.table.name)}
+        for column in self.columns:
+            if column.name in present:
+                continue
+            kind = column.type.compile(conn.dialect)
+            default = f" NOT NULL DEFAULT {column.server_default.arg}" if column.server_default is not None else ""
+            conn.execute(sa.text(f"ALTER TABLE {self.table.name} ADD COLUMN {column.name} {kind}{default}"))
+
+
+class BackfillPredictions:
+    """Copy label and confidence out of the JSON of rows recorded before schema 2."""
+
+    def apply(self, conn: sa.Connection) -> None:
+        if conn.dialect.name == "postgresql":
+            label, confidence = "prediction->>'label'", "(prediction->>'confidence')::float"
+        else:
+            label, confidence = "json_extract(prediction, '$.label')", "json_extract(prediction, '$.confidence')"
+        conn.execute(sa.text(f"UPDATE uploads SET predicted_label = {label}, confidence = {confidence} "
+                             "WHERE predicted_label IS NULL AND prediction IS NOT NULL"))
+
+
+# Each migration is idempotent, so two servers starting at once cannot trip over each other.
+# The first table of uploads is created from `uploads` minus the columns schema 3 adds, so
+# an old database and a new one end up the same whichever way they came.
+_UPLOADS_V1 = sa.Table("uploads", sa.MetaData(),
+                       *(sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+                         for c in uploads.columns if c.name not in {r.name for r in REVIEW_COLUMNS}),
+                       sqlite_with_rowid=False)
 MIGRATIONS: tuple[tuple[int, tuple[Any, ...]], ...] = (
-    (1, (sa.schema.CreateTable(uploads, if_not_exists=True),
+    (1, (sa.schema.CreateTable(_UPLOADS_V1, if_not_exists=True),
          sa.schema.CreateIndex(received_index, if_not_exists=True))),
     (2, (sa.schema.CreateTable(store_identity, if_not_exists=True), _add_store_id)),
+    (3, (AddColumns(uploads, REVIEW_COLUMNS), BackfillPredictions(),
+         sa.schema.CreateTable(reviews, if_not_exists=True), sa.schema.CreateTable(feedback, if_not_exists=True),
+         sa.schema.CreateTable(instance_secrets, if_not_exists=True),
+         *(sa.schema.CreateIndex(index, if_not_exists=True) for index in REVIEW_INDEXES))),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 UNAVAILABLE_HINT = "The upload database is unavailable; try again shortly. If it keeps happening, " \
@@ -153,6 +257,8 @@ class RecordStore:
             for statement in statements:
                 if isinstance(statement, sa.sql.expression.Executable):
                     conn.execute(statement)
+                elif hasattr(statement, "apply"):
+                    statement.apply(conn)
                 else:
                     statement(conn)  # a function that checks before it writes
             conn.execute(schema_migrations.insert().values(version=version, applied=_utc_now()))
@@ -265,6 +371,8 @@ class RecordStore:
         if ids:
             with self._errors("delete from"), self._begin() as conn:
                 conn.execute(uploads.delete().where(uploads.c.id.in_(ids)))
+                conn.execute(reviews.delete().where(reviews.c.upload_id.in_(ids)))
+                conn.execute(feedback.delete().where(feedback.c.upload_id.in_(ids)))
 
     def all(self, batch: int = 1000) -> Iterator[dict[str, Any]]:
         """Every row, oldest first, read in batches (an export must not hold the database)."""

@@ -46,7 +46,7 @@ MIMETYPE_BY_SUFFIX = {"jpg": "image/jpeg", "png": "image/png", "gif": "image/gif
                       "tiff": "image/tiff", "webp": "image/webp", "ico": "image/x-icon",
                       "ppm": "image/x-portable-pixmap", "bin": "application/octet-stream"}
 # What a caller may put in a record; the store's own facts (id, time, size, hash) win.
-CALLER_FIELDS = ("client_filename", "model", "prediction", "error", "milliseconds")
+CALLER_FIELDS = ("client_filename", "model", "model_sha256", "prediction", "error", "milliseconds")
 TEXT_FIELDS = {"client_filename": 255, "model": 1000, "error": 1000}  # and their longest stored length
 # What some back end cannot store in text: NUL (PostgreSQL refuses it), the other control
 # characters, and lone surrogates (not encodable as UTF-8). Each becomes U+FFFD on every back end.
@@ -94,6 +94,7 @@ class UploadStore:
         stall_after_s, slow_after_s = timeouts.timeout_s, timeouts.timeout_s / 2
         self.records_health = ComponentHealth("records", "upload database", stall_after_s, slow_after_s)
         self.images_health = ComponentHealth("images", "image store", stall_after_s, slow_after_s)
+        self.on_deleted: list[Callable[[list[str]], None]] = []  # e.g. the thumbnail cache forgets them
         self._stop = threading.Event()
         self._maintenance: threading.Thread | None = None
         self._monitor: HealthMonitor | None = None
@@ -121,7 +122,7 @@ class UploadStore:
         row = {field: record.get(field) for field in CALLER_FIELDS}
         row.update({field: storable_text(row[field], limit) for field, limit in TEXT_FIELDS.items()})
         row.update(id=upload_id, received=received, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                   format=image_format, image_key=key)
+                   format=image_format, image_key=key, **prediction_columns(row["prediction"]))
         with self.images_health.call():
             self.images.put(key, data, MIMETYPE_BY_SUFFIX[suffix_for(image_format)])
         try:
@@ -187,6 +188,8 @@ class UploadStore:
                 self.records.delete(upload_id for upload_id, _ in batch)
                 for _, key in batch:
                     self.images.delete(key)
+                for forget in self.on_deleted:
+                    forget([upload_id for upload_id, _ in batch])
                 expired += len(batch)
         refusal = self.sweep_refusal()
         if refusal:
@@ -315,6 +318,15 @@ class UploadStore:
         return row
 
 
+def prediction_columns(prediction: Any) -> dict[str, Any]:
+    """The label and confidence of a prediction, as their own columns (the listing filters on them)."""
+    if not isinstance(prediction, Mapping):
+        return {"predicted_label": None, "confidence": None}
+    label, confidence = prediction.get("label"), prediction.get("confidence")
+    return {"predicted_label": str(label)[:64] if label is not None else None,
+            "confidence": float(confidence) if isinstance(confidence, (int, float)) else None}
+
+
 def public_record(row: Mapping[str, Any]) -> dict[str, Any]:
     """A row as the API and the exports show it (same keys as the old day-file records)."""
     received = row["received"]
@@ -323,5 +335,5 @@ def public_record(row: Mapping[str, Any]) -> dict[str, Any]:
     return {"id": row["id"], "received": received, "bytes": row["bytes"], "sha256": row["sha256"],
             "format": row["format"], "client_filename": row["client_filename"], "model": row["model"],
             "prediction": row["prediction"], "error": row["error"], "milliseconds": row["milliseconds"],
-            "image_key": row["image_key"]}
+            "image_key": row["image_key"], "model_sha256": row.get("model_sha256")}
 

@@ -70,6 +70,11 @@ def binary(media_type: str) -> Body:
     return Body(media_type, {"type": "string", "contentMediaType": media_type})
 
 
+def form_body(schema: type[BaseModel] | dict[str, Any]) -> Body:
+    """An HTML form's fields (application/x-www-form-urlencoded)."""
+    return Body("application/x-www-form-urlencoded", schema)
+
+
 def multipart(schema: type[BaseModel] | dict[str, Any]) -> Body:
     return Body("multipart/form-data", schema)
 

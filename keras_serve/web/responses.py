@@ -13,9 +13,10 @@ from flask import Flask, Response, g, jsonify, make_response, render_template, r
 from werkzeug.exceptions import HTTPException
 
 from keras_serve.errors import (AuthenticationError, CorruptImageError, DecodeBusyError, EmptyImageError,
-                                HeatmapBusyError, ImageTooLargeError, InvalidTokenError, MissingFileError,
-                                MissingTokenError, NoConvolutionLayerError, NotAnImageError, PredictionError,
-                                RateLimitedError, ServiceError, StorageError, TooManyFilesError, UploadNotFound,
+                                FeedbackLimitError, HeatmapBusyError, ImageTooLargeError, InvalidTokenError,
+                                MissingFileError, MissingTokenError, NoConvolutionLayerError, NotAnImageError,
+                                NotAuthorizedError, PredictionError, RateLimitedError, ReviewRequestError,
+                                ServiceError, StorageError, TooManyAttemptsError, TooManyFilesError, UploadNotFound,
                                 error_code)
 from keras_serve.web.request_log import current_request_id
 
@@ -37,6 +38,10 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     TooManyFilesError: 413,
     NoConvolutionLayerError: 422,
     HeatmapBusyError: 503,
+    ReviewRequestError: 400,
+    NotAuthorizedError: 401,
+    TooManyAttemptsError: 429,
+    FeedbackLimitError: 429,
 }
 # Seconds a client should wait before retrying, for errors that only mean "busy right now".
 RETRY_AFTER_BY_ERROR: dict[type[ServiceError], str] = {DecodeBusyError: "5", HeatmapBusyError: "5"}
@@ -122,6 +127,12 @@ def service_error_response(exc: ServiceError) -> Response:
         response.headers["Retry-After"] = RETRY_AFTER_BY_ERROR[type(exc)]
     elif isinstance(exc, RateLimitedError):
         response.headers["Retry-After"] = str(exc.retry_after_s)
+    elif isinstance(exc, TooManyAttemptsError):
+        response.headers["Retry-After"] = str(exc.retry_after)
+    elif isinstance(exc, FeedbackLimitError):
+        response.headers["Retry-After"] = "3600"
+    elif isinstance(exc, NotAuthorizedError):
+        response.headers["WWW-Authenticate"] = 'Bearer realm="keras-serve review"'
     elif isinstance(exc, AuthenticationError):
         response.headers["WWW-Authenticate"] = exc.challenge
     return response

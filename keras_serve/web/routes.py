@@ -1,18 +1,29 @@
 """HTTP routes: the upload form, the classify endpoint, stored images and heatmaps, health."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 import unicodedata
 
 from flask import Blueprint, Response, current_app, g, jsonify, render_template, request, url_for
 
-from keras_serve.errors import MissingFileError, ServiceError, TooManyFilesError
+from keras_serve.errors import (MissingFileError, NotAuthorizedError, ReviewRequestError, ServiceError,
+                                TooManyFilesError, UploadNotFound)
 from keras_serve.pipeline.service import ClassifiedUpload, ClassifierService
+from keras_serve.storage.records import NEITHER
+from keras_serve.storage.uploads import is_upload_id
+from keras_serve.web.admin_auth import same_origin
 from keras_serve.web.api_models import (CLASSIFY_FORM, CLASSIFY_ANSWER, Liveness, ModelDescription, Readiness,
                                         UploadRecord)
-from keras_serve.web.openapi import ERROR, binary, html_page, json_body, multipart, operation
+from keras_serve.web.openapi import ERROR, binary, form_body, html_page, json_body, multipart, operation
 from keras_serve.web.responses import service_error_body, service_error_status, wants_html
 
 bp = Blueprint("web", __name__)
+
+FEEDBACK_FORM: dict = {"type": "object", "required": ["label"], "properties": {"label": {"type": "string"}}}
+FEEDBACK_ANSWER: dict = {"type": "object", "required": ["id", "label", "agrees", "stored"],
+                         "properties": {"id": {"type": "string"}, "label": {"type": "string"},
+                                        "agrees": {"type": ["boolean", "null"]}, "stored": {"type": "boolean"}}}
 
 # An upload and its heatmap never change (a new model file changes the heatmap's ETag), so the
 # browser may keep them; "private" keeps them out of shared caches.
@@ -85,7 +96,7 @@ def classify_one(upload) -> Response:
     if wants_html():
         return render_template("result.html", prediction=result.prediction,
                                image_url=url_for("web.uploaded_image", upload_id=result.upload_id),
-                               upload_id=result.upload_id)
+                               upload_id=result.upload_id, labels=service().model.labels, neither=NEITHER)
     return jsonify(result_json(result))
 
 
@@ -133,6 +144,39 @@ def upload_heatmap(upload_id: str):
            responses={200: json_body(UploadRecord), 404: ERROR, 503: ERROR})
 def upload_record(upload_id: str):
     return jsonify(service().read_record(upload_id))
+
+
+@bp.post("/uploads/<upload_id>/feedback")
+@operation("\"Was this right?\" from the result page: a visitor's label, stored as unverified feedback",
+           tags=["uploads"], request=form_body(FEEDBACK_FORM),
+           responses={200: [json_body(FEEDBACK_ANSWER), html_page()], 400: ERROR, 401: ERROR, 404: ERROR,
+                      429: ERROR, 503: ERROR},
+           response_headers={429: {"Retry-After": {"type": "string", "pattern": "^[0-9]+$"}}})
+def feedback(upload_id: str):
+    """"Was this right?" from the result page: unverified, one visitor's word, kept apart from reviews.
+
+    No login, so no CSRF token either: what keeps other sites from posting here is the browser's
+    Origin / Sec-Fetch-Site (refused when cross-site) and the upload id itself (128 random bits
+    that only its uploader was shown). Each client address may send FEEDBACK_PER_HOUR answers
+    an hour, counted in the database under a keyed hash of the address, never the address.
+    """
+    if not same_origin():
+        raise NotAuthorizedError("Feedback is only taken from this site's own result page.",
+                                 "Use the buttons under the result.")
+    if not is_upload_id(upload_id):
+        raise UploadNotFound("That is not an upload id.")
+    label = request.form.get("label") or (request.get_json(silent=True) or {}).get("label")
+    allowed = [*service().model.labels, NEITHER]
+    if label not in allowed:
+        raise ReviewRequestError(f"label must be one of: {', '.join(allowed)}.",
+                                 "Send the label you see in the picture as the form field 'label'.")
+    reviews = current_app.extensions["review_store"]
+    salt = reviews.instance_secret("feedback-client-key")
+    client = hmac.new(salt.encode(), (request.remote_addr or "").encode(), hashlib.sha256).hexdigest()[:32]
+    agrees = reviews.add_feedback(upload_id, label, client, int(current_app.config["FEEDBACK_PER_HOUR"]))
+    if wants_html():
+        return render_template("feedback.html", agrees=agrees, label=label, neither=NEITHER)
+    return jsonify({"id": upload_id, "label": label, "agrees": agrees, "stored": True})
 
 
 @bp.get("/model")
