@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import DEFAULT_MODEL, SHARED_DATA  # noqa: E402
 from server_process import ServerProcess  # noqa: E402
-from test_browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+from chromium import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
 TOKEN = "screenshot-token-0123456789abcdef"
 

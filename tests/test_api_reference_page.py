@@ -3,17 +3,12 @@
 Chromium as in tests/test_browser.py (`apt-get install chromium`); without it this skips,
 except where REQUIRE_BROWSER=1 (CI), where a missing browser is a failure.
 """
-import os
-from pathlib import Path
-
-import pytest
 import requests
 
 from server_process import ServerProcess
-from test_browser import CHROMIUM, CHROMIUM_ARGS
+from chromium import launch, require_chromium
 
-if not Path(CHROMIUM).exists() and os.environ.get("REQUIRE_BROWSER") != "1":
-    pytest.skip(f"Chromium not found at {CHROMIUM}: apt-get install chromium", allow_module_level=True)
+require_chromium()
 
 
 def test_the_reference_page_lists_every_operation_without_breaking_the_csp(colour_model_path, tmp_path):
@@ -23,7 +18,7 @@ def test_the_reference_page_lists_every_operation_without_breaking_the_csp(colou
             sync_playwright() as p:
         doc = requests.get(server.url + "/openapi.json", timeout=10).json()
         operations = {op["operationId"] for item in doc["paths"].values() for op in item.values()}
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        browser = launch(p)
         try:
             page = browser.new_page()
             problems = []

@@ -6,17 +6,12 @@ With KERAS_SERVE_SCREENSHOT=docs/img/review.png it also saves the screenshot doc
 """
 import os
 import re
-from pathlib import Path
-
-import pytest
 import requests
 
-from images import image_bytes
 from server_process import ServerProcess
-from test_browser import CHROMIUM, CHROMIUM_ARGS
+from chromium import launch, require_chromium
 
-if not Path(CHROMIUM).exists() and os.environ.get("REQUIRE_BROWSER") != "1":
-    pytest.skip(f"Chromium not found at {CHROMIUM}: apt-get install chromium", allow_module_level=True)
+require_chromium()
 
 TOKEN = "browser-review-token-0123456789"
 # Reds (DOG) and blues (CAT) with a few unsure ones between; a photo-like gradient each.
@@ -67,7 +62,7 @@ def test_review_page_filter_correct_with_the_keyboard_counts_change(colour_model
         cats = [a for a in answers if a["label"] == "CAT"]
 
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            browser = launch(p)
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             errors = []
             # script errors and CSP violations; failed loads by URL (the browser asks for /favicon.ico)
