@@ -52,7 +52,7 @@ def test_without_access_settings_anyone_may_upload_and_nothing_is_limited(access
     assert [r.status_code for r in answers] == [200] * 5
     assert not any("Retry-After" in r.headers or "WWW-Authenticate" in r.headers for r in answers)
     page = client.get("/").get_data(as_text=True)
-    assert '<form action="/file/"' in page and "Authorization" not in page
+    assert '<form id="upload-form" action="/file/"' in page and "Authorization" not in page
 
 
 # --- tokens --------------------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def test_a_browser_without_a_token_gets_the_error_page_and_the_form_page_says_a_
 def test_with_anonymous_uploads_allowed_the_form_works_without_a_token_but_a_wrong_token_is_refused(access_app):
     client = access_app(API_TOKENS=TOKEN_A, ALLOW_ANONYMOUS_UPLOADS=True).test_client()
     html = client.get("/", headers=BROWSER).get_data(as_text=True)
-    assert '<form action="/file/"' in html and 'id="token-required"' not in html
+    assert '<form id="upload-form" action="/file/"' in html and 'id="token-required"' not in html
     assert "Authorization: Bearer YOUR_TOKEN" in html  # programs are told about tokens
     form_post = post_image(client, headers=BROWSER)
     assert form_post.status_code == 200 and "DOG" in form_post.get_data(as_text=True)

@@ -69,19 +69,19 @@ def test_a_new_route_without_a_contract_is_named_with_what_to_add(make_app, colo
 
     app = make_app(MODEL_PATH=str(colour_model_path))
 
-    def heatmap(upload_id: str):
-        return "png"
+    def thumbnail(upload_id: str):
+        return "webp"
 
-    app.add_url_rule("/uploads/<upload_id>/heatmap.png", "heatmap", heatmap)
+    app.add_url_rule("/uploads/<upload_id>/small.webp", "thumbnail", thumbnail)
     missing = undescribed_routes(app)
     assert len(missing) == 1, missing
-    assert missing[0].startswith("GET /uploads/<upload_id>/heatmap.png (endpoint 'heatmap', view ")
+    assert missing[0].startswith("GET /uploads/<upload_id>/small.webp (endpoint 'thumbnail', view ")
     assert "add @operation(" in missing[0] and "keras_serve.web.openapi" in missing[0]
-    assert "/uploads/{upload_id}/heatmap.png" not in build_spec(app)["paths"]
+    assert "/uploads/{upload_id}/small.webp" not in build_spec(app)["paths"]
 
-    operation("A heat map", responses={200: json_body(Liveness)})(heatmap)
+    operation("A thumbnail", responses={200: json_body(Liveness)})(thumbnail)
     assert undescribed_routes(app) == []
-    described = build_spec(app)["paths"]["/uploads/{upload_id}/heatmap.png"]["get"]
+    described = build_spec(app)["paths"]["/uploads/{upload_id}/small.webp"]["get"]
     assert [p["name"] for p in described["parameters"] if p["in"] == "path"] == ["upload_id"]
 
 
@@ -118,7 +118,9 @@ def test_schemathesis_finds_no_failure_on_any_route(live, tmp_path):
     done = subprocess.run(
         [str(ST), "--config-file", str(ROOT / "tests" / "schemathesis.toml"), "run", live.url + "/openapi.json",
          "--checks", "all", "--max-examples", str(SCHEMATHESIS_EXAMPLES), "--seed", str(SCHEMATHESIS_SEED),
-         "--workers", "2", "--request-timeout", "30", "--report", "json", "--report-json-path", str(report)],
+         # One worker: on CPython 3.11.7 two threads in ast.parse (Hypothesis describing its
+         # filters) trip "AST constructor recursion depth mismatch" (CPython gh-106905).
+         "--workers", "1", "--request-timeout", "30", "--report", "json", "--report-json-path", str(report)],
         cwd=tmp_path, capture_output=True, text=True, timeout=540, env={**os.environ, "NO_COLOR": "1"})
     summary = json.loads(report.read_text())
     counts = summary["test_cases"]
@@ -238,4 +240,5 @@ def test_log_format_text_on_the_command_line(colour_model_path, tmp_path):
         output = srv.output()
     line = next(l for l in output.splitlines() if "request_id=text-1" in l)
     assert "INFO keras_serve.access: GET /model 200 request_id=text-1 latency_ms=" in line
-    assert output.splitlines()[1].startswith("serving on http://127.0.0.1:")  # the start-up lines stay readable
+    # the start-up lines stay readable
+    assert any(line.startswith("serving on http://127.0.0.1:") for line in output.splitlines()[:5])

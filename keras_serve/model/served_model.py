@@ -148,10 +148,7 @@ class ServedModel:
         }
         served = cls(model, spec, labels, output_kind, card.threshold, info,
                      apply_activation=applies_activation)
-        if path.is_file():
-            from keras_serve.model.engines import file_sha256
-
-            served.file_sha256 = file_sha256(path)
+        served.file_sha256 = info["sha256"]  # computed once, above
         if engine != "tensorflow":
             served._switch_engine(engine, path, arch, engine_threads)
         return served
