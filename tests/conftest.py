@@ -168,3 +168,16 @@ def redis_server():
 
     with running_redis() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium through Playwright, one per test module (tests/chromium.py)."""
+    from playwright.sync_api import sync_playwright
+
+    from chromium import launch
+
+    with sync_playwright() as p:
+        browser = launch(p)
+        yield browser
+        browser.close()

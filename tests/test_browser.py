@@ -6,23 +6,11 @@ command, except where REQUIRE_BROWSER=1 (CI), where a missing browser is a failu
 """
 import re
 
-import pytest
-
-from chromium import launch, require_chromium
+from chromium import require_chromium
 from images import RED, image_bytes
 from server_process import ServerProcess
 
 require_chromium()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = launch(p)
-        yield browser
-        browser.close()
 
 
 def test_upload_form_shows_label_confidence_and_image(browser, colour_model_path, tmp_path):

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from chromium import launch, require_chromium
+from chromium import require_chromium
 from images import BLUE, RED, image_bytes
 from server_process import ServerProcess
 
@@ -20,16 +20,6 @@ require_chromium()
 
 MAX_FILES = 4
 FINISHED = ".tile[data-state=done], .tile[data-state=unsure], .tile[data-state=failed]"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = launch(p)
-        yield browser
-        browser.close()
 
 
 UNSURE_BELOW = 0.75  # grey scores 0.5 (unsure), red and blue over 0.999 (sure)
