@@ -13,6 +13,15 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 
 
+def nav_pages(nav: list) -> list[str]:
+    """Every page file that mkdocs.yml's nav names, sections included."""
+    pages = []
+    for entry in nav:
+        (value,) = entry.values()
+        pages.extend(nav_pages(value) if isinstance(value, list) else [value])
+    return pages
+
+
 def test_the_site_builds_with_strict_checks(tmp_path):
     # --strict turns every warning into a failure: a broken link or anchor between pages, a
     # nav entry without its page, a page that does not render.
@@ -22,8 +31,7 @@ def test_the_site_builds_with_strict_checks(tmp_path):
                           env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert done.returncode == 0, done.stdout + done.stderr
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
-    for entry in config["nav"]:
-        (page,) = entry.values()
+    for page in nav_pages(config["nav"]):
         built = site / ("index.html" if page == "index.md" else page.removesuffix(".md") + "/index.html")
         assert built.is_file(), f"{page} was not built"
     reference = (site / "reference" / "index.html").read_text()
@@ -35,7 +43,7 @@ def test_every_page_in_docs_is_listed_or_waits_for_its_place():
     before the navigation names them."""
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
     assert config["validation"]["nav"]["omitted_files"] == "info"
-    listed = {page for entry in config["nav"] for page in entry.values()}
+    listed = set(nav_pages(config["nav"]))
     assert listed <= {p.name for p in (ROOT / "docs").glob("*.md")}
 
 
