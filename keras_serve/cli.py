@@ -46,10 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     service = app.extensions["classifier"]
     host, port = app.config["HOST"], int(app.config["PORT"])
-    print(service.model.summary_line(), flush=True)
-    print(f"serving on http://{host}:{port}/ (threads {app.config['THREADS']}, max batch "
-          f"{app.config['MAX_BATCH']}, max wait {app.config['MAX_WAIT_MS']} ms, uploads in "
-          f"{app.config['UPLOAD_DIR']})", flush=True)
+    # one write per line, so that log lines from other threads never land inside it
+    sys.stdout.write(service.model.summary_line() + "\n")
+    sys.stdout.flush()
+    sys.stdout.write(f"serving on http://{host}:{port}/ (threads {app.config['THREADS']}, max batch "
+                     f"{app.config['MAX_BATCH']}, max wait {app.config['MAX_WAIT_MS']} ms, uploads in "
+                     f"{app.config['UPLOAD_DIR']})\n")
+    sys.stdout.flush()
 
     from keras_serve.web import server
 

@@ -20,6 +20,7 @@ function typeOf(schema) {
   if (!schema) return "any";
   if (schema.$ref) return refName(schema.$ref);
   if (schema.anyOf) return schema.anyOf.map(typeOf).join(" | ");
+  if (schema.oneOf) return schema.oneOf.map(typeOf).join(" | ");
   if (schema.type === "array") return "array of " + typeOf(schema.items);
   if (schema.type === "object" && schema.additionalProperties) return "map of " + typeOf(schema.additionalProperties);
   let text = schema.type || "any";

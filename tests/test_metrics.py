@@ -7,7 +7,6 @@ so they cannot run inside this process) and add them up as /metrics would.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -147,8 +146,16 @@ def test_uploads_stored_count_and_bytes(client, app, monkeypatch):
 
 def test_storage_errors_are_counted_by_operation_and_kind(client, app):
     upload_dir = Path(app.config["UPLOAD_DIR"])
-    shutil.rmtree(upload_dir)
-    upload_dir.write_text("a file where the upload folder was")  # every write now fails for real
+    # Moved away in one step, then a file put in its place. The store's background check may
+    # write (and so recreate the folder) in between: then try again.
+    for attempt in range(50):
+        try:
+            upload_dir.rename(upload_dir.with_name(f"{upload_dir.name}.gone{attempt}"))
+            upload_dir.write_text("a file where the upload folder was")
+            break
+        except OSError:
+            time.sleep(0.05)
+    assert upload_dir.is_file()  # every write now fails for real
     for _ in range(2):
         r = post_file(client, image_bytes(RED))
         assert r.status_code == 503 and r.get_json()["error"]["code"] == "storage"

@@ -349,8 +349,9 @@ def test_keras_2_2_4_file_is_served_end_to_end_by_python_app(tmp_path):
                    for data in images]
     finally:
         output = srv.stop()
-    lines = [l for l in output.splitlines() if l.strip()]
-    summary = lines[0]  # the first thing the operator sees (stderr is merged in; it stays quiet)
+    # The two plain start-up lines, in order, among the JSON log lines (stderr is merged in).
+    lines = [l for l in output.splitlines() if l.strip() and not l.startswith("{")]
+    summary = lines[0]
     assert summary.startswith("model ") and lines[1].startswith("serving on"), output
     for part in ("blog2017.h5", "saved by Keras 2.2.4", "input 150x150x3 channels_last", "scaling 1/255",
                  "output sigmoid", "labels CAT,DOG", "1,212,513 parameters"):
