@@ -113,13 +113,28 @@ def json_formatter() -> logging.Formatter:
                          datefmt="%Y-%m-%dT%H:%M:%S%z")
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to the sys.stderr of the moment, not the one of start-up (tests swap it; a
+    background thread's late record must not meet a closed stream)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_logging(log_format: str = "json", level: int = logging.INFO) -> None:
-    """The process's log handler: one line per record on stderr, JSON (or text: LOG_FORMAT=text)."""
-    handler = logging.StreamHandler(sys.stderr)
+    """The process's log handler: one line per record on stderr, JSON (or text: LOG_FORMAT=text).
+    Called again, it replaces its own handler only (a test runner's stay)."""
+    handler = StderrHandler()
     handler.setFormatter(TextFormatter() if log_format == "text" else json_formatter())
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if isinstance(old, StderrHandler):
+            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
