@@ -12,6 +12,8 @@ class ServiceError(Exception):
     """Base class for every error the service reports to a client or operator."""
 
     hint: str = ""
+    # Seconds a client should wait before trying again (the Retry-After header); None: not said.
+    retry_after_s: int | None = None
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -66,6 +68,7 @@ class DecodeBusyError(ServiceError):
     """Large images already being decoded hold the memory budget; this one waited too long."""
 
     hint = "The server is busy decoding other large images; try again in a few seconds, or send a smaller image."
+    retry_after_s = 5
 
 
 # --- operator mistakes at startup ------------------------------------------------------
@@ -138,6 +141,7 @@ class HeatmapBusyError(ServiceError):
     """Another heatmap is being computed and this one waited its bounded time."""
 
     hint = "Heatmaps are made one at a time so classification stays fast; try again in a few seconds."
+    retry_after_s = 5
 
 
 # --- the review loop -------------------------------------------------------------------
@@ -157,10 +161,11 @@ class TooManyAttemptsError(ServiceError):
     """Failed logins from this client came too fast; it must wait before the next try."""
 
     hint = "Wait a little and try again with the right token."
-    retry_after = 1
+    retry_after_s = 1
 
 
 class FeedbackLimitError(ServiceError):
     """One client sent more feedback in an hour than anyone plausibly would."""
 
     hint = "Try again in an hour."
+    retry_after_s = 3600

@@ -81,7 +81,7 @@ class LoginThrottle:
         if wait > 0:
             error = TooManyAttemptsError(f"Too many failed attempts from this address; try again in "
                                          f"{math.ceil(wait)} s.")
-            error.retry_after = math.ceil(wait)
+            error.retry_after_s = math.ceil(wait)
             raise error
 
     def failed(self, client: str) -> None:

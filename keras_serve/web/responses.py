@@ -43,8 +43,6 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     TooManyAttemptsError: 429,
     FeedbackLimitError: 429,
 }
-# Seconds a client should wait before retrying, for errors that only mean "busy right now".
-RETRY_AFTER_BY_ERROR: dict[type[ServiceError], str] = {DecodeBusyError: "5", HeatmapBusyError: "5"}
 
 HINT_BY_STATUS = {
     400: "Send the image as multipart/form-data in a field named 'file'.",
@@ -123,15 +121,9 @@ def service_error_response(exc: ServiceError) -> Response:
     if extra:
         g.upload_id = exc.upload_id  # for the request's log line
     response = error_response(status, error_code(type(exc).__name__), exc.message, exc.hint, **extra)
-    if type(exc) in RETRY_AFTER_BY_ERROR:
-        response.headers["Retry-After"] = RETRY_AFTER_BY_ERROR[type(exc)]
-    elif isinstance(exc, RateLimitedError):
+    if exc.retry_after_s is not None:  # each error class says its own (errors.py)
         response.headers["Retry-After"] = str(exc.retry_after_s)
-    elif isinstance(exc, TooManyAttemptsError):
-        response.headers["Retry-After"] = str(exc.retry_after)
-    elif isinstance(exc, FeedbackLimitError):
-        response.headers["Retry-After"] = "3600"
-    elif isinstance(exc, NotAuthorizedError):
+    if isinstance(exc, NotAuthorizedError):
         response.headers["WWW-Authenticate"] = 'Bearer realm="keras-serve review"'
     elif isinstance(exc, AuthenticationError):
         response.headers["WWW-Authenticate"] = exc.challenge
