@@ -169,3 +169,23 @@ class FeedbackLimitError(ServiceError):
 
     hint = "Try again in an hour."
     retry_after_s = 3600
+
+
+# --- model versions (keras_serve/model/versions.py) ------------------------------------
+class ModelVersionError(ServiceError):
+    """Base of the errors about publishing, promoting and rolling back model versions."""
+
+    hint = "See docs/model-versions.md for publishing, promoting and rolling back models."
+
+
+class CandidateRefused(ModelVersionError):
+    """A model file that must not serve: it does not load, its converted engine answers
+    differently from TensorFlow, or its labels differ from the served model's."""
+
+
+class ModelVersionNotFound(ModelVersionError):
+    hint = "List the published versions with GET /api/models (or `python -m keras_serve.model list`)."
+
+
+class NothingToRollBack(ModelVersionError):
+    """No promotion is in effect: the servers already answer with the model they started with."""

@@ -6,7 +6,7 @@ neither Flask nor prometheus_client, and a core test needs neither.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Mapping, Protocol
 
 
 class ServingMetrics(Protocol):
@@ -19,6 +19,12 @@ class ServingMetrics(Protocol):
     def storage_failed(self, operation: str, kind: str) -> None:
         """The store raised a StorageError of `kind` (`errors.error_code` of its class) during `operation` (save, read)."""
 
+    def predicted(self, model_sha256: str | None) -> None:
+        """One image was answered by the model version `model_sha256`."""
+
+    def model_changed(self, result: str, info: Mapping[str, Any] | None) -> None:
+        """`result`: "started" or "swapped" (info: the model now served), or "refused" (info None)."""
+
 
 class NoMetrics:
     def batch_predicted(self, size: int, seconds: float) -> None:
@@ -28,6 +34,12 @@ class NoMetrics:
         pass
 
     def storage_failed(self, operation: str, kind: str) -> None:
+        pass
+
+    def predicted(self, model_sha256: str | None) -> None:
+        pass
+
+    def model_changed(self, result: str, info: Mapping[str, Any] | None) -> None:
         pass
 
 

@@ -124,6 +124,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("UNSURE_BELOW", 0.85, "an answer whose winning score is under this is marked \"unsure\": true "
             "(0: never); the default comes from the shipped model's validation photos, see docs/unsure.md",
             float, flag="--unsure-below"),
+    Setting("MODEL_CHECK_INTERVAL_S", 2.0, "how often each server process looks in the database for a newly "
+            "promoted model version and swaps to it without a restart (docs/model-versions.md); 0: never", float,
+            flag="--model-check-interval", metavar="SECONDS"),
     Setting("HEATMAP_WAIT_SECONDS", 10.0, "heatmaps are made one at a time per process; how long a heatmap "
             "request waits for its turn before a 503", float, flag="--heatmap-wait-seconds", metavar="SECONDS"),
     Setting("CONNECTION_LIMIT", 10_000, "most open client connections; capped by the open-file limit, "

@@ -46,6 +46,17 @@ def colour_model_path(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def inverted_colour_model_path(tmp_path_factory) -> Path:
+    """The colour model the other way round: red images score near 0 (CAT), blue near 1 (DOG)."""
+    path = tmp_path_factory.mktemp("models") / "inverted.h5"
+    model = build_colour_model()
+    kernel, bias = model.layers[-1].get_weights()
+    model.layers[-1].set_weights([-kernel, bias])
+    model.save(path)
+    return path
+
+
 @pytest.fixture()
 def make_app(tmp_path):
     """create_app with a private upload folder; every app made is closed after the test."""

@@ -415,7 +415,7 @@ def test_a_database_of_the_previous_version_is_migrated_keeping_its_rows(engine,
         assert row["prediction"] == {"label": "CAT", "confidence": 0.75}
         store.close()
     with old.connect() as conn:
-        assert conn.execute(sa.text("SELECT version FROM schema_migrations ORDER BY version")).all() == [(1,), (2,), (3,)]
+        assert conn.execute(sa.text("SELECT version FROM schema_migrations ORDER BY version")).all() == [(1,), (2,), (3,), (4,)]
         assert conn.execute(sa.text("SELECT count(*) FROM uploads")).scalar() == 1
         assert conn.execute(sa.text("SELECT count(*) FROM reviews")).scalar() == 0
     old.dispose()

@@ -9,7 +9,9 @@ Beside the images each store keeps two things of its own (docs/storage-faults.md
   belong to, so the orphan sweep can refuse to run against any other database;
 - the quarantine, `quarantine/YYYY/MM/DD/<id>.<ext>`: orphans are moved there, not deleted,
   and only emptied after UPLOAD_QUARANTINE_DAYS.
-Neither matches KEY_PATTERN, so no listing of images ever returns them.
+- published model files, `models/<sha256>.<ext>` (keras_serve/storage/model_registry.py), which
+  every server process sharing the store can fetch.
+None of them matches KEY_PATTERN, so no listing of images ever returns them.
 """
 from __future__ import annotations
 
@@ -37,6 +39,9 @@ READ_HINT = "The stored uploads cannot be read right now; try again later."
 OWNER_MARKER = "keras-serve-store.json"
 QUARANTINE = "quarantine"
 CHECK_PREFIX = ".keras-serve-check-"
+MODEL_FOLDER = "models"
+# A published model file and its card: named by the file's sha256, never by anyone's text.
+MODEL_FILE_NAME = re.compile(r"^[0-9a-f]{64}\.(?:h5|keras|json)$")
 
 
 def owner_marker(store_id: str) -> bytes:
@@ -72,6 +77,14 @@ class ImageStore(Protocol):
     def quarantined(self, older_than: float) -> Iterator[str]: ...  # its keys, by time moved there
     def restore(self, key: str) -> None: ...           # move a quarantined image back
     def delete_quarantined(self, key: str) -> None: ...
+    def put_model_file(self, name: str, data: bytes) -> None: ...  # models/<sha256>.<ext>
+    def get_model_file(self, name: str) -> bytes | None: ...
+
+
+def _model_file_name(name: str) -> str:
+    if not MODEL_FILE_NAME.match(name):
+        raise ValueError(f"not a model file name: {name!r}")  # a programming error, never client input
+    return name
 
 
 class LocalImageStore:
@@ -267,6 +280,34 @@ class LocalImageStore:
             raise ValueError(f"not an image key: {key!r}")
         return self.root / QUARANTINE / key
 
+    # -- published model files ---------------------------------------------------------------
+
+    def put_model_file(self, name: str, data: bytes) -> None:
+        path = self.root / MODEL_FOLDER / _model_file_name(name)
+        temp = path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(8)}-{name}")  # two publishers never collide
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)  # a model is written rarely and must survive a crash whole
+            finally:
+                os.close(fd)
+            os.replace(temp, path)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise _write_error(exc) from None
+
+    def get_model_file(self, name: str) -> bytes | None:
+        try:
+            return (self.root / MODEL_FOLDER / _model_file_name(name)).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"A published model file could not be read ({exc.strerror}).") from None
+
     @staticmethod
     def _remove_empty_folders(path: Path) -> None:
         for folder in (path.parent, path.parent.parent, path.parent.parent.parent):
@@ -394,6 +435,14 @@ class S3ImageStore:
     def delete_quarantined(self, key: str) -> None:
         self._call("delete a quarantined image from", self.client.delete_object, Bucket=self.bucket,
                    Key=self._quarantine_name(key))
+
+    def put_model_file(self, name: str, data: bytes) -> None:
+        self._call("save a model file to", self.client.put_object, Bucket=self.bucket,
+                   Key=f"{self.prefix}{MODEL_FOLDER}/{_model_file_name(name)}", Body=data,
+                   ContentType="application/octet-stream")
+
+    def get_model_file(self, name: str) -> bytes | None:
+        return self._get(f"{self.prefix}{MODEL_FOLDER}/{_model_file_name(name)}", "read a model file from")
 
     def _quarantine_name(self, key: str) -> str:
         if not KEY_PATTERN.match(key):

@@ -125,6 +125,28 @@ REVIEW_INDEXES = (
     sa.Index("feedback_client", feedback.c.client, feedback.c.created),
 )
 
+# Schema 4 (model versions): every model file published to the shared store, and the log of
+# promotions and rollbacks. The served version is the one the log ends on; every server process
+# polls it (keras_serve/pipeline/model_swap.py). A row with sha256 NULL means "the model each
+# server was started with" (a rollback past the first promotion).
+model_versions = sa.Table(
+    "model_versions", metadata,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("file", sa.String(128), nullable=False),     # its name when published; never a path
+    sa.Column("bytes", sa.BigInteger(), nullable=False),
+    sa.Column("labels", sa.JSON(), nullable=False),
+    sa.Column("published", sa.DateTime(), nullable=False),
+    sa.Column("published_by", sa.String(64), nullable=False),
+)
+model_promotions = sa.Table(
+    "model_promotions", metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("sha256", sa.String(64)),                     # NULL: back to the start-up model
+    sa.Column("action", sa.String(16), nullable=False),     # promote | rollback
+    sa.Column("by", sa.String(64), nullable=False),
+    sa.Column("created", sa.DateTime(), nullable=False),
+)
+
 schema_migrations = sa.Table(
     "schema_migrations", metadata,
     sa.Column("version", sa.Integer(), primary_key=True),
@@ -193,6 +215,8 @@ MIGRATIONS: tuple[tuple[int, tuple[Any, ...]], ...] = (
          sa.schema.CreateTable(reviews, if_not_exists=True), sa.schema.CreateTable(feedback, if_not_exists=True),
          sa.schema.CreateTable(instance_secrets, if_not_exists=True),
          *(sa.schema.CreateIndex(index, if_not_exists=True) for index in REVIEW_INDEXES))),
+    (4, (sa.schema.CreateTable(model_versions, if_not_exists=True),
+         sa.schema.CreateTable(model_promotions, if_not_exists=True))),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 UNAVAILABLE_HINT = "The upload database is unavailable; try again shortly. If it keeps happening, " \

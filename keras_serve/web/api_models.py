@@ -52,6 +52,8 @@ class Classification(Prediction):
     id: str = Field(description="The upload's id: GET /uploads/{id} and /uploads/{id}/record")
     image_url: str = Field(description="Where the stored image is served")
     milliseconds: float = Field(ge=0, description="Time from the upload's arrival to its answer")
+    model_version: str | None = Field(None, description="sha256 of the model file that answered (GET /model: "
+                                                        "sha256; it changes when a version is promoted)")
 
 
 class ItemError(BaseModel):
@@ -124,6 +126,9 @@ class ModelDescription(BaseModel):
     labels: list[str]
     threshold: float | None = Field(description="The sigmoid's decision threshold (null for softmax)")
     engine: ModelEngine
+    sha256: str | None = Field(None, description="The model file's sha256: its version")
+    versions: dict[str, Any] | None = Field(
+        None, description="How this process follows promotions: swaps made, the last one, versions refused and why")
 
 
 class Liveness(BaseModel):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any, Mapping
 
 from flask import Flask, Response, g, request
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
@@ -77,6 +78,17 @@ class PrometheusMetrics:
                                       "Store failures, by operation (save, read) and error class.",
                                       ["operation", "kind"], registry=registry)
 
+        # The model version (12 hex of its sha256): a label from the published versions, a set
+        # only an admin can grow. "none" for a model object without a file (tests).
+        self.predictions = Counter("keras_serve_predictions", "Images answered, by model version.",
+                                   ["model_version"], registry=registry)
+        self.model_info = Gauge("keras_serve_model_info", "1 for the model version this process serves.",
+                                ["model_version", "file"], registry=registry, multiprocess_mode="liveall")
+        self.model_changes = Counter("keras_serve_model_changes",
+                                     "Model loads by result: started, swapped (a promotion followed), refused.",
+                                     ["result"], registry=registry)
+        self._served_labels: tuple[str, str] | None = None
+
     # --- ServingMetrics (called by the core) ----------------------------------------------
     def batch_predicted(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
@@ -88,6 +100,23 @@ class PrometheusMetrics:
 
     def storage_failed(self, operation: str, kind: str) -> None:
         self.storage_errors.labels(operation, kind).inc()
+
+    def predicted(self, model_sha256: str | None) -> None:
+        self.predictions.labels(model_version_label(model_sha256)).inc()
+
+    def model_changed(self, result: str, info: Mapping[str, Any] | None) -> None:
+        self.model_changes.labels(result).inc()
+        if info is None:
+            return
+        labels = (model_version_label(info.get("sha256")), str(info.get("file") or "")[:128])
+        if self._served_labels is not None and self._served_labels != labels:
+            self.model_info.labels(*self._served_labels).set(0)  # remove() cannot reach other processes' files
+        self.model_info.labels(*labels).set(1)
+        self._served_labels = labels
+
+
+def model_version_label(sha256: str | None) -> str:
+    return sha256[:12] if sha256 else "none"
 
 
 def multiprocess_dir() -> Path | None:

@@ -12,9 +12,10 @@ import logging
 from flask import Flask, Response, g, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from keras_serve.errors import (AuthenticationError, CorruptImageError, DecodeBusyError, EmptyImageError,
+from keras_serve.errors import (AuthenticationError, CandidateRefused, CorruptImageError, DecodeBusyError, EmptyImageError,
                                 FeedbackLimitError, HeatmapBusyError, ImageTooLargeError, InvalidTokenError,
-                                MissingFileError, MissingTokenError, NoConvolutionLayerError, NotAnImageError,
+                                MissingFileError, MissingTokenError, ModelVersionNotFound, NoConvolutionLayerError,
+                                NotAnImageError, NothingToRollBack,
                                 NotAuthorizedError, PredictionError, RateLimitedError, ReviewRequestError,
                                 ServiceError, StorageError, TooManyAttemptsError, TooManyFilesError, UploadNotFound,
                                 error_code)
@@ -42,6 +43,9 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     NotAuthorizedError: 401,
     TooManyAttemptsError: 429,
     FeedbackLimitError: 429,
+    CandidateRefused: 422,
+    ModelVersionNotFound: 404,
+    NothingToRollBack: 409,
 }
 
 HINT_BY_STATUS = {

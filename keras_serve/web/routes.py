@@ -47,7 +47,7 @@ def result_json(result: ClassifiedUpload) -> dict:
     """What POST /file/ answers for one classified image."""
     return {**result.prediction.as_json(), "id": result.upload_id,
             "image_url": url_for("web.uploaded_image", upload_id=result.upload_id),
-            "milliseconds": round(result.milliseconds, 2)}
+            "milliseconds": round(result.milliseconds, 2), "model_version": result.model_sha256}
 
 
 def display_filename(name: str | None) -> str | None:
@@ -184,7 +184,9 @@ def feedback(upload_id: str):
            responses={200: json_body(ModelDescription)})
 def model_description():
     # unsure_below: a winning score under it is answered "unsure": true (0: never).
-    return jsonify({**service().model.describe(), "unsure_below": service().unsure_below})
+    follower = service().follower
+    return jsonify({**service().model.describe(), "unsure_below": service().unsure_below,
+                    "versions": follower.describe() if follower is not None else None})
 
 
 # Both answer from state already in memory and never wait on the model or the store, so

@@ -1,0 +1,106 @@
+"""Model versions, with the same settings as the server (docs/model-versions.md).
+
+    python -m keras_serve.model promote candidate.h5     check, publish and serve it everywhere
+    python -m keras_serve.model promote <sha256>          serve a version published before
+    python -m keras_serve.model rollback                  back to what served before the last promotion
+    python -m keras_serve.model publish candidate.h5      check and publish, not served yet
+    python -m keras_serve.model list                      versions, which one serves, the log
+
+A file is checked as every server will check it (it loads with the server's settings, its
+converted engine answers as TensorFlow does, its labels are the served model's) before it is
+published; a refused one prints why and exits with status 2. The database and image store are
+chosen like the server's: --upload-dir, --database-url, --image-store, or KERAS_SERVE_* variables;
+--model is the model the servers were started with. Every server process sharing the database
+swaps to a promoted version within MODEL_CHECK_INTERVAL_S plus the time it takes to load it.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from pathlib import Path
+from typing import Iterable
+
+from keras_serve import settings
+from keras_serve.errors import ModelVersionError, StorageError
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m keras_serve.model", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--upload-dir", dest="UPLOAD_DIR")
+    parser.add_argument("--database-url", dest="DATABASE_URL")
+    parser.add_argument("--image-store", dest="IMAGE_STORE")
+    parser.add_argument("--model", dest="MODEL_PATH", help="the model the servers were started with")
+    parser.add_argument("--labels", dest="LABELS")
+    parser.add_argument("--by", default=None, help="who does it, for the log (default: your user name)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    promote = sub.add_parser("promote", help="serve a model file (checked and published first) or a published sha256")
+    promote.add_argument("candidate")
+    publish = sub.add_parser("publish", help="check and publish a model file without serving it")
+    publish.add_argument("candidate", type=Path)
+    sub.add_parser("rollback", help="serve what served before the promotion in effect")
+    sub.add_parser("list", help="published versions, the one served, and the log (JSON)")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+
+    from keras_serve.model.versions import publish_candidate
+    from keras_serve.storage.model_registry import ModelRegistry, is_sha256
+    from keras_serve.storage.uploads import UploadStore
+
+    config = settings.resolve({name: getattr(args, name) for name in
+                               ("UPLOAD_DIR", "DATABASE_URL", "IMAGE_STORE", "MODEL_PATH", "LABELS")
+                               if getattr(args, name) is not None})
+    by = (args.by or _user())[:64]
+    try:
+        store = UploadStore.from_config(config)
+    except StorageError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    registry = ModelRegistry(store.records, store.images)
+    try:
+        if args.command in ("promote", "publish"):
+            candidate = str(args.candidate)
+            if args.command == "promote" and is_sha256(candidate) and not Path(candidate).exists():
+                version = registry.version(candidate)
+            else:
+                path = Path(candidate)
+                if not path.is_file():
+                    print(f"error: no such model file: {path}", file=sys.stderr)
+                    return 2
+                version = publish_candidate(registry, path, config, by)
+                print(f"published {version.file} ({version.sha256})", file=sys.stderr)
+            if args.command == "promote":
+                registry.promote(version.sha256, by)
+                print(f"promoted {version.file} ({version.sha256[:12]}): every server swaps to it within "
+                      f"{float(config['MODEL_CHECK_INTERVAL_S']):g} s plus its load time", file=sys.stderr)
+        elif args.command == "rollback":
+            now = registry.rollback(by)
+            print("rolled back: the servers now answer with " +
+                  (f"{now.file} ({now.sha256[:12]})" if now else "the model they were started with"), file=sys.stderr)
+        else:
+            served = registry.served()
+            json.dump({"served": served.as_json() if served else None,
+                       "versions": [v.as_json() for v in registry.versions()],
+                       "log": registry.history()}, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+    except ModelVersionError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except StorageError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    return 0
+
+
+def _user() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # no user name in a bare container
+        return "cli"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Loading a model the way the server serves it, and the checks a candidate must pass to replace it.
+
+`load_for_serving(path, config)` is the one place a server process turns a file into a
+`ServedModel` with the settings it runs under (start-up and every hot swap alike).
+`load_candidate` adds what a swap needs on top of a clean load:
+
+- the converted engine the settings ask for must be faithful to TensorFlow on the probe
+  inputs (`ServedModel._unfaithful`); at start-up an unfaithful engine only falls back to
+  TensorFlow with a warning, but a candidate that answers differently is refused;
+- the labels must be the served model's: records, reviews and exported datasets are keyed by
+  label, so a model with other labels is a new deployment (a restart with --model), not a swap.
+
+Anything wrong raises `CandidateRefused` with the reason in one line; the old model keeps serving.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from keras_serve.errors import CandidateRefused, ModelLoadError
+from keras_serve.model.card import ModelCard
+from keras_serve.model.engines import usable_cores
+from keras_serve.model.served_model import ServedModel, parse_labels
+from keras_serve.storage.model_registry import ModelRegistry, ModelVersion
+
+
+def load_for_serving(path: str | Path, config: Mapping[str, Any], max_decode_bytes: int | None = None) -> ServedModel:
+    """The model at `path` with the server's options; raises ModelLoadError."""
+    return ServedModel.load(
+        path, labels=config.get("LABELS"), scaling=config.get("SCALING"), arch=config.get("ARCH"),
+        max_pixels=int(config["MAX_PIXELS"]), max_decode_bytes=max_decode_bytes,
+        engine=config.get("ENGINE", "auto"),
+        # Worker processes share the cores rather than each starting one thread per core.
+        engine_threads=max(1, usable_cores() // max(1, int(config.get("WORKERS") or 1))))
+
+
+def load_candidate(path: str | Path, config: Mapping[str, Any], served_labels: Sequence[str] | None,
+                   max_decode_bytes: int | None = None) -> ServedModel:
+    """Load `path` as a replacement for a model answering with `served_labels` (None: no
+    constraint); raises CandidateRefused with the reason."""
+    name = Path(path).name
+    try:
+        model = load_for_serving(path, config, max_decode_bytes)
+    except ModelLoadError as exc:
+        raise CandidateRefused(f"{name} does not load: {exc.message}") from None
+    except Exception as exc:  # a file that crashes the loader is refused, never served
+        raise CandidateRefused(f"{name} does not load: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+    if model.engine_fallback_reason and config.get("ENGINE", "auto") != "tensorflow":
+        raise CandidateRefused(f"{name} answers differently from TensorFlow once converted: "
+                               f"{model.engine_fallback_reason}")
+    if served_labels is not None and list(model.labels) != list(served_labels):
+        raise CandidateRefused(f"{name} answers with labels {','.join(model.labels)}, the served model with "
+                               f"{','.join(served_labels)}; a model with other labels needs a restart with --model")
+    return model
+
+
+def expected_labels(registry: ModelRegistry, config: Mapping[str, Any]) -> list[str] | None:
+    """The labels a candidate must answer with: the promoted version's, else the start-up model's
+    (--labels, its card, or what loading it settles); None if the start-up model cannot be read
+    here (each server still checks for itself)."""
+    served = registry.served()
+    if served is not None:
+        return list(served.labels)
+    given = parse_labels(config.get("LABELS"))
+    if given:
+        return given
+    path = Path(config["MODEL_PATH"])
+    card_labels = ModelCard.read(path).labels
+    if card_labels:
+        return [str(label) for label in card_labels]
+    try:
+        return ServedModel.load(path, scaling=config.get("SCALING"), arch=config.get("ARCH"), engine="tensorflow").labels
+    except ModelLoadError:
+        return None
+
+
+def publish_candidate(registry: ModelRegistry, path: Path, config: Mapping[str, Any], by: str) -> ModelVersion:
+    """Check `path` as every server will (CandidateRefused if it must not serve), then publish it."""
+    model = load_candidate(path, config, expected_labels(registry, config))
+    return registry.publish(path, model.labels, by)

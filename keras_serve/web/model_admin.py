@@ -1,0 +1,79 @@
+"""Model versions over HTTP, for holders of the admin token (as /review; 404 while review is off).
+
+    GET  /api/models                    the published versions, the one promoted, the log, and
+                                        what this process serves
+    POST /api/models/<sha256>/promote   serve a published version everywhere
+    POST /api/models/rollback           back to what served before the promotion in effect
+
+Files are published with `python -m keras_serve.model publish|promote FILE` (docs/model-versions.md),
+which checks them first. A promotion here is also tried at once by the process that answers:
+if it refuses the version (it does not load, or answers differently from TensorFlow), the
+promotion is rolled back and the answer is 422 with the reason, so no server keeps trying it.
+"""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, g, jsonify
+
+from keras_serve.errors import CandidateRefused
+from keras_serve.storage.model_registry import ModelRegistry
+from keras_serve.web import review
+from keras_serve.web.openapi import ERROR, operation
+from keras_serve.web.openapi import json_body as json_answer
+
+OBJECT: dict = {"type": "object"}
+bp = Blueprint("models", __name__)
+bp.before_request(review.require_admin)
+bp.after_request(review.private)
+
+
+def registry() -> ModelRegistry:
+    return current_app.extensions["model_registry"]
+
+
+def _serving() -> dict:
+    service = current_app.extensions["classifier"]
+    info = service.model.info
+    return {"file": info.get("file"), "sha256": info.get("sha256"),
+            "versions": service.follower.describe() if service.follower is not None else None}
+
+
+@bp.get("/api/models")
+@operation("Published model versions, the promoted one, the log, and what this process serves (admin)",
+           tags=["models"], responses={200: json_answer(OBJECT), 401: ERROR, 404: ERROR, 503: ERROR})
+def list_versions():
+    promoted = registry().served()
+    return jsonify({"promoted": promoted.as_json() if promoted else None,
+                    "serving": _serving(),
+                    "versions": [v.as_json() for v in registry().versions()],
+                    "log": registry().history()})
+
+
+@bp.post("/api/models/<sha256>/promote")
+@operation("Serve a published model version in every server process (admin)", tags=["models"],
+           responses={200: json_answer(OBJECT), 400: ERROR, 401: ERROR, 403: ERROR, 404: ERROR, 422: ERROR,
+                      503: ERROR})
+def promote(sha256: str):
+    version = registry().promote(sha256, g.reviewer)
+    follower = current_app.extensions["classifier"].follower
+    if follower is not None and follower.check() == "refused":
+        reason = follower.refused.get(version.sha256, "refused")
+        registry().rollback(g.reviewer)
+        raise CandidateRefused(f"{version.file} was refused and the promotion rolled back: {reason}")
+    return jsonify({"promoted": version.as_json(), "serving": _serving()})
+
+
+@bp.post("/api/models/rollback")
+@operation("Serve what served before the promotion in effect (admin)", tags=["models"],
+           responses={200: json_answer(OBJECT), 400: ERROR, 401: ERROR, 403: ERROR, 404: ERROR, 409: ERROR,
+                      503: ERROR})
+def rollback():
+    now = registry().rollback(g.reviewer)
+    follower = current_app.extensions["classifier"].follower
+    if follower is not None:
+        follower.check()
+    return jsonify({"promoted": now.as_json() if now else None, "serving": _serving()})
+
+
+def init_app(app, store) -> None:
+    app.extensions["model_registry"] = ModelRegistry(store.records, store.images)
+    app.register_blueprint(bp)
