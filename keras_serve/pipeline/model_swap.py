@@ -15,6 +15,7 @@ within an interval plus a load.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -123,5 +124,5 @@ class ModelFollower:
 
     def describe(self) -> dict[str, Any]:
         """For /model: how this process follows the promotion log."""
-        return {"swaps": self.swaps, "last_swap": self.last_swap,
+        return {"pid": os.getpid(), "swaps": self.swaps, "last_swap": self.last_swap,
                 "refused": [{"sha256": sha, "reason": why} for sha, why in self.refused.items()]}
