@@ -9,7 +9,8 @@ from keras_serve.storage.uploads import is_upload_id
 from keras_serve.web.routes import display_filename
 
 HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
-SINGLE_ANSWER_KEYS = {"class", "label", "confidence", "scores", "top", "unsure", "id", "image_url", "milliseconds"}
+SINGLE_ANSWER_KEYS = {"class", "label", "confidence", "scores", "top", "unsure", "id", "image_url", "milliseconds",
+                     "model_version"}
 
 
 def stored_ids(app) -> set[str]:

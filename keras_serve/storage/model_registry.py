@@ -53,7 +53,7 @@ class ModelVersion:
 
     @property
     def suffix(self) -> str:
-        return Path(self.file).suffix
+        return Path(self.file).suffix.lower()  # as published: models/<sha256><suffix>
 
     def as_json(self) -> dict[str, Any]:
         return {"sha256": self.sha256, "file": self.file, "bytes": self.bytes, "labels": self.labels,
