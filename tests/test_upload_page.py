@@ -423,6 +423,8 @@ def test_a_tile_takes_one_answer_is_stored_and_the_limit_shows_its_hint(browser,
     expect(thanks).to_have_text("Thanks — noted: it is CAT, not DOG.")
     expect(red.locator("button.feedback-choice")).to_have_count(0)
     assert red.locator(".tile-feedback").is_hidden()
+    # The focus was on a button that is gone: it goes on from the thank-you, not the page's top.
+    assert page.evaluate("() => document.activeElement.className") == "feedback-thanks"
     assert feedback_rows(one_feedback_server.uploads) == [(red_id, "CAT", 0)]
     assert page.evaluate("() => window.feedbackPosts") == 1
     assert "red.jpg: Thanks — noted: it is CAT, not DOG." in page.locator("#announcer").inner_text()
