@@ -393,6 +393,23 @@ def feedback_rows(uploads) -> list[tuple]:
         return db.execute("SELECT upload_id, label, agrees FROM feedback ORDER BY id").fetchall()
 
 
+def test_the_page_hands_every_label_to_its_script_as_json(make_app, colour_model_path):
+    import json
+    from html.parser import HTMLParser
+
+    labels = ['cat "tabby" & co', "<b>dog</b>'s"]  # labels are the operator's text: quotes, markup
+    app = make_app(MODEL_PATH=str(colour_model_path), LABELS=",".join(labels))
+    found = []
+
+    class ResultsList(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            if ("id", "results") in attrs:
+                found.append(dict(attrs))
+
+    ResultsList().feed(app.test_client().get("/").get_data(as_text=True))
+    assert json.loads(found[0]["data-labels"]) == labels and found[0]["data-neither"] == "neither"
+
+
 @pytest.fixture(scope="module")
 def one_feedback_server(colour_model_path, tmp_path_factory):
     """A server that takes one "Was this right?" answer an hour from an address: the next is a 429."""
