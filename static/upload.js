@@ -325,6 +325,7 @@
     const box = tile.$(".tile-feedback");
     const hadFocus = box.contains(document.activeElement);
     tile.$(".feedback-choices").textContent = ""; // gone: nothing left to press twice
+    box.removeAttribute("aria-busy");
     box.hidden = true;
     if (hadFocus) {
       thanks.focus(); // the keyboard goes on from where the buttons were, not from the page's top
