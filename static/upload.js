@@ -23,6 +23,17 @@
   const progress = document.getElementById("progress");
   const announcer = document.getElementById("announcer");
   const template = document.getElementById("tile-template");
+  const labels = parseLabels(list.dataset.labels);
+  const neither = list.dataset.neither || "neither";
+
+  function parseLabels(text) {
+    try {
+      const parsed = JSON.parse(text || "[]");
+      return Array.isArray(parsed) ? parsed.filter((label) => typeof label === "string") : [];
+    } catch (err) {
+      return []; // no labels, no feedback buttons: the result itself still shows
+    }
+  }
 
   // Take over the form: the plain picker goes, the drop zone and camera button come.
   form.querySelector(".plain-picker").hidden = true;
@@ -220,9 +231,10 @@
     if (answer.unsure) {
       const scores = top.map((entry) => `${entry.label} ${percent(entry.score)}`).join(" or ");
       $(".unsure").hidden = false;
-      $(".unsure").textContent = `The model is not sure: ${scores}. If you can tell, trust your own eyes; ` +
-        "sending a correction from this page is not possible yet.";
+      $(".unsure").textContent = `The model is not sure: ${scores}. If you can tell, trust your own eyes ` +
+        "and say which it is below.";
     }
+    offerFeedback(tile);
     const stored = $(".stored");
     stored.href = answer.image_url || `/uploads/${encodeURIComponent(answer.id)}`;
     stored.textContent = "Stored upload";
@@ -231,6 +243,135 @@
     hidden.textContent = ` of ${tile.name} (opens in a new tab)`;
     stored.append(hidden);
     announce(`${tile.name}: ${answer.unsure ? "not sure, maybe " : ""}${answer.label}, ${percent(answer.confidence)}.`);
+  }
+
+  // --- "Was this right?" ------------------------------------------------------------------
+  // One answer per tile: the buttons go once the server has stored it. While a request is out
+  // the buttons are aria-disabled (not disabled: a disabled button drops the keyboard focus).
+
+  function offerFeedback(tile) {
+    const $ = tile.$;
+    const choices = $(".feedback-choices");
+    choices.textContent = "";
+    if (labels.length === 0) {
+      $(".tile-feedback").hidden = true;
+      return;
+    }
+    $(".feedback-about").textContent = ` (${tile.name})`;
+    const predicted = tile.answer.label;
+    const options = [[predicted, `Yes, it is ${predicted}`]];
+    labels.forEach(function (label) {
+      if (label !== predicted) { options.push([label, `No, it is ${label}`]); }
+    });
+    options.push([neither, "No, neither"]);
+    options.forEach(function ([label, text]) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "feedback-choice";
+      button.dataset.label = label;
+      button.textContent = text;
+      button.addEventListener("click", function () { sendFeedback(tile, label); });
+      choices.append(button);
+    });
+    tile.feedback = "open";
+  }
+
+  function feedbackBusy(tile, busy) {
+    tile.$(".tile-feedback").setAttribute("aria-busy", String(busy));
+    tile.$(".feedback-choices").querySelectorAll("button").forEach(function (button) {
+      if (busy) {
+        button.setAttribute("aria-disabled", "true");
+      } else {
+        button.removeAttribute("aria-disabled");
+      }
+    });
+  }
+
+  async function sendFeedback(tile, label) {
+    if (tile.feedback !== "open") {
+      return; // sending, or already sent: one answer per tile
+    }
+    tile.feedback = "sending";
+    feedbackBusy(tile, true);
+    let response;
+    try {
+      response = await fetch(`/uploads/${encodeURIComponent(tile.answer.id)}/feedback`, {
+        method: "POST", body: JSON.stringify({ label: label }), credentials: "same-origin",
+        headers: { "Content-Type": "application/json", Accept: "application/json" },
+      });
+    } catch (err) {
+      return feedbackFailed(tile, "Could not send your answer: the server cannot be reached.",
+                            "Check the connection, then press your answer again.", true);
+    }
+    let answer = null;
+    try {
+      answer = await response.json();
+    } catch (err) {
+      answer = null;
+    }
+    if (!response.ok || !answer || answer.error) {
+      const error = (answer && answer.error) || {};
+      // Worth another press: too many answers for now (429) and a server that is struggling
+      // (5xx). A 400, 401 or 404 would only be refused again.
+      const retryable = response.status === 429 || response.status >= 500;
+      return feedbackFailed(tile, error.message || `Your answer was not stored (the server answered ${response.status}).`,
+                            [error.hint, waitUntil(response.headers.get("Retry-After"))].filter(Boolean).join(" "),
+                            retryable);
+    }
+    tile.feedback = "sent";
+    const thanks = tile.$(".feedback-thanks");
+    thanks.textContent = thanksText(tile.answer.label, answer.label);
+    thanks.hidden = false;
+    const box = tile.$(".tile-feedback");
+    const hadFocus = box.contains(document.activeElement);
+    tile.$(".feedback-choices").textContent = ""; // gone: nothing left to press twice
+    box.removeAttribute("aria-busy");
+    box.hidden = true;
+    if (hadFocus) {
+      thanks.focus(); // the keyboard goes on from where the buttons were, not from the page's top
+    }
+    if (tile.element.isConnected) { // not after Clear took the tile away
+      announce(`${tile.name}: ${thanks.textContent}`);
+    }
+  }
+
+  function thanksText(predicted, given) {
+    if (given === neither) {
+      const named = labels.length === 2 ? `neither ${labels[0]} nor ${labels[1]}` : "none of these";
+      return `Thanks — noted: it is ${named}.`;
+    }
+    return given === predicted ? `Thanks — noted: it is ${given}, as the model said.`
+                               : `Thanks — noted: it is ${given}, not ${predicted}.`;
+  }
+
+  function waitUntil(retryAfter) {
+    // Retry-After in seconds (the server sends no dates): when to press again, in local time.
+    const seconds = Number(retryAfter);
+    if (!retryAfter || !Number.isFinite(seconds) || seconds <= 0) {
+      return "";
+    }
+    const at = new Date(Date.now() + seconds * 1000);
+    return `Answers are taken again from ${at.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })}.`;
+  }
+
+  function feedbackFailed(tile, message, hint, retryable) {
+    const box = tile.$(".tile-feedback");
+    const error = tile.$(".feedback-error");
+    const hadFocus = box.contains(document.activeElement);
+    error.textContent = hint ? `${message} ${hint}` : message;
+    error.hidden = false;
+    if (retryable) {
+      tile.feedback = "open";
+      feedbackBusy(tile, false);
+    } else {
+      tile.feedback = "refused";
+      tile.$(".feedback-choices").textContent = "";
+      box.removeAttribute("aria-busy");
+      if (hadFocus) { error.focus(); }
+    }
+    if (tile.element.isConnected) {
+      announce(`${tile.name}: ${error.textContent}`);
+    }
   }
 
   async function toggleHeatmap(tile) {

@@ -48,10 +48,12 @@ def conv_colour_model_path(tmp_path_factory):
     return path
 
 
-def start_server(model_path, tmp_path_factory) -> ServerProcess:
+def start_server(model_path, tmp_path_factory, env: dict[str, str] | None = None) -> ServerProcess:
     uploads = tmp_path_factory.mktemp("uploads")
-    return ServerProcess("--model", str(model_path), "--upload-dir", str(uploads), "--max-upload-mb", "1",
-                         "--max-files", str(MAX_FILES), "--unsure-below", str(UNSURE_BELOW))
+    server = ServerProcess("--model", str(model_path), "--upload-dir", str(uploads), "--max-upload-mb", "1",
+                           "--max-files", str(MAX_FILES), "--unsure-below", str(UNSURE_BELOW), env=env)
+    server.uploads = uploads
+    return server
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +275,8 @@ def test_an_unclear_photo_says_not_sure_with_both_scores(open_page):
     advice = grey.locator(".unsure").inner_text()
     assert "not sure" in advice
     assert re.search(r"DOG \d+\.\d %", advice) and re.search(r"CAT \d+\.\d %", advice)  # both scores
-    assert "correction" in advice
+    assert "say which it is below" in advice
+    assert grey.locator(".feedback-choice").all_inner_texts() == ["Yes, it is CAT", "No, it is DOG", "No, neither"]
     assert red.get_attribute("data-state") == "done" and red.locator(".not-sure").is_hidden()
     assert red.locator(".unsure").is_hidden()
 
@@ -355,8 +358,8 @@ def test_without_javascript_results_say_not_sure_switch_the_heatmap_and_take_sev
     context.close()
 
 
-@pytest.mark.parametrize("viewport", [{"width": 390, "height": 844}, {"width": 1280, "height": 800}],
-                         ids=["phone", "desktop"])
+@pytest.mark.parametrize("viewport", [{"width": 320, "height": 640}, {"width": 390, "height": 844},
+                                      {"width": 1280, "height": 800}], ids=["small-phone", "phone", "desktop"])
 def test_no_horizontal_overflow_with_results(open_page, viewport):
     page = open_page(viewport=viewport)
     long_name = "a very long file name from a phone camera roll without any spaces_" * 3 + ".jpg"
@@ -368,6 +371,125 @@ def test_no_horizontal_overflow_with_results(open_page, viewport):
     # Touch targets: every button at least 44 px tall.
     heights = page.locator("button:visible").evaluate_all("bs => bs.map(b => b.getBoundingClientRect().height)")
     assert heights and min(heights) >= 44
+
+
+# --- "Was this right?" on the tiles ---------------------------------------------------------
+
+COUNT_FEEDBACK_POSTS = """() => {
+    window.feedbackPosts = 0;
+    const send = window.fetch;
+    window.fetch = function (url) {
+        if (String(url).endsWith("/feedback")) { window.feedbackPosts += 1; }
+        return send.apply(this, arguments);
+    };
+}"""
+
+
+def feedback_rows(uploads) -> list[tuple]:
+    """The feedback table of the server's SQLite store, as an operator would read it."""
+    import sqlite3
+
+    with sqlite3.connect(uploads / "uploads.db") as db:
+        return db.execute("SELECT upload_id, label, agrees FROM feedback ORDER BY id").fetchall()
+
+
+def test_the_page_hands_every_label_to_its_script_as_json(make_app, colour_model_path):
+    import json
+    from html.parser import HTMLParser
+
+    labels = ['cat "tabby" & co', "<b>dog</b>'s"]  # labels are the operator's text: quotes, markup
+    app = make_app(MODEL_PATH=str(colour_model_path), LABELS=",".join(labels))
+    found = []
+
+    class ResultsList(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            if ("id", "results") in attrs:
+                found.append(dict(attrs))
+
+    ResultsList().feed(app.test_client().get("/").get_data(as_text=True))
+    assert json.loads(found[0]["data-labels"]) == labels and found[0]["data-neither"] == "neither"
+
+
+@pytest.fixture(scope="module")
+def one_feedback_server(colour_model_path, tmp_path_factory):
+    """A server that takes one "Was this right?" answer an hour from an address: the next is a 429."""
+    with start_server(colour_model_path, tmp_path_factory, env={"KERAS_SERVE_FEEDBACK_PER_HOUR": "1"}) as server:
+        yield server
+
+
+def test_a_tile_takes_one_answer_is_stored_and_the_limit_shows_its_hint(browser, one_feedback_server):
+    from playwright.sync_api import expect
+
+    context = browser.new_context()
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(one_feedback_server.url + "/")
+    page.evaluate(COUNT_FEEDBACK_POSTS)
+    page.set_input_files("#file", [photo("red.jpg", RED), photo("blue.jpg", BLUE)])
+    wait_finished(page, 2)
+    red, blue = tile(page, "red.jpg"), tile(page, "blue.jpg")
+    red_id = red.locator("a.stored").get_attribute("href").rsplit("/", 1)[1]
+    # A labelled group per tile, one button per answer: yes, every other label, neither.
+    assert page.get_by_role("group", name=re.compile(r"^Was this right\? \(red\.jpg\)$")).count() == 1
+    assert red.locator("button.feedback-choice").all_inner_texts() == ["Yes, it is DOG", "No, it is CAT", "No, neither"]
+
+    # Two quick clicks on "No, it is CAT": one answer sent, stored, thanked for, and the buttons gone.
+    red.get_by_role("button", name="No, it is CAT").dblclick()
+    thanks = red.locator(".feedback-thanks")
+    expect(thanks).to_have_text("Thanks — noted: it is CAT, not DOG.")
+    expect(red.locator("button.feedback-choice")).to_have_count(0)
+    assert red.locator(".tile-feedback").is_hidden()
+    # The focus was on a button that is gone: it goes on from the thank-you, not the page's top.
+    assert page.evaluate("() => document.activeElement.className") == "feedback-thanks"
+    assert feedback_rows(one_feedback_server.uploads) == [(red_id, "CAT", 0)]
+    assert page.evaluate("() => window.feedbackPosts") == 1
+    assert "red.jpg: Thanks — noted: it is CAT, not DOG." in page.locator("#announcer").inner_text()
+
+    # From the keyboard on the next tile: this address's one answer this hour is used up (429).
+    blue.get_by_role("button", name="No, neither").focus()
+    page.keyboard.press("Enter")
+    error = blue.locator(".feedback-error")
+    expect(error).to_be_visible()
+    message = error.inner_text()
+    assert "sent a lot of answers in the last hour" in message  # the server's message
+    assert "Try again in an hour." in message                   # its hint
+    assert re.search(r"Answers are taken again from \d{1,2}:\d{2}", message)  # from Retry-After: 3600
+    assert message in page.locator("#announcer").inner_text()
+    # The buttons stay (pressing again later makes sense), usable, with the focus where it was.
+    buttons = blue.locator("button.feedback-choice")
+    assert buttons.count() == 3 and buttons.evaluate_all("bs => bs.every(b => !b.hasAttribute('aria-disabled'))")
+    assert page.evaluate("() => document.activeElement.textContent") == "No, neither"
+    assert blue.locator(".feedback-thanks").is_hidden()
+    assert feedback_rows(one_feedback_server.uploads) == [(red_id, "CAT", 0)]
+    assert serious_violations(page) == []
+    context.close()
+    assert errors == []
+
+
+def test_an_answer_that_could_not_be_sent_can_be_sent_again(open_page, page_server):
+    page = open_page()
+    page.set_input_files("#file", [photo("offline.jpg", BLUE)])
+    wait_finished(page, 1)
+    blue = tile(page, "offline.jpg")
+    blue_id = blue.locator("a.stored").get_attribute("href").rsplit("/", 1)[1]
+    from playwright.sync_api import expect
+
+    page.route("**/feedback", lambda route: route.abort("internetdisconnected"))
+    yes = blue.get_by_role("button", name="Yes, it is CAT")
+    yes.click()
+    expect(blue.locator(".feedback-error")).to_contain_text("cannot be reached")
+    page.unroute("**/feedback")
+    page.route("**/feedback", lambda route: route.fulfill(
+        status=503, content_type="application/json", headers={"Retry-After": "1"},
+        body='{"error": {"status": 503, "message": "The upload store is not answering.", "hint": "Try again soon."}}'))
+    yes.click()
+    expect(blue.locator(".feedback-error")).to_have_text(re.compile(r"^The upload store is not answering\. Try again soon\."))
+    page.unroute("**/feedback")
+    yes.click()  # the same buttons, once more: now it is stored
+    expect(blue.locator(".feedback-thanks")).to_have_text("Thanks — noted: it is CAT, as the model said.")
+    assert blue.locator(".feedback-error").is_hidden()
+    assert (blue_id, "CAT", 1) in feedback_rows(page_server.uploads)
 
 
 # --- accessibility: axe-core (shipped inside the axe-playwright-python wheel, no CDN) ---------

@@ -1,11 +1,13 @@
-"""Screenshots of the upload page with results, on a phone (390 px) and a desktop (1280 px).
+"""Screenshots of the upload page with results, on a phone (390 px) and a desktop (1280 × 1024 px).
 
     python -m keras_serve.tools.page_screenshots --url http://127.0.0.1:8080 --out docs/img
 
 Drives Debian's Chromium (Playwright, as the browser tests do) against a running server: sends
-a few validation photos through the page, switches one heatmap on, and saves page-phone.png and
-page-desktop.png, reduced to a 256-colour palette so the PNGs stay small. The photos are read
-from --photos and never written anywhere but into the screenshots.
+a few validation photos through the page, switches two heatmaps on, answers "Was this right?"
+with yes on the first tile (so the server stores one feedback row per view: use a scratch
+server), and saves page-phone.png and page-desktop.png, reduced to a 256-colour palette so the
+PNGs stay small. The photos are read from --photos and never written anywhere but into the
+screenshots.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ FINISHED = ".tile[data-state=done], .tile[data-state=unsure], .tile[data-state=f
 VIEWS = {
     "phone": {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True,
               "device_scale_factor": 2},
-    "desktop": {"viewport": {"width": 1280, "height": 800}},
+    "desktop": {"viewport": {"width": 1280, "height": 1024}},  # tall enough for a whole row of tiles
 }
 
 
@@ -54,6 +56,9 @@ def capture(url: str, photos: list[Path], out: Path, chromium: str) -> list[Path
             for tile in page.locator(".tile").all()[:2]:
                 tile.locator(".heatmap-toggle").click()
                 expect(tile.locator("img.heatmap")).to_be_visible(timeout=60_000)
+            first = page.locator(".tile").first
+            first.locator("button.feedback-choice").first.click()  # "Yes, it is <its label>"
+            expect(first.locator(".feedback-thanks")).to_be_visible(timeout=30_000)
             page.evaluate("() => { document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0); }")
             path = out / f"page-{name}.png"
             small_png(page.screenshot(), path)

@@ -38,7 +38,7 @@ def service() -> ClassifierService:
 @operation("The upload form (a page for people)", tags=["pages"], responses={200: html_page()})
 def index():
     # The page's limits reach its script as data- attributes (the CSP allows no inline script).
-    return render_template("index.html", model=service().model.describe(),
+    return render_template("index.html", model=service().model.describe(), neither=NEITHER,
                            max_files=current_app.config["MAX_FILES_PER_REQUEST"],
                            max_upload_bytes=current_app.config["MAX_CONTENT_LENGTH"])
 
