@@ -36,7 +36,8 @@ class Answer:
 @dataclass
 class SwapRun:
     answers: list[Answer] = field(default_factory=list)
-    promoted_at: float = 0.0
+    promoted_at: float = 0.0   # promote() called (the CLI checks the file first)
+    logged_at: float = 0.0     # promote() returned: the promotion is in the log
 
     @property
     def failures(self) -> list[Answer]:
@@ -93,6 +94,7 @@ def drive(urls: Sequence[str], images: Sequence[bytes], clients: int, before_s: 
     time.sleep(before_s)
     run.promoted_at = time.monotonic()
     promote()
+    run.logged_at = time.monotonic()
     time.sleep(after_s)
     stop.set()
     for t in threads:
@@ -100,15 +102,18 @@ def drive(urls: Sequence[str], images: Sequence[bytes], clients: int, before_s: 
     return run
 
 
-def report(run: SwapRun, new_version: str, window_s: float = 10.0) -> dict:
+def report(run: SwapRun, new_version: str) -> dict:
+    """Latency before the promotion, and from it until 2 s after the last process switched
+    (the candidate's check by the CLI, each process's load and warm-up, the swap itself)."""
     steady = run.latencies(run.answers[0].sent + 2.0 if run.answers else 0.0, run.promoted_at)  # 2 s of warm-up left out
-    during = run.latencies(run.promoted_at, run.promoted_at + window_s)
     switched = run.switched_at(new_version)
+    during = run.latencies(run.promoted_at, (switched or run.logged_at) + 2.0)
     return {"requests": len(run.answers), "failures": len(run.failures),
             "steady_p50_ms": percentile(steady, 0.5) * 1000, "steady_p99_ms": percentile(steady, 0.99) * 1000,
             "swap_p50_ms": percentile(during, 0.5) * 1000, "swap_p99_ms": percentile(during, 0.99) * 1000,
             "p99_ratio": percentile(during, 0.99) / percentile(steady, 0.99) if steady and during else float("nan"),
-            "switched_after_s": (switched - run.promoted_at) if switched is not None else None}
+            "cli_check_s": run.logged_at - run.promoted_at,
+            "switched_after_logged_s": (switched - run.logged_at) if switched is not None else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,11 +161,14 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(promote_cmd, check=True, env={**os.environ, **env}, cwd=PROJECT_ROOT)
 
         run = drive([s.url for s in servers], images, args.clients, args.seconds, args.seconds, promote)
+        swaps = [line.strip() for s in servers for line in s.output().splitlines() if "model swapped" in line]
     result = report(run, candidate_sha)
     print(f"swap under load: {args.clients} clients, {args.replicas} replica(s) x {args.workers} worker(s), "
           f"{args.candidate.name} promoted after {args.seconds:g} s")
     for key, value in result.items():
         print(f"  {key:18} {value:.1f}" if isinstance(value, float) else f"  {key:18} {value}")
+    for line in swaps:  # each process's own account: load, checks and warm-up, in seconds
+        print(f"  server: {line[:300]}")
     return 0 if result["failures"] == 0 else 1
 
 
