@@ -189,3 +189,10 @@ class ModelVersionNotFound(ModelVersionError):
 
 class NothingToRollBack(ModelVersionError):
     """No promotion is in effect: the servers already answer with the model they started with."""
+
+
+class ModelRequestError(ModelVersionError):
+    """A request to publish a model that carries no usable model file."""
+
+    hint = ("Send the model as multipart/form-data: the file (.h5 or .keras) in the field 'model', its card "
+            "(JSON) optionally in the field 'card'.")

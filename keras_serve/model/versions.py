@@ -74,7 +74,8 @@ def expected_labels(registry: ModelRegistry, config: Mapping[str, Any]) -> list[
         return None
 
 
-def publish_candidate(registry: ModelRegistry, path: Path, config: Mapping[str, Any], by: str) -> ModelVersion:
+def publish_candidate(registry: ModelRegistry, path: Path, config: Mapping[str, Any], by: str,
+                      name: str | None = None) -> ModelVersion:
     """Check `path` as every server will (CandidateRefused if it must not serve), then publish it."""
     model = load_candidate(path, config, expected_labels(registry, config))
-    return registry.publish(path, model.labels, by)
+    return registry.publish(path, model.labels, by, name)

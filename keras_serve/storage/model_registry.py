@@ -69,8 +69,9 @@ class ModelRegistry:
 
     # -- publishing ------------------------------------------------------------------------
 
-    def publish(self, path: Path, labels: list[str], by: str) -> ModelVersion:
-        """Copy a model file (and the card beside it, `<name>.json`) into the shared store."""
+    def publish(self, path: Path, labels: list[str], by: str, name: str | None = None) -> ModelVersion:
+        """Copy a model file (and the card beside it, `<name>.json`) into the shared store;
+        `name`: what to show it as (default: the file's own name)."""
         path = Path(path)
         if path.suffix.lower() not in MODEL_SUFFIXES:
             raise ValueError(f"{path.name}: a model file ends in {' or '.join(MODEL_SUFFIXES)}")
@@ -83,7 +84,9 @@ class ModelRegistry:
         card = path.with_suffix(".json")
         if card.is_file():
             self.images.put_model_file(sha256 + ".json", card.read_bytes())
-        name = SHOWN_NAME.sub("_", path.name)[-128:]
+        name = SHOWN_NAME.sub("_", Path(name or path.name).name)[-128:]
+        if Path(name).suffix.lower() != path.suffix.lower():
+            name = Path(name).stem[:120] + path.suffix.lower()
         row = {"sha256": sha256, "file": name, "bytes": len(data), "labels": list(labels),
                "published": self.clock(), "published_by": by[:64]}
         with self.records._errors("record a model version in"), self.records._begin() as conn:

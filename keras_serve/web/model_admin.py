@@ -2,22 +2,27 @@
 
     GET  /api/models                    the published versions, the one promoted, the log, and
                                         what this process serves
+    POST /api/models                    publish a model file (multipart: model, card), checked first
     POST /api/models/<sha256>/promote   serve a published version everywhere
     POST /api/models/rollback           back to what served before the promotion in effect
 
-Files are published with `python -m keras_serve.model publish|promote FILE` (docs/model-versions.md),
-which checks them first. A promotion here is also tried at once by the process that answers:
+Files are published here or with `python -m keras_serve.model publish|promote FILE`
+(docs/model-versions.md); either way they are checked first (a refused one: 422 with the reason). A promotion here is also tried at once by the process that answers:
 if it refuses the version (it does not load, or answers differently from TensorFlow), the
 promotion is rolled back and the answer is 422 with the reason, so no server keeps trying it.
 """
 from __future__ import annotations
 
-from flask import Blueprint, current_app, g, jsonify
+import tempfile
+from pathlib import Path
 
-from keras_serve.errors import CandidateRefused
-from keras_serve.storage.model_registry import ModelRegistry
+from flask import Blueprint, current_app, g, jsonify, request
+
+from keras_serve.errors import CandidateRefused, ModelRequestError
+from keras_serve.model.versions import publish_candidate
+from keras_serve.storage.model_registry import MODEL_SUFFIXES, ModelRegistry
 from keras_serve.web import review
-from keras_serve.web.openapi import ERROR, operation
+from keras_serve.web.openapi import ERROR, multipart, operation
 from keras_serve.web.openapi import json_body as json_answer
 
 OBJECT: dict = {"type": "object"}
@@ -46,6 +51,34 @@ def list_versions():
                     "serving": _serving(),
                     "versions": [v.as_json() for v in registry().versions()],
                     "log": registry().history()})
+
+
+MODEL_UPLOAD: dict = {"type": "object", "required": ["model"],
+                      "properties": {"model": {"type": "string", "format": "binary",
+                                               "description": "The model file, .h5 or .keras"},
+                                     "card": {"type": "string", "format": "binary",
+                                              "description": "Its model card (JSON), optional"}}}
+
+
+@bp.post("/api/models")
+@operation("Publish a model file: checked as every server will check it, not served yet (admin)",
+           tags=["models"], request=multipart(MODEL_UPLOAD),
+           responses={201: json_answer(OBJECT), 400: ERROR, 401: ERROR, 403: ERROR, 404: ERROR, 413: ERROR,
+                      422: ERROR, 503: ERROR})
+def publish():
+    upload = request.files.get("model")
+    suffix = Path(upload.filename or "").suffix.lower() if upload is not None else ""
+    if upload is None or suffix not in MODEL_SUFFIXES:
+        raise ModelRequestError("The request has no model file (.h5 or .keras) in the field 'model'.")
+    with tempfile.TemporaryDirectory(prefix="keras-serve-candidate-") as folder:
+        # The client's file name is shown, never used as a path: the file is saved as candidate<suffix>.
+        path = Path(folder) / f"candidate{suffix}"
+        upload.save(path)
+        card = request.files.get("card")
+        if card is not None:
+            card.save(path.with_suffix(".json"))
+        version = publish_candidate(registry(), path, current_app.config, g.reviewer, name=upload.filename)
+    return jsonify({"published": version.as_json()}), 201
 
 
 @bp.post("/api/models/<sha256>/promote")

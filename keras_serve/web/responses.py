@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from keras_serve.errors import (AuthenticationError, CandidateRefused, CorruptImageError, DecodeBusyError, EmptyImageError,
                                 FeedbackLimitError, HeatmapBusyError, ImageTooLargeError, InvalidTokenError,
-                                MissingFileError, MissingTokenError, ModelVersionNotFound, NoConvolutionLayerError,
+                                MissingFileError, MissingTokenError, ModelRequestError, ModelVersionNotFound, NoConvolutionLayerError,
                                 NotAnImageError, NothingToRollBack,
                                 NotAuthorizedError, PredictionError, RateLimitedError, ReviewRequestError,
                                 ServiceError, StorageError, TooManyAttemptsError, TooManyFilesError, UploadNotFound,
@@ -44,6 +44,7 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     TooManyAttemptsError: 429,
     FeedbackLimitError: 429,
     CandidateRefused: 422,
+    ModelRequestError: 400,
     ModelVersionNotFound: 404,
     NothingToRollBack: 409,
 }
