@@ -1,0 +1,83 @@
+"""Two models scored on the same images: how much better is one, and could that be chance?
+
+Both models answer the very same photos, so their mistakes are paired: what decides is the
+photos only one of them gets right (the discordant pairs), not the two accuracies apart.
+Hence a paired bootstrap for the 95% interval of the difference in accuracy (whole photos are
+resampled, each with both answers; a fixed seed, so a report can be reproduced) and McNemar's
+exact test on the discordant pairs (a two-sided binomial test of b against b + c). The verdict
+follows the interval: better or worse only when it excludes 0.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+RESAMPLES = 10_000
+SEED = 20_231
+
+
+def paired_accuracy_difference(current_correct: np.ndarray, candidate_correct: np.ndarray,
+                               seed: int = SEED, resamples: int = RESAMPLES) -> dict:
+    """Candidate minus current accuracy with its paired 95% CI, and McNemar's exact p-value.
+
+    `*_correct`: one boolean per image, the same images in the same order for both.
+    """
+    current = np.asarray(current_correct, dtype=bool)
+    candidate = np.asarray(candidate_correct, dtype=bool)
+    if current.shape != candidate.shape or current.ndim != 1:
+        raise ValueError("the two models must be scored on the same images")
+    n = int(current.size)
+    only_current = int((current & ~candidate).sum())
+    only_candidate = int((candidate & ~current).sum())
+    result = {"images": n, "only_current_right": only_current, "only_candidate_right": only_candidate,
+              "both_right": int((current & candidate).sum()), "both_wrong": int((~current & ~candidate).sum())}
+    if n == 0:
+        return {**result, "difference": None, "ci_low": None, "ci_high": None, "mcnemar_p": None}
+    discordant = only_current + only_candidate
+    # McNemar's exact test: under "equally good", each discordant photo is a fair coin.
+    p_value = float(stats.binomtest(only_candidate, discordant, 0.5).pvalue) if discordant else 1.0
+    difference = float(candidate.mean() - current.mean())
+    if n < 2 or discordant == 0:
+        low = high = difference  # every resample is the same: the interval is a point
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+            interval = stats.bootstrap(
+                (current.astype(np.float64), candidate.astype(np.float64)),
+                lambda a, b, axis=-1: b.mean(axis=axis) - a.mean(axis=axis),
+                paired=True, vectorized=True, n_resamples=resamples, confidence_level=CONFIDENCE,
+                method="percentile", batch=1000, rng=np.random.default_rng(seed)).confidence_interval
+        low, high = float(interval.low), float(interval.high)
+    return {**result, "difference": difference, "ci_low": low, "ci_high": high, "mcnemar_p": p_value,
+            "method": f"paired bootstrap, {resamples} resamples, percentile {int(CONFIDENCE * 100)}% CI, "
+                      f"seed {seed}; McNemar exact (binomial) test"}
+
+
+def verdict(paired: dict) -> str:
+    """One line: better / worse (the CI excludes 0) or no detectable difference."""
+    if paired["difference"] is None:
+        return "no images to compare on"
+    points = 100 * paired["difference"]
+    ci = f"95% CI {100 * paired['ci_low']:+.1f}..{100 * paired['ci_high']:+.1f}"
+    if paired["ci_low"] > 0:
+        return f"candidate better by {points:.1f} points ({ci})"
+    if paired["ci_high"] < 0:
+        return f"candidate worse by {-points:.1f} points ({ci})"
+    return f"no detectable difference ({points:+.1f} points, {ci})"
+
+
+def overall_verdict(named: list[tuple[str, dict]]) -> str:
+    """Across the data sets: better on some and worse on none, worse on some and better on none,
+    mixed, or no detectable difference."""
+    better = [name for name, p in named if p["difference"] is not None and p["ci_low"] > 0]
+    worse = [name for name, p in named if p["difference"] is not None and p["ci_high"] < 0]
+    if better and worse:
+        return f"mixed: candidate better on {', '.join(better)}, worse on {', '.join(worse)}"
+    if better:
+        return f"candidate better on {', '.join(better)}, no worse elsewhere"
+    if worse:
+        return f"candidate worse on {', '.join(worse)}, no better elsewhere"
+    return "no detectable difference"
