@@ -312,6 +312,20 @@ def test_the_interval_narrows_with_more_images_and_is_reproducible():
     assert verdict(paired_accuracy_difference([], [])) == "no images to compare on"
 
 
+def test_better_needs_the_interval_and_mcnemar_to_agree():
+    # 200 photos, 20 wrong for both... the candidate fixes 12 and breaks 4: +4 points
+    current, candidate = np.ones(200, bool), np.ones(200, bool)
+    current[:20] = candidate[:20] = False
+    candidate[:12] = True
+    current[20:24], candidate[20:24] = True, False
+    paired = paired_accuracy_difference(current, candidate)
+    assert paired["difference"] == pytest.approx(0.04) and paired["ci_low"] > 0  # the bootstrap alone: better
+    assert paired["mcnemar_p"] == pytest.approx(0.0768, abs=1e-3)  # 12 of 16 discordant: not significant
+    assert verdict(paired).startswith("no detectable difference (+4.0 points, 95% CI +")
+    twice = paired_accuracy_difference(np.tile(current, 2), np.tile(candidate, 2))
+    assert twice["mcnemar_p"] < 0.05 and verdict(twice).startswith("candidate better by 4.0 points")
+
+
 # --- the loop: the real store -> export-dataset -> train -> evaluate --compare --------------
 
 def test_export_then_train_then_compare_through_the_real_store(make_app, colour_model_path, local_storage_config,
@@ -320,7 +334,7 @@ def test_export_then_train_then_compare_through_the_real_store(make_app, colour_
 
     import keras_serve.training.evaluate as evaluate
     import keras_serve.training.train as train
-    from keras_serve.model.architectures import build_resnet
+    from keras_serve.model.architectures import build_seed
     from keras_serve.storage.dataset_export import export_dataset
 
     app = make_app(MODEL_PATH=str(colour_model_path), ADMIN_TOKEN=TOKEN, **local_storage_config)
@@ -340,15 +354,15 @@ def test_export_then_train_then_compare_through_the_real_store(make_app, colour_
     held = {f.stem for f in exported.glob("*/*.png") if is_held_out(f.stem)}
     assert 0 < len(held) < 30
 
-    keras.utils.set_random_seed(5)  # the default model's recipe: fine-tuning goes through its own pipeline (EMA)
-    current = save_model_with_card(build_resnet(), tmp_path / "current.h5", recipe="resnet")
+    keras.utils.set_random_seed(5)
+    current = save_model_with_card(build_seed(), tmp_path / "current.h5")
     base = make_base(tmp_path / "base", 4, 2)
     candidate = tmp_path / "candidate.h5"
     assert train.main(["--data", str(base), "--train-splits", "train", "--extra", str(exported), "--init-from",
                        str(current), "--out", str(candidate), "--epochs", "1", "--batch-size", "4", "--quiet",
-                       "--workers", "1", "--cache-dir", str(tmp_path / "c")]) == 0
+                       "--cache-dir", str(tmp_path / "c")]) == 0
     card = json.loads(candidate.with_suffix(".json").read_text())
-    assert card["architecture"] == "resnet" and card["recipe"] == "resnet"
+    assert card["architecture"] == "seed" and card["recipe"] == "seed"  # the recipe of the model it started from
     assert card["training"]["combined"]["images_from_sets"] == 30 - len(held)
     assert card["training"]["extra_sets"][0]["sources"] == {"review": 30}
 

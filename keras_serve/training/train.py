@@ -68,8 +68,11 @@ DEFAULT_RECIPE = "compact"
 # the full run learned: a full-size step would throw the weights out of that optimum and the
 # run would mostly relearn the base data (catastrophic forgetting), at the full run's cost.
 # One warm-up epoch: the optimizer's moment estimates start empty, and its first steps at even
-# the reduced rate would be its largest. --epochs, --lr and --set still override all of it.
-FINE_TUNE = {"epochs": 5, "lr_factor": 0.1, "warmup_epochs": 1}
+# the reduced rate would be its largest. The weights' moving average (recipes with `ema`) must
+# average over what so short a run has: 0.999 spans ~1,000 steps, more than 5 epochs of all
+# the base photos at batch 128 (~550), so the saved weights would be mostly the starting ones;
+# 0.99 spans ~100 steps, about an epoch. --epochs, --lr and --set still override all of it.
+FINE_TUNE = {"epochs": 5, "lr_factor": 0.1, "warmup_epochs": 1, "ema": 0.99}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,7 +117,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _recipe_of(model_path: Path) -> str:
     """The recipe the model to start from was trained with, from its card (else the default)."""
-    card = ModelCard.read(model_path) if model_path.is_file() else ModelCard(found=False)
+    try:
+        card = ModelCard.read(model_path)
+    except ModelLoadError:  # said with its reason when the run loads the model
+        return DEFAULT_RECIPE
     recipe = card.extra.get("recipe")
     return recipe if recipe in RECIPES else DEFAULT_RECIPE
 
@@ -124,8 +130,9 @@ def recipe_for(args: argparse.Namespace) -> dict:
     if getattr(args, "init_from", None):
         recipe["epochs"] = FINE_TUNE["epochs"]
         recipe["lr"] = recipe["lr"] * FINE_TUNE["lr_factor"]
-        if "warmup_epochs" in recipe:
-            recipe["warmup_epochs"] = FINE_TUNE["warmup_epochs"]
+        for key in ("warmup_epochs", "ema"):
+            if recipe.get(key):
+                recipe[key] = FINE_TUNE[key]
     for item in args.set:
         key, _, value = item.partition("=")
         *path, last = key.split(".")
