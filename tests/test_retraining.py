@@ -292,6 +292,13 @@ def test_compare_refuses_what_it_cannot_pair(tmp_path, colour_model_path, capsys
     assert "error:" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evaluate.main(["--compare", str(colour_model_path), str(colour_model_path)])  # on nothing
+    none_held_out = [d for d in (noisy_png(RED, i) for i in range(10)) if not is_held_out(sha(d))][:3]
+    report = tmp_path / "r.json"
+    assert evaluate.main(["--compare", str(colour_model_path), str(colour_model_path), "--reviewed",
+                          str(make_export(tmp_path / "few", {"DOG": none_held_out})), "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["datasets"]["reviewed_held_out"]["images"] == 0 and result["verdict"] == "no images to compare on"
+    assert result["datasets"]["reviewed_held_out"]["current"] is None  # no report of NaNs
     neither = make_export(tmp_path / "x", {"neither": [noisy_png((20, 200, 20), 1)]})
     assert evaluate.main(["--compare", str(colour_model_path), str(colour_model_path), "--reviewed", str(neither)]) == 2
     assert "--skip-label neither" in capsys.readouterr().err

@@ -86,6 +86,8 @@ def _direction(paired: dict) -> int:
 def overall_verdict(named: list[tuple[str, dict]]) -> str:
     """Across the data sets: better on some and worse on none, worse on some and better on none,
     mixed, or no detectable difference."""
+    if all(p["difference"] is None for _, p in named):
+        return "no images to compare on"
     better = [name for name, p in named if _direction(p) > 0]
     worse = [name for name, p in named if _direction(p) < 0]
     if better and worse:

@@ -117,9 +117,10 @@ def compare(current: ServedModel, candidate: ServedModel, reviewed: list[Path], 
         paired = paired_accuracy_difference(predicted_classes(current, current_out[ok]) == truth,
                                             predicted_classes(candidate, candidate_out[ok]) == truth,
                                             seed, resamples)
+        scored = bool(ok.any())  # with no images, no report: NaNs help nobody
         results[key] = {**about, "images": int(ok.sum()), "unreadable_files": int((~ok).sum()),
-                        "current": report_on(current, truth, current_out[ok]),
-                        "candidate": report_on(candidate, truth, candidate_out[ok]),
+                        "current": report_on(current, truth, current_out[ok]) if scored else None,
+                        "candidate": report_on(candidate, truth, candidate_out[ok]) if scored else None,
                         "paired": paired, "verdict": verdict(paired)}
     return {"current": _model_id(current), "candidate": _model_id(candidate), "datasets": results,
             "verdict": overall_verdict([(r["name"], r["paired"]) for r in results.values()])}

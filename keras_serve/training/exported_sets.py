@@ -129,8 +129,9 @@ def read_exported_set(root: Path, labels: list[str], aliases: list[str] | None =
         raise DatasetError(f"{root} has no {MANIFEST}: not a folder written by export-dataset",
                            "Write it with: python -m keras_serve.storage export-dataset " + str(root))
     manifest_bytes = manifest_path.read_bytes()
-    rows = list(csv.DictReader(manifest_bytes.decode("utf-8").splitlines()))
-    if rows and tuple(rows[0].keys()) != MANIFEST_FIELDS or any(not SHA256.fullmatch(r["sha256"] or "") for r in rows):
+    reader = csv.DictReader(manifest_bytes.decode("utf-8", errors="replace").splitlines())
+    rows = list(reader)
+    if tuple(reader.fieldnames or ()) != MANIFEST_FIELDS or any(not SHA256.fullmatch(r["sha256"] or "") for r in rows):
         raise DatasetError(f"{manifest_path} is not an export-dataset manifest ({', '.join(MANIFEST_FIELDS)})")
     listed = {(r["label"], r["sha256"]): r for r in rows}
 
