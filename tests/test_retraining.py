@@ -223,8 +223,9 @@ def test_init_from_a_model_of_another_architecture_or_input_is_refused(tmp_path,
     small = save_model_with_card(build_seed((64, 64, 3)), tmp_path / "small.h5")
     assert train.main(common + ["--init-from", str(small)]) == 2
     assert "takes (64, 64, 3)" in capsys.readouterr().err
-    assert train.main(common + ["--init-from", str(small), "--labels", "cat,dog"]) == 2
-    assert "differ from the labels of small.h5" in capsys.readouterr().err
+    fits = save_model_with_card(build_seed(), tmp_path / "fits.h5")
+    assert train.main(common + ["--init-from", str(fits), "--labels", "cat,dog"]) == 2
+    assert "differ from the labels of fits.h5 (CAT,DOG)" in capsys.readouterr().err
     assert not (tmp_path / "m.h5").exists()
 
 

@@ -38,7 +38,7 @@ import numpy as np
 from keras_serve.errors import DatasetError, ModelLoadError
 from keras_serve.model.card import ModelCard
 from keras_serve.training.dataset import decode_files, list_labelled_images
-from keras_serve.training.exported_sets import (LabelledImage, combine_for_training, file_sha256,
+from keras_serve.training.exported_sets import (ExportedSet, LabelledImage, combine_for_training, file_sha256,
                                                 held_out_description, read_exported_set)
 from keras_serve.training.metrics import binary_report
 from keras_serve.pipeline.preprocessing import PreprocessSpec, to_model_input
@@ -231,6 +231,12 @@ def _train(args: argparse.Namespace, argv: list[str] | None) -> int:
     lr = args.lr or recipe["lr"]
     keras.utils.set_random_seed(args.seed)
     spec = PreprocessSpec(150, 150, 3, "1/255")
+    architecture = recipe.get("architecture", args.arch)
+    model = ARCHITECTURES[architecture](spec.input_shape)
+    retraining: dict = {}
+    if args.init_from:  # checked before the data is read: a model that does not fit fails at once
+        retraining["init_from"] = start_from(model, args.init_from, architecture, spec)
+        retraining["fine_tune_defaults"] = FINE_TUNE
 
     if args.packed:
         from keras_serve.training.pack_data import load_packed
@@ -241,6 +247,7 @@ def _train(args: argparse.Namespace, argv: list[str] | None) -> int:
         if packed_meta["size"] != spec.height:
             sys.exit(f"{args.packed} holds {packed_meta['size']}px images; the model takes {spec.height}px")
         print(f"loaded {len(pixels)} training and {len(val_pixels)} validation images from {args.packed}", flush=True)
+        output_labels = run_labels(args.labels, class_names, args.init_from)
     else:
         packed_meta = None
         splits = [s for s in args.train_splits.split(",") if s]
@@ -248,20 +255,21 @@ def _train(args: argparse.Namespace, argv: list[str] | None) -> int:
         val_paths, val_labels, val_classes = list_labelled_images(args.data, [args.val_split])
         if val_classes != class_names:
             sys.exit(f"training and validation classes differ: {class_names} / {val_classes}")
+        output_labels = run_labels(args.labels, class_names, args.init_from)
+        # Read (and so check) the exported sets before decoding: a refusal comes at once.
+        sets = [read_exported_set(folder, output_labels, class_names, args.skip_label) for folder in args.extra]
         print(f"decoding {len(paths)} training and {len(val_paths)} validation images "
               f"(cached in {args.cache_dir})...", flush=True)
         pixels, ok = decode_files(paths, spec, args.cache_dir)
         val_pixels, val_ok = decode_files(val_paths, spec, args.cache_dir)
         val_pixels, val_labels = val_pixels[val_ok], val_labels[val_ok]
+        if sets:
+            pixels, labels, record = add_exported_sets(args, sets, paths, labels, pixels, ok, val_paths, spec)
+            retraining.update(record)
+        else:
+            pixels, labels = pixels[ok], labels[ok]
     if len(class_names) != 2:
         sys.exit(f"train.py trains binary classifiers: found classes {class_names}")
-    output_labels = run_labels(args.labels, class_names, args.init_from)
-    retraining: dict = {}
-    if args.extra:
-        pixels, labels, retraining = add_exported_sets(args, paths, labels, pixels, ok, val_paths, class_names,
-                                                       output_labels, spec)
-    elif not args.packed:
-        pixels, labels = pixels[ok], labels[ok]
     counts = np.bincount(labels, minlength=2)
     # Balanced class weights: each class contributes equally to the loss whatever its count.
     class_weight = len(labels) / (2.0 * counts)
@@ -270,11 +278,7 @@ def _train(args: argparse.Namespace, argv: list[str] | None) -> int:
           f"class weights {dict(zip(class_names, np.round(class_weight, 3).tolist()))}", flush=True)
 
     steps_per_epoch = len(pixels) // batch_size
-    architecture = recipe.get("architecture", args.arch)
-    model = ARCHITECTURES[architecture](spec.input_shape)
     if args.init_from:
-        retraining["init_from"] = start_from(model, args.init_from, architecture, spec)
-        retraining["fine_tune_defaults"] = FINE_TUNE
         print(f"fine-tuning from {args.init_from} (sha256 {retraining['init_from']['sha256'][:12]}...): "
               f"{epochs} epochs, peak learning rate {lr:g}", flush=True)
     extra_callbacks = []
@@ -355,12 +359,12 @@ def run_labels(labels_arg: str | None, class_names: list[str], init_from: Path |
     return labels
 
 
-def add_exported_sets(args: argparse.Namespace, paths: list[Path], labels: np.ndarray, pixels: np.ndarray,
-                      ok: np.ndarray, val_paths: list[Path], class_names: list[str], run_labels: list[str],
+def add_exported_sets(args: argparse.Namespace, sets: list[ExportedSet], paths: list[Path], labels: np.ndarray,
+                      pixels: np.ndarray, ok: np.ndarray, val_paths: list[Path],
                       spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Base training images plus the --extra sets: one example per sha256, never an image of the
-    validation split or of a set's held-out part. Returns pixels, labels and the card's record."""
-    sets = [read_exported_set(folder, run_labels, class_names, args.skip_label) for folder in args.extra]
+    """Base training images (all of `paths`, decoded: `pixels` where `ok`) plus the exported sets:
+    one example per sha256, never an image of the validation split or of a set's held-out part.
+    Returns pixels, labels and the card's record."""
     row_of = {p: i for i, p in enumerate(paths)}
     base = [LabelledImage(p, file_sha256(p), int(label), "base") for p, label, good in zip(paths, labels, ok) if good]
     combined = combine_for_training(base, sets, never_train={file_sha256(p) for p in val_paths})
