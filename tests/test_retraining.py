@@ -211,6 +211,22 @@ def test_fine_tune_starts_from_the_model_and_the_card_says_what_went_in(tmp_path
     assert "fine-tuning from" in capsys.readouterr().out
 
 
+def test_a_fine_tune_resumes_from_its_last_epoch_not_from_the_model_again(tmp_path):
+    import keras_serve.training.train as train
+    from keras_serve.model.architectures import build_seed
+
+    init = save_model_with_card(build_seed(), tmp_path / "current.h5")
+    args = ["--data", str(make_base(tmp_path / "base", 2, 1)), "--train-splits", "train", "--init-from", str(init),
+            "--out", str(tmp_path / "m.h5"), "--batch-size", "4", "--quiet", "--cache-dir", str(tmp_path / "c")]
+    history_file = tmp_path / "m.work" / "history.json"
+    assert train.main(args + ["--epochs", "1"]) == 0
+    first = json.loads(history_file.read_text())
+    assert train.main(args + ["--epochs", "2"]) == 0  # continues with epoch 2; epoch 1 is not trained again
+    history = json.loads(history_file.read_text())
+    assert [h["epoch"] for h in history] == [1, 2] and history[0] == first[0]
+    assert json.loads((tmp_path / "m.json").read_text())["training"]["init_from"]["file"] == "current.h5"
+
+
 def test_init_from_a_model_of_another_architecture_or_input_is_refused(tmp_path, colour_model_path, capsys):
     import keras_serve.training.train as train
     from keras_serve.model.architectures import build_seed
