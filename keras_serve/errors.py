@@ -84,6 +84,12 @@ class ConfigurationError(StartupError):
     """A setting is malformed or inconsistent (an unreadable token file, a bad rate limit)."""
 
 
+class DatasetError(ServiceError):
+    """A training or evaluation data folder cannot be used as asked (a label folder that names
+    no class, a manifest that disagrees with its files, a model to start from that does not
+    fit the run); printed as one line, exit status 2."""
+
+
 # --- access control (keras_serve/web/access.py) ----------------------------------------
 class AuthenticationError(ServiceError):
     """POST /file/ needs an API token and the request has none, or not a valid one."""

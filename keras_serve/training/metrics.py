@@ -52,6 +52,19 @@ def calibration(y_true: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict:
     return {"ece": ece, "brier": float(np.mean((scores - y_true) ** 2)), "bins": table}
 
 
+def per_class(matrix: np.ndarray, labels: list[str]) -> dict[str, dict]:
+    """Per true class: its images, recall (the share of them answered right: the class's own
+    accuracy) and precision (the share of answers naming it that were right); None for 0/0."""
+    matrix = np.asarray(matrix)
+    table = {}
+    for i, label in enumerate(labels):
+        images, answered = int(matrix[i].sum()), int(matrix[:, i].sum())
+        table[label] = {"images": images,
+                        "recall": float(matrix[i, i] / images) if images else None,
+                        "precision": float(matrix[i, i] / answered) if answered else None}
+    return table
+
+
 def binary_report(y_true: np.ndarray, scores: np.ndarray, labels: list[str], threshold: float = 0.5) -> dict:
     """Accuracy, confusion matrix (rows = truth, columns = prediction), ROC AUC, calibration."""
     y_true = np.asarray(y_true).astype(int)
@@ -64,6 +77,7 @@ def binary_report(y_true: np.ndarray, scores: np.ndarray, labels: list[str], thr
         "images": int(len(y_true)),
         "accuracy": float((predicted == y_true).mean()) if len(y_true) else float("nan"),
         "confusion_matrix": {"labels": labels, "rows_true_columns_predicted": matrix.tolist()},
+        "per_class": per_class(matrix, labels),
         "roc_auc": roc_auc(y_true, scores),
         "ece": cal["ece"],
         "brier": cal["brier"],
@@ -85,6 +99,7 @@ def multiclass_report(y_true: np.ndarray, probabilities: np.ndarray, labels: lis
         "images": int(len(y_true)),
         "accuracy": float(correct.mean()) if len(y_true) else float("nan"),
         "confusion_matrix": {"labels": labels, "rows_true_columns_predicted": matrix.tolist()},
+        "per_class": per_class(matrix, labels),
         "ece": float(ece),
         "brier": float(np.mean(np.sum((probabilities - onehot) ** 2, axis=1))),
         "calibration_bins": bins,

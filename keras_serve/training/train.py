@@ -5,6 +5,14 @@
 Resumable: progress is backed up every epoch under --work-dir; rerunning the same command
 continues from the last finished epoch. The best epoch by validation accuracy is the one saved.
 
+Retraining on reviewed uploads (docs/retraining.md): --extra adds sets written by
+`python -m keras_serve.storage export-dataset` (their label folders matched to the classes by
+name; their held-out part, exported_sets.is_held_out, never trained on), and --init-from
+fine-tunes the current model instead of starting over:
+
+    python -m keras_serve.training.train --data ../shared/data/cats_vs_dogs --extra reviewed/ \
+        --init-from models/cats_vs_dogs.h5 --out models/candidate.h5
+
 The `resnet` recipe (the default model's) also trains from a file written by pack_data.py, under
 any Keras backend, e.g. on a GPU machine with JAX and no TensorFlow:
 
@@ -27,8 +35,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
+from keras_serve.errors import DatasetError, ModelLoadError
 from keras_serve.model.card import ModelCard
 from keras_serve.training.dataset import decode_files, list_labelled_images
+from keras_serve.training.exported_sets import (ExportedSet, LabelledImage, combine_for_training, file_sha256,
+                                                held_out_description, read_exported_set)
 from keras_serve.training.metrics import binary_report
 from keras_serve.pipeline.preprocessing import PreprocessSpec, to_model_input
 
@@ -50,6 +61,18 @@ RECIPES = {
                "mix_prob": 0.5, "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "mix_off_epochs": 15,
                "augment": {"flip": True, "zoom_in": 0.35, "zoom_out": 0.1, "translate": 0.1, "color": 0.2}},
 }
+DEFAULT_RECIPE = "compact"
+
+# Fine-tuning (--init-from) starts from a trained optimum, not from random weights. A few epochs
+# at a tenth of the recipe's peak learning rate adapt it to the new photos while keeping what
+# the full run learned: a full-size step would throw the weights out of that optimum and the
+# run would mostly relearn the base data (catastrophic forgetting), at the full run's cost.
+# One warm-up epoch: the optimizer's moment estimates start empty, and its first steps at even
+# the reduced rate would be its largest. The weights' moving average (recipes with `ema`) must
+# average over what so short a run has: 0.999 spans ~1,000 steps, more than 5 epochs of all
+# the base photos at batch 128 (~550), so the saved weights would be mostly the starting ones;
+# 0.99 spans ~100 steps, about an epoch. --epochs, --lr and --set still override all of it.
+FINE_TUNE = {"epochs": 5, "lr_factor": 0.1, "warmup_epochs": 1, "ema": 0.99}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +82,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-splits", default="train,train_extra", help="comma list of training sub-folders")
     p.add_argument("--val-split", default="validation")
     p.add_argument("--out", type=Path, required=True, help="model file to write (.h5)")
-    p.add_argument("--arch", choices=sorted(RECIPES), default="compact")
+    p.add_argument("--arch", choices=sorted(RECIPES),
+                   help=f"recipe (default: the --init-from model's, else {DEFAULT_RECIPE})")
+    p.add_argument("--extra", type=Path, action="append", default=[], metavar="EXPORT_DIR",
+                   help="a folder written by `python -m keras_serve.storage export-dataset` to train on too "
+                        "(repeatable); its label folders are matched to the classes by name, and its "
+                        "held-out part (exported_sets.is_held_out) is never trained on")
+    p.add_argument("--skip-label", action="append", default=[], metavar="NAME",
+                   help="leave out an exported label folder that names no class, e.g. --skip-label neither")
+    p.add_argument("--init-from", type=Path, metavar="MODEL.h5",
+                   help="fine-tune: start from this model's weights (same architecture and input) with a "
+                        f"fine-tuning schedule: {FINE_TUNE['epochs']} epochs at {FINE_TUNE['lr_factor']}x the "
+                        "recipe's learning rate, unless --epochs/--lr say otherwise")
     p.add_argument("--epochs", type=int, help="default: the recipe's")
     p.add_argument("--batch-size", type=int, help="default: the recipe's")
     p.add_argument("--lr", type=float, help="default: the recipe's")
@@ -74,11 +108,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.data is None) == (args.packed is None):
         p.error("give exactly one of --data and --packed")
+    if args.extra and args.packed:
+        p.error("--extra needs --data: duplicates and the validation photos are found by each file's sha256")
+    if args.arch is None:
+        args.arch = _recipe_of(args.init_from) if args.init_from else DEFAULT_RECIPE
     return args
+
+
+def _recipe_of(model_path: Path) -> str:
+    """The recipe the model to start from was trained with, from its card (else the default)."""
+    try:
+        card = ModelCard.read(model_path)
+    except ModelLoadError:  # said with its reason when the run loads the model
+        return DEFAULT_RECIPE
+    recipe = card.extra.get("recipe")
+    return recipe if recipe in RECIPES else DEFAULT_RECIPE
 
 
 def recipe_for(args: argparse.Namespace) -> dict:
     recipe = json.loads(json.dumps(RECIPES[args.arch]))
+    if getattr(args, "init_from", None):
+        recipe["epochs"] = FINE_TUNE["epochs"]
+        recipe["lr"] = recipe["lr"] * FINE_TUNE["lr_factor"]
+        for key in ("warmup_epochs", "ema"):
+            if recipe.get(key):
+                recipe[key] = FINE_TUNE[key]
     for item in args.set:
         key, _, value = item.partition("=")
         *path, last = key.split(".")
@@ -158,6 +212,14 @@ def make_datasets(pixels, labels, weights, val_pixels, val_labels, spec, batch_s
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return _train(args, argv)
+    except (DatasetError, ModelLoadError) as exc:
+        print(f"error: {exc.message}" + (f"\n{exc.hint}" if exc.hint else ""), file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace, argv: list[str] | None) -> int:
     started = time.time()
     import keras
 
@@ -169,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     lr = args.lr or recipe["lr"]
     keras.utils.set_random_seed(args.seed)
     spec = PreprocessSpec(150, 150, 3, "1/255")
+    architecture = recipe.get("architecture", args.arch)
+    model = ARCHITECTURES[architecture](spec.input_shape)
+    retraining: dict = {}
+    if args.init_from:  # checked before the data is read: a model that does not fit fails at once
+        retraining["init_from"] = start_from(model, args.init_from, architecture, spec)
+        retraining["fine_tune_defaults"] = FINE_TUNE
 
     if args.packed:
         from keras_serve.training.pack_data import load_packed
@@ -179,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         if packed_meta["size"] != spec.height:
             sys.exit(f"{args.packed} holds {packed_meta['size']}px images; the model takes {spec.height}px")
         print(f"loaded {len(pixels)} training and {len(val_pixels)} validation images from {args.packed}", flush=True)
+        output_labels = run_labels(args.labels, class_names, args.init_from)
     else:
         packed_meta = None
         splits = [s for s in args.train_splits.split(",") if s]
@@ -186,15 +255,21 @@ def main(argv: list[str] | None = None) -> int:
         val_paths, val_labels, val_classes = list_labelled_images(args.data, [args.val_split])
         if val_classes != class_names:
             sys.exit(f"training and validation classes differ: {class_names} / {val_classes}")
+        output_labels = run_labels(args.labels, class_names, args.init_from)
+        # Read (and so check) the exported sets before decoding: a refusal comes at once.
+        sets = [read_exported_set(folder, output_labels, class_names, args.skip_label) for folder in args.extra]
         print(f"decoding {len(paths)} training and {len(val_paths)} validation images "
               f"(cached in {args.cache_dir})...", flush=True)
         pixels, ok = decode_files(paths, spec, args.cache_dir)
-        pixels, labels = pixels[ok], labels[ok]
         val_pixels, val_ok = decode_files(val_paths, spec, args.cache_dir)
         val_pixels, val_labels = val_pixels[val_ok], val_labels[val_ok]
+        if sets:
+            pixels, labels, record = add_exported_sets(args, sets, paths, labels, pixels, ok, val_paths, spec)
+            retraining.update(record)
+        else:
+            pixels, labels = pixels[ok], labels[ok]
     if len(class_names) != 2:
         sys.exit(f"train.py trains binary classifiers: found classes {class_names}")
-    output_labels = args.labels.split(",") if args.labels else class_names
     counts = np.bincount(labels, minlength=2)
     # Balanced class weights: each class contributes equally to the loss whatever its count.
     class_weight = len(labels) / (2.0 * counts)
@@ -203,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
           f"class weights {dict(zip(class_names, np.round(class_weight, 3).tolist()))}", flush=True)
 
     steps_per_epoch = len(pixels) // batch_size
-    architecture = recipe.get("architecture", args.arch)
-    model = ARCHITECTURES[architecture](spec.input_shape)
+    if args.init_from:
+        print(f"fine-tuning from {args.init_from} (sha256 {retraining['init_from']['sha256'][:12]}...): "
+              f"{epochs} epochs, peak learning rate {lr:g}", flush=True)
     extra_callbacks = []
     if recipe.get("pipeline") == "mixed":  # compiles its own training model
         train_ds, val_ds, model, extra_callbacks = _mixed_pipeline(
@@ -251,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                 "epochs": epochs, "best_epoch": best["epoch"], "batch_size": batch_size, "learning_rate": lr,
                 "optimizer": recipe["optimizer"], "augmentation": recipe["augment"], "seed": args.seed,
                 **({"recipe": recipe, "overrides": args.set} if recipe.get("pipeline") else {}),
+                **retraining,
                 "epoch_seconds_total": round(elapsed, 1),
                 "wall_seconds_this_run": round(time.time() - started, 1),
                 "machine": machine, **versions,
@@ -265,6 +342,83 @@ def main(argv: list[str] | None = None) -> int:
           f"{best['epoch']}: validation accuracy {report['accuracy']:.4f}, ROC AUC {report['roc_auc']:.4f}, "
           f"ECE {report['ece']:.4f}; {elapsed / 60:.1f} min", flush=True)
     return 0
+
+
+def run_labels(labels_arg: str | None, class_names: list[str], init_from: Path | None) -> list[str]:
+    """The candidate's labels: --labels, else those of the model it starts from, else the class
+    folders' names. A fine-tuned model must answer with the labels of the one it replaces."""
+    labels = labels_arg.split(",") if labels_arg else None
+    init_labels = ModelCard.read(init_from).labels if init_from and init_from.is_file() else None
+    if labels and init_labels and labels != init_labels:
+        raise DatasetError(f"--labels {','.join(labels)} differ from the labels of {init_from.name} "
+                           f"({','.join(init_labels)}): the candidate must answer as the model it replaces",
+                           "Leave out --labels when fine-tuning; they come from the model's card.")
+    labels = labels or init_labels or class_names
+    if len(labels) != len(class_names):
+        raise DatasetError(f"{len(labels)} labels ({','.join(labels)}) for {len(class_names)} classes {class_names}")
+    return labels
+
+
+def add_exported_sets(args: argparse.Namespace, sets: list[ExportedSet], paths: list[Path], labels: np.ndarray,
+                      pixels: np.ndarray, ok: np.ndarray, val_paths: list[Path],
+                      spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Base training images (all of `paths`, decoded: `pixels` where `ok`) plus the exported sets:
+    one example per sha256, never an image of the validation split or of a set's held-out part.
+    Returns pixels, labels and the card's record."""
+    row_of = {p: i for i, p in enumerate(paths)}
+    base = [LabelledImage(p, file_sha256(p), int(label), "base") for p, label, good in zip(paths, labels, ok) if good]
+    combined = combine_for_training(base, sets, never_train={file_sha256(p) for p in val_paths})
+    base_rows = [row_of[image.path] for image in combined.train if image.source == "base"]
+    from_sets = [image for image in combined.train if image.source != "base"]
+    set_pixels, set_ok = decode_files([image.path for image in from_sets], spec, args.cache_dir)
+    set_rows = np.flatnonzero(set_ok)
+    # One array, filled in place: the base images are most of the memory, so no second copy of them.
+    out = np.empty((len(base_rows) + len(set_rows), *pixels.shape[1:]), pixels.dtype)
+    np.take(pixels, base_rows, axis=0, out=out[:len(base_rows)])
+    out[len(base_rows):] = set_pixels[set_rows]
+    out_labels = np.concatenate([labels[base_rows], np.asarray([from_sets[i].label for i in set_rows], np.int32)])
+    record = {
+        "extra_sets": [s.describe() for s in sets],
+        "held_out": held_out_description(),
+        "combined": {"base_images": len(base_rows), "images_from_sets": int(len(set_rows)),
+                     "unreadable_from_sets": int((~set_ok).sum()), **combined.describe()},
+    }
+    if args.skip_label:
+        record["skipped_labels"] = args.skip_label
+    print(f"exported sets: {len(set_rows)} images to train on from {len(sets)} set(s), "
+          f"{sum(len(s.held_out()) for s in sets)} held out; {combined.duplicates} duplicates merged, "
+          f"{combined.excluded} left out (held out or in {args.val_split})", flush=True)
+    return out, out_labels.astype(np.int32), record
+
+
+def start_from(model, init_path: Path, architecture: str, spec: PreprocessSpec) -> dict:
+    """Put the weights of the model at `init_path` into `model` (the run's freshly built network),
+    after checking it is the same architecture with the same input contract; its record for the card."""
+    from keras_serve.model.engines import file_sha256 as model_file_sha256
+    from keras_serve.model.keras_formats import load_keras_model
+
+    card = ModelCard.read(init_path)
+    source = load_keras_model(init_path).model
+    name = card.architecture or getattr(source, "name", None)
+    if name != architecture:
+        recipes = [r for r, recipe in RECIPES.items() if recipe.get("architecture", r) == name]
+        raise DatasetError(f"--init-from {init_path.name} is a {name!r} network and this run builds {architecture!r}",
+                           f"Pass --arch {recipes[0]}." if recipes else "Fine-tune only a model train.py made.")
+    source_input = tuple(source.input_shape[1:])
+    if source_input != tuple(spec.input_shape) or (card.scaling and card.scaling != spec.scaling):
+        raise DatasetError(f"--init-from {init_path.name} takes {source_input} scaled {card.scaling or '(no card)'}; "
+                           f"this run trains on {tuple(spec.input_shape)} scaled {spec.scaling}")
+    if tuple(source.output_shape[1:]) != tuple(model.output_shape[1:]):
+        raise DatasetError(f"--init-from {init_path.name} has outputs {source.output_shape[1:]}, "
+                           f"this run's network {model.output_shape[1:]}")
+    weights = source.get_weights()
+    expected = [tuple(w.shape) for w in model.get_weights()]
+    if [tuple(w.shape) for w in weights] != expected:
+        raise DatasetError(f"--init-from {init_path.name}: its weights do not fit the {architecture!r} network "
+                           f"({len(weights)} arrays, this one has {len(expected)}; a different width or depth)")
+    model.set_weights(weights)
+    return {"file": init_path.name, "path": str(init_path), "sha256": model_file_sha256(init_path),
+            "architecture": name, "labels": card.labels}
 
 
 def _mixed_pipeline(model, recipe, pixels, labels, weights, val_pixels, val_labels, spec, batch_size, epochs, lr,
