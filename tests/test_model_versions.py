@@ -6,6 +6,7 @@ so which model answered is visible in every answer, besides the version each ans
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import threading
@@ -224,6 +225,31 @@ def test_the_api_promotes_and_rolls_back(versioned_app, inverted_colour_model_pa
     assert [(e["action"], e["by"]) for e in log] == [("rollback", "api"), ("promote", "api")]  # a Bearer caller is "api"
 
 
+def test_publishing_over_http_checks_the_file_and_never_uses_its_name_as_a_path(
+        versioned_app, colour_model_path, inverted_colour_model_path):
+    client = versioned_app.test_client()
+
+    def publish(data: bytes, filename: str, card: bytes | None = None):
+        fields = {"model": (io.BytesIO(data), filename)}
+        if card is not None:
+            fields["card"] = (io.BytesIO(card), "card.json")
+        return client.post("/api/models", headers=BEARER, content_type="multipart/form-data", data=fields)
+
+    r = publish(inverted_colour_model_path.read_bytes(), "../../etc/evil name.h5")
+    assert r.status_code == 201, r.get_data(as_text=True)
+    assert r.get_json()["published"]["file"] == "evil_name.h5"
+    assert r.get_json()["published"]["sha256"] == sha256_of(inverted_colour_model_path)
+    assert publish(b"weights", "model.pkl").status_code == 400
+    r = client.post("/api/models", headers=BEARER, content_type="multipart/form-data", data={})
+    assert r.status_code == 400 and r.get_json()["error"]["code"] == "model_request"
+    r = publish(colour_model_path.read_bytes(), "relabelled.h5", json.dumps({"labels": ["HOT", "COLD"]}).encode())
+    assert r.status_code == 422 and "labels HOT,COLD" in r.get_json()["error"]["message"]
+    r = publish(b"\x89HDF\r\n\x1a\n" + b"\0" * 64, "broken.h5")
+    assert r.status_code == 422 and "does not load" in r.get_json()["error"]["message"]
+    versions = client.get("/api/models", headers=BEARER).get_json()["versions"]
+    assert [v["file"] for v in versions] == ["evil_name.h5"]  # only the good one was published
+
+
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic eDp5"}])
 def test_model_routes_refuse_without_the_admin_credential(versioned_app, inverted_colour_model_path, headers):
     client = versioned_app.test_client()
@@ -231,6 +257,9 @@ def test_model_routes_refuse_without_the_admin_credential(versioned_app, inverte
     assert client.get("/api/models", headers=headers).status_code == 401
     assert client.post(f"/api/models/{sha}/promote", headers=headers).status_code == 401
     assert client.post("/api/models/rollback", headers=headers).status_code == 401
+    r = client.post("/api/models", headers=headers, content_type="multipart/form-data",
+                    data={"model": (io.BytesIO(b"x"), "m.h5")})
+    assert r.status_code == 401
     assert versioned_app.extensions["model_registry"].served() is None
 
 

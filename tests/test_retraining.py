@@ -352,8 +352,8 @@ def test_better_needs_the_interval_and_mcnemar_to_agree():
 
 # --- the loop: the real store -> export-dataset -> train -> evaluate --compare --------------
 
-def test_export_then_train_then_compare_through_the_real_store(make_app, colour_model_path, local_storage_config,
-                                                               tmp_path):
+def test_export_then_train_then_compare_then_promote_through_the_real_store(make_app, local_storage_config,
+                                                                            tmp_path):
     import keras
 
     import keras_serve.training.evaluate as evaluate
@@ -361,7 +361,9 @@ def test_export_then_train_then_compare_through_the_real_store(make_app, colour_
     from keras_serve.model.architectures import build_seed
     from keras_serve.storage.dataset_export import export_dataset
 
-    app = make_app(MODEL_PATH=str(colour_model_path), ADMIN_TOKEN=TOKEN, **local_storage_config)
+    keras.utils.set_random_seed(5)
+    current = save_model_with_card(build_seed(), tmp_path / "current.h5")
+    app = make_app(MODEL_PATH=str(current), ADMIN_TOKEN=TOKEN, MODEL_CHECK_INTERVAL_S=0, **local_storage_config)
     client = app.test_client()
     truth = {}
     for i in range(30):
@@ -378,8 +380,6 @@ def test_export_then_train_then_compare_through_the_real_store(make_app, colour_
     held = {f.stem for f in exported.glob("*/*.png") if is_held_out(f.stem)}
     assert 0 < len(held) < 30
 
-    keras.utils.set_random_seed(5)
-    current = save_model_with_card(build_seed(), tmp_path / "current.h5")
     base = make_base(tmp_path / "base", 4, 2)
     candidate = tmp_path / "candidate.h5"
     assert train.main(["--data", str(base), "--train-splits", "train", "--extra", str(exported), "--init-from",
@@ -399,3 +399,16 @@ def test_export_then_train_then_compare_through_the_real_store(make_app, colour_
     assert uploads["images"] == len(held) and uploads["sets"][0]["manifest_sha256"] == card["training"]["extra_sets"][0]["manifest_sha256"]
     assert result["datasets"]["base"]["images"] == 4
     assert uploads["verdict"] and result["verdict"]
+
+    # ... and into service: published over the admin API (checked as every server checks it), promoted
+    with candidate.open("rb") as model, candidate.with_suffix(".json").open("rb") as model_card:
+        r = client.post("/api/models", headers=BEARER, content_type="multipart/form-data",
+                        data={"model": (model, "candidate.h5"), "card": (model_card, "candidate.json")})
+    assert r.status_code == 201, r.get_data(as_text=True)
+    version = r.get_json()["published"]
+    assert version["sha256"] == hashlib.sha256(candidate.read_bytes()).hexdigest() and version["file"] == "candidate.h5"
+    r = client.post(f"/api/models/{version['sha256']}/promote", headers=BEARER)
+    assert r.status_code == 200, r.get_data(as_text=True)
+    r = post_file(client, noisy_png(RED, 9999), filename="after.png")
+    assert r.get_json()["model_version"] == version["sha256"]
+    assert client.get("/model").get_json()["architecture"] == "seed"
