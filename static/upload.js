@@ -56,6 +56,14 @@
     return (score * 100).toFixed(1) + " %";
   }
 
+  async function jsonOrNull(response) {
+    try {
+      return await response.json();
+    } catch (err) {
+      return null;  // no body, or not JSON (a proxy's error page)
+    }
+  }
+
   function announce(text) {
     // Added, not replaced: a screen reader reads each addition to the live region, so answers
     // arriving close together are all heard. Only the last few are kept.
@@ -174,12 +182,7 @@
     } catch (err) {
       return fail(tile, "Could not reach the server.", "Check the connection, then try again.", true);
     }
-    let answer = null;
-    try {
-      answer = await response.json();
-    } catch (err) {
-      answer = null;
-    }
+    const answer = await jsonOrNull(response);
     if (!response.ok || !answer || answer.error) {
       const error = (answer && answer.error) || {};
       return fail(tile, error.message || `The server answered ${response.status}.`, error.hint || "",
@@ -303,12 +306,7 @@
       return feedbackFailed(tile, "Could not send your answer: the server cannot be reached.",
                             "Check the connection, then press your answer again.", true);
     }
-    let answer = null;
-    try {
-      answer = await response.json();
-    } catch (err) {
-      answer = null;
-    }
+    const answer = await jsonOrNull(response);
     if (!response.ok || !answer || answer.error) {
       const error = (answer && answer.error) || {};
       // Worth another press: too many answers for now (429) and a server that is struggling

@@ -22,16 +22,14 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-from keras_serve import settings
 from keras_serve.errors import ModelVersionError, StorageError
+from keras_serve.storage.__main__ import STORE_OPTIONS, add_store_arguments, config_from_args
 
 
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m keras_serve.model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--upload-dir", dest="UPLOAD_DIR")
-    parser.add_argument("--database-url", dest="DATABASE_URL")
-    parser.add_argument("--image-store", dest="IMAGE_STORE")
+    add_store_arguments(parser)
     parser.add_argument("--model", dest="MODEL_PATH", help="the model the servers were started with")
     parser.add_argument("--labels", dest="LABELS")
     parser.add_argument("--by", default=None, help="who does it, for the log (default: your user name)")
@@ -48,9 +46,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     from keras_serve.storage.model_registry import ModelRegistry, is_sha256
     from keras_serve.storage.uploads import UploadStore
 
-    config = settings.resolve({name: getattr(args, name) for name in
-                               ("UPLOAD_DIR", "DATABASE_URL", "IMAGE_STORE", "MODEL_PATH", "LABELS")
-                               if getattr(args, name) is not None})
+    config = config_from_args(args, (*STORE_OPTIONS, "MODEL_PATH", "LABELS"))
     by = (args.by or _user())[:64]
     try:
         store = UploadStore.from_config(config)

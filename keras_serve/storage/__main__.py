@@ -132,19 +132,27 @@ def _date(text: str):
     return value.astimezone(timezone.utc).replace(tzinfo=None) if value.tzinfo else value
 
 
-def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+STORE_OPTIONS = ("UPLOAD_DIR", "DATABASE_URL", "IMAGE_STORE")
+
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the store, as the server's (every command that opens it takes them)."""
+    parser.add_argument("--upload-dir", dest="UPLOAD_DIR")
+    parser.add_argument("--database-url", dest="DATABASE_URL")
+    parser.add_argument("--image-store", dest="IMAGE_STORE")
+
+
+def config_from_args(args: argparse.Namespace, names: Iterable[str] = (*STORE_OPTIONS, "UPLOAD_RETENTION_DAYS")
+                     ) -> dict[str, Any]:
     """The server's settings (defaults, then KERAS_SERVE_*), then this command's own options."""
-    given = {name: getattr(args, name) for name in ("UPLOAD_DIR", "DATABASE_URL", "IMAGE_STORE",
-                                                     "UPLOAD_RETENTION_DAYS") if getattr(args, name, None) is not None}
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     return settings.resolve(given)
 
 
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m keras_serve.storage", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--upload-dir", dest="UPLOAD_DIR")
-    parser.add_argument("--database-url", dest="DATABASE_URL")
-    parser.add_argument("--image-store", dest="IMAGE_STORE")
+    add_store_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     export_cmd = sub.add_parser("export", help="every record, oldest first, as CSV or JSON lines")
     export_cmd.add_argument("--format", choices=["csv", "jsonl"], default="jsonl")
