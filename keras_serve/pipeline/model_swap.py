@@ -45,7 +45,7 @@ class ModelFollower:
         self._config = config
         self._max_decode_bytes = max_decode_bytes
         self._on_swap = on_swap or (lambda result, generation: None)
-        self._cache = Path(tempfile.mkdtemp(prefix="keras-serve-models-"))  # this process's copies
+        self._cache: Path | None = None  # this process's copies of fetched versions, made on the first
         self.refused: dict[str, str] = {}  # sha256 -> why; not tried again by this process
         self.swaps = 0
         self.last_swap: dict[str, Any] | None = None
@@ -63,7 +63,8 @@ class ModelFollower:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)  # a load in progress finishes first
-        shutil.rmtree(self._cache, ignore_errors=True)
+        if self._cache is not None:
+            shutil.rmtree(self._cache, ignore_errors=True)
 
     def _run(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
@@ -96,6 +97,8 @@ class ModelFollower:
                     raise CandidateRefused("the start-up model was given as an object, not a file")
                 path = self.startup_path
             else:
+                if self._cache is None:
+                    self._cache = Path(tempfile.mkdtemp(prefix="keras-serve-models-"))
                 path = self.registry.fetch(wanted, self._cache)
             model = load_candidate(path, self._config, current.model.labels, self._max_decode_bytes)
             generation = self._build(model)
