@@ -20,17 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from keras_serve.pipeline.batcher import DynamicBatcher
-from keras_serve.pipeline.inline import InlinePredictor
 from keras_serve.errors import PredictionError, ServiceError, StorageError, error_code
 from keras_serve.model.served_model import Prediction, ServedModel
 from keras_serve.model.versions import load_for_serving
-from keras_serve.pipeline.model_slot import Generation, ModelSlot
-from keras_serve.pipeline.model_swap import ModelFollower
-from keras_serve.storage.model_registry import ModelRegistry
+from keras_serve.pipeline.batcher import DynamicBatcher
 from keras_serve.pipeline.decode_budget import UNLIMITED, DecodeBudget, limit_malloc_arenas
 from keras_serve.pipeline.heatmaps import HeatmapMaker
+from keras_serve.pipeline.inline import InlinePredictor
+from keras_serve.pipeline.model_slot import Generation, ModelSlot
+from keras_serve.pipeline.model_swap import ModelFollower
 from keras_serve.pipeline.preprocessing import image_format, preprocess
+from keras_serve.storage.model_registry import ModelRegistry
 from keras_serve.serving_metrics import NO_METRICS, ServingMetrics
 from keras_serve.storage.uploads import UploadStore
 
