@@ -3,14 +3,13 @@ and every answer comes whole from one model (the version it names is the model t
 
 One process, `--workers 2`, and two replicas sharing PostgreSQL and S3. The colour model
 answers DOG for red, the inverted one CAT, so a mixed-up answer cannot pass. The latency
-during the swap is measured by `python -m keras_serve.tools.swap_under_load` (a benchmark,
+during the swap is measured by `tests/measure_model_swap.py` (a benchmark,
 not a test).
 """
 from __future__ import annotations
 
 import hashlib
 import secrets
-import time
 
 import pytest
 import requests
@@ -22,9 +21,9 @@ CLIENTS = 32
 EXPECTED = {"old": {"red": "DOG", "blue": "CAT"}, "new": {"red": "CAT", "blue": "DOG"}}
 
 
-def promote_in_background_test(urls, store_args, new_model, env_vars, monkeypatch):
+def promote_during_load(urls, store_args, new_model, env_vars, monkeypatch):
     from keras_serve.model.__main__ import main as model_cli
-    from keras_serve.tools.swap_under_load import drive
+    from measure_model_swap import drive
 
     for name, value in env_vars.items():
         monkeypatch.setenv(name, value)
@@ -64,7 +63,7 @@ def test_a_swap_under_load_fails_no_request(workers, colour_model_path, inverted
                                             monkeypatch):
     with ServerProcess("--model", str(colour_model_path), "--upload-dir", str(tmp_path), "--workers", workers,
                        "--threads", "16", "--model-check-interval", "0.5") as server:
-        run, _ = promote_in_background_test(
+        run, _ = promote_during_load(
             [server.url], ["--upload-dir", str(tmp_path), "--model", str(colour_model_path)],
             inverted_colour_model_path, {}, monkeypatch)
         check(run, sha(colour_model_path), sha(inverted_colour_model_path))
@@ -83,7 +82,7 @@ def test_two_replicas_on_one_database_both_swap(colour_model_path, inverted_colo
     replicas = [ServerProcess("--model", str(colour_model_path), "--upload-dir", str(tmp_path / name), *store,
                               "--threads", "16", "--model-check-interval", "0.5", env=env) for name in ("a", "b")]
     try:
-        run, _ = promote_in_background_test(
+        run, _ = promote_during_load(
             [r.url for r in replicas], [*store, "--model", str(colour_model_path)], inverted_colour_model_path,
             env, monkeypatch)
         check(run, sha(colour_model_path), sha(inverted_colour_model_path))

@@ -9,14 +9,11 @@ import hashlib
 import io
 import json
 import re
-import threading
-from concurrent.futures import Future
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from images import BLUE, RED, image_bytes
+from images import RED, image_bytes
 from uploading import post_file
 
 TOKEN = "model-admin-token-" + "x7" * 8

@@ -1,15 +1,17 @@
 """A model promoted while clients keep uploading: failures, latency before and during, time to switch.
 
-    python -m keras_serve.tools.swap_under_load [--clients 32] [--workers 2 | --replicas 2] [--seconds 20]
+    .venv/bin/python tests/measure_model_swap.py [--clients 32] [--workers 2 | --replicas 2] [--seconds 20]
 
-starts the server itself (the default model, a fresh store in a temporary folder; --replicas
+Not a test (timings do not belong in tests); it lives here because it starts the same real
+PostgreSQL and SeaweedFS the tests start, and tests/test_model_swap_under_load.py uses its `drive`.
+
+It starts the server itself (the default model, a fresh store in a temporary folder; --replicas
 puts two servers on one PostgreSQL and one S3 store, started from the test binaries), drives
 it with N clients sending real photos (../shared, else generated ones), promotes
 models/seed_baseline.h5 (the same labels, another network) half-way through with
 `python -m keras_serve.model promote`, and prints: requests, failures, p50/p99 before the
 promotion and in the seconds after it, their ratio, and how long until every answer came
-from the new version. The tests use `drive` on tiny models (tests/test_model_swap_under_load.py);
-the timings belong here, not in a test.
+from the new version.
 """
 from __future__ import annotations
 
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidate", type=Path, default=PROJECT_ROOT / "models" / "seed_baseline.h5")
     args = p.parse_args(argv)
 
-    sys.path.insert(0, str(PROJECT_ROOT / "tests"))  # the engines the tests start (PostgreSQL, SeaweedFS)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # a script, not collected by pytest
     from server_process import ServerProcess
     from services import running_postgres, running_seaweedfs
 
