@@ -275,3 +275,22 @@ def test_a_browser_session_needs_the_csrf_token_to_promote(versioned_app, invert
     assert client.get("/api/models").status_code == 200  # the session cookie works for reading
     assert client.post(f"/api/models/{sha}/promote").status_code == 400  # but a change needs the token
     assert versioned_app.extensions["model_registry"].served() is None
+
+
+def test_a_version_that_fails_its_warm_up_is_refused_once(versioned_app, inverted_colour_model_path, monkeypatch):
+    from keras_serve.model.served_model import ServedModel
+
+    service = versioned_app.extensions["classifier"]
+    registry = versioned_app.extensions["model_registry"]
+    registry.promote(registry.publish(inverted_colour_model_path, ["CAT", "DOG"], "ana").sha256, "ana")
+    calls = []
+
+    def broken(self, batch):
+        calls.append(len(batch))
+        raise RuntimeError("out of memory in the engine")
+
+    monkeypatch.setattr(ServedModel, "predict_batch", broken)
+    assert service.follower.check() == "refused"
+    assert "fails its warm-up: RuntimeError" in service.follower.refused[sha256_of(inverted_colour_model_path)]
+    tried = len(calls)
+    assert service.follower.check() == "same" and len(calls) == tried  # not loaded again every round

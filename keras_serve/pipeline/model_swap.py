@@ -101,7 +101,11 @@ class ModelFollower:
                     self._cache = Path(tempfile.mkdtemp(prefix="keras-serve-models-"))
                 path = self.registry.fetch(wanted, self._cache)
             model = load_candidate(path, self._config, current.model.labels, self._max_decode_bytes)
-            generation = self._build(model)
+            try:
+                generation = self._build(model)
+            except Exception as exc:  # it loaded but cannot run (warm-up failed): never retried every round
+                raise CandidateRefused(f"{path.name} fails its warm-up: {type(exc).__name__}: "
+                                       f"{' '.join(str(exc).split())[:200]}") from None
         except CandidateRefused as exc:
             self.refused[str(sha)] = exc.message
             log.error("model version %s refused, still serving %s: %s", str(sha)[:12], self._name(current), exc.message)
