@@ -289,10 +289,8 @@ class LocalImageStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)  # a model is written rarely and must survive a crash whole
+                self._write_all(fd, data)
+                os.fsync(fd)  # whatever UPLOAD_FSYNC says: a model is written rarely and must survive a crash whole
             finally:
                 os.close(fd)
             os.replace(temp, path)

@@ -90,9 +90,11 @@ class ModelRegistry:
         row = {"sha256": sha256, "file": name, "bytes": len(data), "labels": list(labels),
                "published": self.clock(), "published_by": by[:64]}
         with self.records._errors("record a model version in"), self.records._begin() as conn:
-            if conn.execute(sa.select(model_versions.c.sha256).where(model_versions.c.sha256 == sha256)).first() is None:
+            # Another publisher of the same bytes may have won meanwhile: its row stands.
+            raced = conn.execute(sa.select(model_versions).where(model_versions.c.sha256 == sha256)).mappings().first()
+            if raced is None:
                 conn.execute(model_versions.insert().values(**row))
-        return self._version(sha256) or ModelVersion(**row)
+        return ModelVersion(**(raced or row))
 
     def versions(self) -> list[ModelVersion]:
         """Every published version, newest first."""
