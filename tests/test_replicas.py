@@ -118,11 +118,12 @@ def test_two_replicas_share_every_upload_and_survive_one_being_killed(colour_mod
 
         ok = [(upload_id, data) for status, upload_id, data in answers if status == 200]
         refused = [status for status, _, _ in answers if status != 200]
-        # A request in flight inside the killed replica gets 502 from nginx (POST is not replayed);
-        # nothing else may fail, and the survivor carries the rest.
+        # A request in flight inside the killed replica gets 502 from nginx (POST is not replayed),
+        # or, when the replica died while its answer was already on the way, a broken connection
+        # (0: no answer, so no promise); nothing else may fail, and the survivor carries the rest.
         print(f"{len(answers)} uploads, {len(ok)} answered 200, {len(refused)} refused {sorted(set(refused))}, "
               f"{len(after_kill)} sent after the kill")
-        assert set(refused) <= {502}, refused
+        assert set(refused) <= {0, 502}, refused
         assert len(refused) <= 8, refused  # at most one request in flight per client died with a
         # Once a is gone, nginx sends everything to b: no upload sent after the kill fails.
         assert set(after_kill) == {200}, after_kill
