@@ -154,9 +154,13 @@ class LoneInputSplit:
     def __init__(self, lone: Any, batched: Any) -> None:
         self.lone, self.batched = lone, batched
         self.name, self.version = batched.name, batched.version
+        # Whether this process has other requests in flight (`Generation` says). Then a lone
+        # input runs on the process's share too: every worker's passes on every core at once
+        # cost ~1 ms of CPU more per request with 2 workers on 2 cores (docs/performance-design.md).
+        self.crowded: Callable[[], bool] = lambda: False
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return (self.lone if len(batch) == 1 else self.batched)(batch)
+        return (self.lone if len(batch) == 1 and not self.crowded() else self.batched)(batch)
 
 
 def file_sha256(path: Path) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keras_serve.settings import DEFAULT_MODEL_PATH
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -200,6 +200,13 @@ class ServedModel:
             if any(self.interpret(a).label != self.interpret(b).label for a, b in zip(got, want)):
                 return "changes a label on generated inputs"
         return None
+
+    def share_cores_when(self, crowded: Callable[[], bool]) -> None:
+        """A lone input gets every core only while `crowded()` is false (engines.LoneInputSplit)."""
+        from keras_serve.model.engines import LoneInputSplit
+
+        if isinstance(self.engine, LoneInputSplit):
+            self.engine.crowded = crowded
 
     # --- the calls the web layer makes -------------------------------------------------
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:

@@ -56,7 +56,9 @@ class Generation:
         else:
             batcher = InlinePredictor(model.predict_batch, metrics=metrics)
         heatmaps = HeatmapMaker(model, budget, float(config.get("HEATMAP_WAIT_SECONDS", 10.0)))
-        return cls(model, batcher, heatmaps)
+        generation = cls(model, batcher, heatmaps)
+        model.share_cores_when(lambda: generation.users > 1)
+        return generation
 
     def close(self) -> None:
         self.batcher.close()
