@@ -64,7 +64,6 @@ RESERVED_FDS = 256
 # and closing on unread data makes the kernel send a reset that destroys the answer.
 LINGER_S = 10.0
 ACCEPT_BATCH = 64
-RECV_BYTES = 256 * 1024
 BARE_LF = re.compile(rb"(?<!\r)\n")
 # Answered in the event loop (see HardenedServer.add_task): the app must answer these from
 # memory, never waiting on a lock, the model or the store.
@@ -365,9 +364,6 @@ def build_server(flask_app: Flask, settings: ServerSettings, wsgi_app=None,
         channel_timeout=max(1, round(settings.idle_timeout_s)),
         cleanup_interval=max(1, int(min(settings.idle_timeout_s, settings.header_timeout_s) / 4)),
         asyncore_use_poll=True,  # select() fails on descriptors above 1024
-        # One read takes a whole photo upload (8 KiB, waitress's default, takes a 24 KB JPEG in
-        # four turns of the loop, each parsing and buffering in Python).
-        recv_bytes=RECV_BYTES,
         backlog=2048,
     )
     return HardenedServer(flask_app, wsgi_app or flask_app, settings, adj, listening=listening)
