@@ -1,6 +1,7 @@
 """Serving over HTTP: waitress, hardened against idle and slow clients, and stopped gracefully.
 
-Per process: request threads (waitress) and one event loop that owns every client socket.
+Per process: request threads (waitress) and one event loop that owns every client socket
+(`keras_serve.web.event_loop`: waitress's turn, with its poll set kept in the kernel).
 `serve` runs one process; with `--workers N`, gunicorn's workers (`keras_serve.workers`) each
 run `run_server` on the listening socket they share. What this module adds to a plain
 `waitress.serve`:
