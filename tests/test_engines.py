@@ -72,6 +72,31 @@ def test_a_worker_engine_runs_a_lone_input_on_every_core_and_batches_on_its_shar
                           engines.LoneInputSplit)
 
 
+def test_a_lone_input_keeps_to_its_share_while_its_process_has_other_requests(tmp_path, monkeypatch):
+    from keras_serve.pipeline.decode_budget import DecodeBudget
+    from keras_serve.pipeline.model_slot import Generation, ModelSlot
+
+    monkeypatch.setattr(engines, "usable_cores", lambda: 4)
+    fixture = write_keras3_model(tmp_path / "m.keras")
+    served = ServedModel.load(fixture.path, engine="onnxruntime", engine_threads=2)  # as one of 2 workers
+    split = served.engine
+    calls = []
+    for name in ("lone", "batched"):
+        instance = getattr(split, name)
+        monkeypatch.setattr(split, name, lambda batch, run=instance, name=name: calls.append(name) or run(batch))
+    generation = Generation.build(served, {"BATCHING": "off"}, DecodeBudget(1 << 30))
+    slot = ModelSlot(generation)
+    one = fixture.inputs[:1]
+    calls.clear()
+    with slot.using() as serving:
+        serving.batcher.predict(one)  # the only request in this process: every core
+        with slot.using():  # a second request arrives: the lone input keeps to the process's share
+            serving.batcher.predict(one)
+        serving.batcher.predict(one)
+    assert calls == ["lone", "batched", "lone"]
+    slot.close()
+
+
 def test_a_new_input_size_in_the_model_card_gets_its_own_conversion(tmp_path):
     import keras
 
