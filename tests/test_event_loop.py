@@ -6,6 +6,7 @@ still delivered, and connections whose answer cannot have changed are really not
 """
 from __future__ import annotations
 
+import os
 import socket
 import threading
 
@@ -235,6 +236,27 @@ def test_a_descriptor_reused_after_a_turn_in_between_gets_its_own_events(loop):
     assert new.received == b"hello" and new.writes == 0
 
 
+def test_a_closed_socket_whose_file_another_descriptor_still_holds_leaves_no_stale_events(loop):
+    """epoll drops a closed descriptor from its set only once every descriptor of the same open
+    file is closed (epoll(7)): a dup, or a child forked meanwhile, keeps the entry alive, and it
+    would report the old socket's events under a number that now belongs to another connection
+    (waitress closes a connection whose read fails with EAGAIN)."""
+    the_loop, socket_map, peers = loop
+    old, old_client = connect(Connection, socket_map, peers)
+    the_loop.turn(0)  # registered for reading
+    fd = old._fileno
+    held = os.dup(fd)  # as a child process forked just now would hold it
+    try:
+        old.close()
+        new, _ = reuse_descriptor(fd, Connection, socket_map, peers)
+        old_client.sendall(b"for the old socket")  # readable, through the held descriptor
+        for _ in range(3):
+            the_loop.turn(0.05)  # handle_error re-raises the EAGAIN of a spurious read
+        assert new.reads == 0 and new.received == b""
+    finally:
+        os.close(held)
+
+
 def reuse_descriptor(fd: int, kind, socket_map: WatchedMap, peers: list):
     """A new dispatcher on a socket whose descriptor number is `fd` (the lowest free number is
     handed out first, so one of a new pair takes it)."""
@@ -282,8 +304,10 @@ def test_watched_map_records_every_descriptor_set_or_deleted():
     socket_map[5] = "c"  # replaced: the descriptor number may now be another socket
     assert socket_map.changed == {5, 7} and socket_map == {5: "c", 7: "b"}
     socket_map.changed = set()
+    deleted = []
+    socket_map.on_delete = deleted.append  # the loop unregisters here, before the close
     del socket_map[7]
-    assert socket_map.changed == {7} and socket_map == {5: "c"}
+    assert socket_map.changed == {7} and socket_map == {5: "c"} and deleted == [7]
 
 
 def test_the_loop_consumes_the_map_changes_it_saw(loop):
