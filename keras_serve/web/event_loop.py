@@ -25,7 +25,7 @@ import collections
 import errno
 import select
 import time
-from typing import Any
+from typing import Any, Callable
 
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
@@ -41,6 +41,9 @@ class WatchedMap(dict):
     def __init__(self) -> None:
         super().__init__()
         self.changed: set[int] = set()
+        # Called as a descriptor leaves the map, while it is still open: wasyncore's close()
+        # removes the dispatcher before it closes the socket.
+        self.on_delete: Callable[[int], None] = lambda fd: None
 
     def __setitem__(self, fd: int, dispatcher: Any) -> None:
         super().__setitem__(fd, dispatcher)
@@ -49,6 +52,7 @@ class WatchedMap(dict):
     def __delitem__(self, fd: int) -> None:
         super().__delitem__(fd)
         self.changed.add(fd)
+        self.on_delete(fd)
 
 
 def wanted_events(dispatcher: Any) -> int:
@@ -68,6 +72,10 @@ class EventLoop:
         self._had_events: set[int] = set()
         self._touched: collections.deque = collections.deque()  # appended by any thread
         self._next_sweep = 0.0
+        # Unregister before the close: closing a descriptor drops it from the epoll set only
+        # when no other descriptor (a dup, a child forked meanwhile) holds the same open file,
+        # and a stale entry reports the old socket's events under a number now another's.
+        socket_map.on_delete = self._forget
 
     def touched(self, dispatcher: Any) -> None:
         """A thread changed what this dispatcher waits for; call before waking the loop."""
