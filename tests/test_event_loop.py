@@ -328,6 +328,15 @@ def test_a_touched_dispatcher_closed_before_the_turn_is_skipped(loop):
     assert gone.reads == gone.writes == 0 and not socket_map
 
 
+def test_a_connection_closed_after_the_loop_closed_closes_quietly(loop):
+    the_loop, socket_map, peers = loop
+    late, _ = connect(Connection, socket_map, peers)
+    the_loop.turn(0)  # registered in epoll
+    the_loop.close()  # run_server's finally; a request thread may still close its connection
+    late.close()
+    assert not socket_map
+
+
 # --- end to end: the hardened server's loop serving many keep-alive clients ---------------------
 
 def test_server_answers_many_keep_alive_clients_through_the_event_loop(monkeypatch):

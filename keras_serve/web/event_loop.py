@@ -120,6 +120,10 @@ class EventLoop:
             wasyncore.readwrite(dispatcher, flags)
 
     def close(self) -> None:
+        # Connections may still close after this (a request thread finishing, the server's
+        # own close): closing the epoll set dropped them all, so there is nothing to unregister.
+        self._map.on_delete = lambda fd: None
+        self._registered.clear()
         self._epoll.close()
 
     def _update(self, fd: int) -> None:
