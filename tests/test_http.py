@@ -8,6 +8,7 @@ import pytest
 from images import BLUE, RED, image_bytes
 from uploading import post_file
 from keras_serve.errors import PredictionError, StorageError
+from keras_serve.storage.images import OWNER_MARKER, TEMP_PREFIX
 from keras_serve.storage.uploads import is_upload_id
 
 HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
@@ -38,14 +39,21 @@ def test_json_answer_for_curl_and_api_clients(client, app):
     assert post(client, image_bytes(BLUE)).get_json()["class"] == "CAT"
 
 
+def stored_images(upload_dir: Path) -> list[Path]:
+    """The files under the upload folder other than the database and the store's owner marker
+    (which the start-up sweep may be writing meanwhile, through its temporary name)."""
+    not_images = {OWNER_MARKER, TEMP_PREFIX + OWNER_MARKER}
+    return [p for p in upload_dir.rglob("*")
+            if p.is_file() and not p.name.startswith("uploads.db") and p.name not in not_images]
+
+
 def test_upload_is_stored_with_its_prediction(client, app):
     data = image_bytes(BLUE, fmt="PNG")
     body = post(client, data, filename="../../etc/passwd.jpg").get_json()
     upload_dir = Path(app.config["UPLOAD_DIR"])
     # named by the server: the day and the detected format, never the client's name
     # (beside it: the database and the owner marker, docs/storage-faults.md)
-    [stored] = [p for p in upload_dir.rglob("*")
-                if p.is_file() and not p.name.startswith("uploads.db") and p.name != "keras-serve-store.json"]
+    [stored] = stored_images(upload_dir)
     assert stored.relative_to(upload_dir).as_posix() == time.strftime("%Y/%m/%d/", time.gmtime()) + f"{body['id']}.png"
     assert stored.read_bytes() == data
     record = client.get(f"/uploads/{body['id']}/record").get_json()
@@ -86,9 +94,7 @@ def test_bad_input_gets_the_right_status_and_a_helpful_body(client, app, data, s
     assert error["code"] == code and error["status"] == status
     assert error["message"] and error["hint"]
     # nothing rejected is stored, and the server keeps serving
-    upload_dir = Path(app.config["UPLOAD_DIR"])
-    assert not [p for p in upload_dir.rglob("*")
-                if p.is_file() and not p.name.startswith("uploads.db") and p.name != "keras-serve-store.json"]
+    assert not stored_images(Path(app.config["UPLOAD_DIR"]))
     assert app.extensions["classifier"].store.records.older_than(datetime(3000, 1, 1)) == []
     assert post(client, image_bytes(RED)).status_code == 200
 
