@@ -11,10 +11,10 @@ batching saves.
 kept when one forward pass over `PROBE_BATCH` images costs less per image than a pass over one
 by more than the hand-offs cost (CPU, which decides throughput under load; or wall time, all
 a GPU shows). Measured (docs/performance-design.md): the default cat/dog model with ONNX
-Runtime on the 2-core VM saves ~10% and ~0.2 ms of CPU per image at batch 8, and through the
-whole app at 8 concurrent requests the batcher spent 13.9 ms of CPU per request against 14.3
-(inline, 1 engine thread) and 14.9 (inline, 2): it keeps batching. A tiny model saves
-microseconds per image and serves inline, with nothing handed between threads.
+Runtime on the 2-core VM saves 6-8% of CPU per image in this probe (1.3% at one thread each,
+measured alone), and through the whole app the batcher spent 13.9 ms of CPU per request
+against 14.3 (inline, 1 engine thread) and 14.9 (inline, 2): it keeps batching. A tiny model
+saves microseconds per image and serves inline, with nothing handed between threads.
 """
 from __future__ import annotations
 
