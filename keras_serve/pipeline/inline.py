@@ -36,8 +36,8 @@ PROBE_BATCH = 8
 # (measured: 0.10-0.13 ms, docs/performance-design.md)...
 MIN_SAVED_MS = 0.1
 # ...and at least this share of it, so that timing noise alone never decides. (5% was tried:
-# the default model saves 6-8% here, so a noisy start-up now and then served it inline, which
-# cost 13.4 ms of CPU per request against 12.3 batched; docs/performance-design.md.)
+# the default model saves 6-8% here, so a noisy start-up now and then served it inline;
+# docs/performance-design.md.)
 MIN_SAVED_SHARE = 0.03
 
 
@@ -110,9 +110,9 @@ def forward_ms_per_image(predict_batch: Callable[[np.ndarray], Any], input_shape
                          batches: tuple[int, ...], budget_s: float = 0.6, most: int = 60) -> dict[int, tuple[float, float]]:
     """{batch: (CPU ms, wall ms) per image} of `predict_batch` on zero images, the least of each
     (anything else running only ever adds time), the batch sizes taking turns call by call so
-    that a busy machine weighs on all of them alike. CPU is
-    the whole process's (the engine's own threads count): what throughput under load depends
-    on; wall is what a lone request waits (and all a GPU shows)."""
+    that a busy machine weighs on all of them alike. CPU is the whole process's (the engine's
+    own threads count): what throughput under load depends on; wall is what a lone request
+    waits (and all a GPU shows)."""
     inputs = {n: np.zeros((n, *input_shape), np.float32) for n in batches}
     for x in inputs.values():
         predict_batch(x)  # warm-up
