@@ -124,6 +124,19 @@ class PredictionError(ServiceError):
     hint = "This is a server problem; try again shortly. The upload was kept."
 
 
+class ModelOutputInvalidError(PredictionError):
+    """The model answered an image with scores that are not probabilities (infinite, NaN,
+    outside [0, 1], or a softmax not summing to 1): nothing is served or recorded as an answer."""
+
+    hint = ("The server's model gave an answer that is not a probability, so none is given. The upload "
+            "was kept. The server's operator must check the model (its last layer should be a sigmoid or "
+            "a softmax); trying again will not help until then.")
+
+    def __init__(self, message: str, problem: str) -> None:
+        super().__init__(message)
+        self.problem = problem  # one of served_model.OUTPUT_PROBLEMS: a metric label
+
+
 # --- uploads and their storage ---------------------------------------------------------
 class UploadNotFound(ServiceError):
     hint = "Check the id; uploads are kept for a limited time."

@@ -22,6 +22,10 @@ class ServingMetrics(Protocol):
     def predicted(self, model_sha256: str | None) -> None:
         """One image was answered by the model version `model_sha256`."""
 
+    def model_output_invalid(self, model_sha256: str | None, problem: str) -> None:
+        """The model version `model_sha256` answered an image with scores that are not
+        probabilities; `problem` is one of served_model.OUTPUT_PROBLEMS."""
+
     def model_changed(self, result: str, info: Mapping[str, Any] | None) -> None:
         """`result`: "started" or "swapped" (info: the model now served), or "refused" (info None)."""
 
@@ -37,6 +41,9 @@ class NoMetrics:
         pass
 
     def predicted(self, model_sha256: str | None) -> None:
+        pass
+
+    def model_output_invalid(self, model_sha256: str | None, problem: str) -> None:
         pass
 
     def model_changed(self, result: str, info: Mapping[str, Any] | None) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from keras_serve.errors import ModelLoadError
+from keras_serve.errors import ModelLoadError, ModelOutputInvalidError
 from keras_serve.model.card import ModelCard, card_path
 from keras_serve.model.engines import file_sha256
 from keras_serve.pipeline.preprocessing import SCALINGS, PreprocessSpec
@@ -28,6 +28,13 @@ SIGMOID_DEFAULT_LABELS = ["CAT", "DOG"]
 # close to TensorFlow's and no label changes (issue 14: measured <= 1e-6 on real photos).
 FAITHFUL_MAX_ABS_DIFFERENCE = 1e-5
 PROBE_IMAGES = 4
+# Every served answer must be a probability. float32 arithmetic may step this far past 0 or 1
+# (such values are clipped); a softmax row may miss a sum of 1 by this much (float32 over a
+# thousand labels misses by about 1e-6).
+OUTPUT_RANGE_TOLERANCE = 1e-6
+SOFTMAX_SUM_TOLERANCE = 1e-3
+# Why an output row is refused; closed set, so each is a metric label.
+OUTPUT_PROBLEMS = ("not_finite", "out_of_range", "not_summing_to_one")
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +231,21 @@ class ServedModel:
             out /= out.sum(axis=1, keepdims=True)
         return out
 
+    def checked_output(self, rows: np.ndarray) -> np.ndarray:
+        """Output rows of `predict_batch` (one row, or a batch) as served probabilities; raises
+        ModelOutputInvalidError if any is not one: a score infinite or NaN, outside [0, 1], or
+        a softmax row not summing to 1.
+
+        A model may end in any activation (an exponential, a ReLU): the load and the candidate
+        check only see some inputs, so every answer is checked before it is served or stored.
+        """
+        rows = np.asarray(rows, dtype=np.float64)
+        matrix = rows.reshape(1, -1) if rows.ndim == 1 else rows
+        problem = output_problem(matrix, self.output_kind)
+        if problem is not None:
+            raise ModelOutputInvalidError(OUTPUT_PROBLEM_MESSAGES[problem], problem)
+        return np.clip(rows, 0.0, 1.0)  # only float32 rounding, within OUTPUT_RANGE_TOLERANCE
+
     def interpret(self, row: np.ndarray) -> Prediction:
         """One row of `predict_batch` -> the label, its confidence and every label's score."""
         if self.output_kind == "sigmoid":
@@ -266,6 +288,26 @@ class ServedModel:
                 f"input {i['height']}x{i['width']}x{i['channels']} {i['layout']}, scaling {d['preprocessing']['scaling']}; "
                 f"output {decision}; labels {','.join(self.labels)}; "
                 f"engine {self.engine.name} {self.engine.version}")
+
+
+OUTPUT_PROBLEM_MESSAGES = {
+    "not_finite": "The model's answer for this image is not a finite number.",
+    "out_of_range": "The model's answer for this image is not a probability (a score is below 0 or above 1).",
+    "not_summing_to_one": "The model's answer for this image is not a probability (its scores do not sum to 1).",
+}
+
+
+def output_problem(rows: np.ndarray, output_kind: str) -> str | None:
+    """The first of OUTPUT_PROBLEMS that any row of the 2-D `rows` has, or None (vectorised:
+    a few array operations whatever the batch size)."""
+    if not np.isfinite(rows).all():
+        return "not_finite"
+    if rows.min(initial=0.0) < -OUTPUT_RANGE_TOLERANCE or rows.max(initial=0.0) > 1.0 + OUTPUT_RANGE_TOLERANCE:
+        return "out_of_range"
+    if output_kind == "softmax" and rows.size and \
+            np.abs(rows.sum(axis=1) - 1.0).max() > SOFTMAX_SUM_TOLERANCE:
+        return "not_summing_to_one"
+    return None
 
 
 def _input_spec(model: Any, card: ModelCard, scaling: str | None, max_pixels: int | None,

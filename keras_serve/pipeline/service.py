@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from keras_serve.errors import PredictionError, ServiceError, StorageError, error_code
+from keras_serve.errors import ModelOutputInvalidError, PredictionError, ServiceError, StorageError, error_code
 from keras_serve.model.served_model import Prediction, ServedModel
 from keras_serve.model.versions import load_for_serving
 from keras_serve.pipeline.batcher import DynamicBatcher
@@ -161,8 +161,14 @@ class ClassifierService:
             "model_sha256": model.info.get("sha256"),  # the version that answered
         }
         try:
-            prediction = model.interpret(predict())
+            # Checked on every answer (a few array operations): a model's outputs are only
+            # probabilities on the inputs someone tried, and nothing else may be served or stored.
+            prediction = model.interpret(model.checked_output(predict()))
         except PredictionError as exc:
+            if isinstance(exc, ModelOutputInvalidError):
+                self.metrics.model_output_invalid(audit["model_sha256"], exc.problem)
+                log.warning("model %s answered an image with an invalid output (%s); answered 503",
+                            audit["model_sha256"], exc.problem)
             exc.upload_id = self._save(data, {**audit, "prediction": None, "error": exc.message})
             raise
         prediction = dataclasses.replace(prediction, unsure=prediction.confidence < self.unsure_below)

@@ -10,6 +10,7 @@ returns the `ServingMetrics` that the core (batcher, service) reports to:
     keras_serve_inference_duration_seconds                   one forward pass of the model
     keras_serve_uploads_stored_total, _upload_bytes_stored_total
     keras_serve_storage_errors_total{operation,kind}         save/read failures by error class
+    keras_serve_model_outputs_invalid_total{model_version,problem}  answers refused: not probabilities
 
 Every label comes from a closed set, so no client can add a series: `route` is the URL rule
 (`/uploads/<upload_id>`), never the path a client sent, and `unmatched` for 404s; `method` is
@@ -87,6 +88,12 @@ class PrometheusMetrics:
         self.model_changes = Counter("keras_serve_model_changes",
                                      "Model loads by result: started, swapped (a promotion followed), refused.",
                                      ["result"], registry=registry)
+        # problem: one of served_model.OUTPUT_PROBLEMS (a closed set).
+        self.model_outputs_invalid = Counter(
+            "keras_serve_model_outputs_invalid",
+            "Images the model answered with scores that are not probabilities (answered 503), by model "
+            "version and problem: not_finite, out_of_range, not_summing_to_one.",
+            ["model_version", "problem"], registry=registry)
         self._served_labels: tuple[str, str] | None = None
 
     # --- ServingMetrics (called by the core) ----------------------------------------------
@@ -103,6 +110,9 @@ class PrometheusMetrics:
 
     def predicted(self, model_sha256: str | None) -> None:
         self.predictions.labels(model_version_label(model_sha256)).inc()
+
+    def model_output_invalid(self, model_sha256: str | None, problem: str) -> None:
+        self.model_outputs_invalid.labels(model_version_label(model_sha256), problem).inc()
 
     def model_changed(self, result: str, info: Mapping[str, Any] | None) -> None:
         self.model_changes.labels(result).inc()

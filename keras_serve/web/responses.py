@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from keras_serve.errors import (AuthenticationError, CandidateRefused, CorruptImageError, DecodeBusyError, EmptyImageError,
                                 FeedbackLimitError, HeatmapBusyError, ImageTooLargeError, InvalidTokenError,
-                                MissingFileError, MissingTokenError, ModelRequestError, ModelVersionNotFound, NoConvolutionLayerError,
+                                MissingFileError, MissingTokenError, ModelOutputInvalidError, ModelRequestError, ModelVersionNotFound, NoConvolutionLayerError,
                                 NotAnImageError, NothingToRollBack,
                                 NotAuthorizedError, PredictionError, RateLimitedError, ReviewRequestError,
                                 ServiceError, StorageError, TooManyAttemptsError, TooManyFilesError, UploadNotFound,
@@ -34,6 +34,7 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     UploadNotFound: 404,
     RateLimitedError: 429,
     PredictionError: 503,
+    ModelOutputInvalidError: 503,
     StorageError: 503,
     DecodeBusyError: 503,
     TooManyFilesError: 413,
