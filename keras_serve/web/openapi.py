@@ -229,7 +229,7 @@ def build_spec(app: Flask, title: str = "keras-serve", version: str = "1") -> di
         "description": "Classify images with a Keras model. Every answer carries X-Request-ID; every error "
                        "answer has the same body (JSON, or an HTML page when the client prefers text/html). "
                        "Reference: /docs; this document: /openapi.json.",
-        "license": {"name": "See the project's repository", "identifier": "MIT"},
+        "license": {"name": "MIT", "identifier": "MIT"},
     })
     _model_schema(spec, ErrorBody)
     paths: dict[str, dict[str, Any]] = {}
