@@ -125,13 +125,17 @@ def test_browser_login_gives_a_strict_http_only_session_and_logout_ends_it(revie
     assert client.get("/api/uploads").status_code == 401
 
 
-def test_the_session_cookie_is_secure_over_tls(review_app):
-    client = review_app.test_client()
-    for kwargs in ({"base_url": "https://review.example"}, {"headers": {"X-Forwarded-Proto": "https"}}):
-        page = client.get("/review/login", headers={"Accept": "text/html", **kwargs.get("headers", {})},
-                          base_url=kwargs.get("base_url", "http://localhost"))
+def test_the_session_cookie_is_secure_over_tls(review_app, make_app, colour_model_path, storage_config):
+    behind_proxy = make_app(MODEL_PATH=str(colour_model_path), ADMIN_TOKEN=TOKEN, TRUSTED_PROXIES=1, **storage_config)
+    for app, kwargs in ((review_app, {"base_url": "https://review.example"}),
+                        (behind_proxy, {"headers": {"X-Forwarded-Proto": "https"}})):
+        page = app.test_client().get("/review/login", headers={"Accept": "text/html", **kwargs.get("headers", {})},
+                                     base_url=kwargs.get("base_url", "http://localhost"))
         cookie = page.headers["Set-Cookie"]
         assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    # Without a trusted proxy the header is the client's own claim: the connection is plain HTTP.
+    page = review_app.test_client().get("/review/login", headers={"Accept": "text/html", "X-Forwarded-Proto": "https"})
+    assert "Secure" not in page.headers["Set-Cookie"]
 
 
 def test_a_wrong_login_is_refused_and_repeated_failures_are_slowed_down(review_app):
@@ -415,7 +419,7 @@ def test_a_database_of_the_previous_version_is_migrated_keeping_its_rows(engine,
         assert row["prediction"] == {"label": "CAT", "confidence": 0.75}
         store.close()
     with old.connect() as conn:
-        assert conn.execute(sa.text("SELECT version FROM schema_migrations ORDER BY version")).all() == [(1,), (2,), (3,), (4,)]
+        assert conn.execute(sa.text("SELECT version FROM schema_migrations ORDER BY version")).all() == [(1,), (2,), (3,), (4,), (5,)]
         assert conn.execute(sa.text("SELECT count(*) FROM uploads")).scalar() == 1
         assert conn.execute(sa.text("SELECT count(*) FROM reviews")).scalar() == 0
     old.dispose()

@@ -147,6 +147,18 @@ model_promotions = sa.Table(
     sa.Column("created", sa.DateTime(), nullable=False),
 )
 
+# Schema 5: reviewers' browser sessions, so that logging out (or a new admin token) ends a
+# session in every process and replica, not only in the browser (keras_serve/storage/admin_sessions.py).
+admin_sessions = sa.Table(
+    "admin_sessions", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),        # SHA-256 of the cookie's session id, never the id
+    sa.Column("reviewer", sa.String(64), nullable=False),
+    sa.Column("token_key", sa.String(32), nullable=False),   # which admin token it was made under (a keyed digest)
+    sa.Column("created", sa.DateTime(), nullable=False),     # UTC
+    sa.Column("expires", sa.DateTime(), nullable=False),     # UTC
+)
+admin_sessions_expires = sa.Index("admin_sessions_expires", admin_sessions.c.expires)
+
 schema_migrations = sa.Table(
     "schema_migrations", metadata,
     sa.Column("version", sa.Integer(), primary_key=True),
@@ -217,6 +229,8 @@ MIGRATIONS: tuple[tuple[int, tuple[Any, ...]], ...] = (
          *(sa.schema.CreateIndex(index, if_not_exists=True) for index in REVIEW_INDEXES))),
     (4, (sa.schema.CreateTable(model_versions, if_not_exists=True),
          sa.schema.CreateTable(model_promotions, if_not_exists=True))),
+    (5, (sa.schema.CreateTable(admin_sessions, if_not_exists=True),
+         sa.schema.CreateIndex(admin_sessions_expires, if_not_exists=True))),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 UNAVAILABLE_HINT = "The upload database is unavailable; try again shortly. If it keeps happening, " \

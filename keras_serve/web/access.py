@@ -1,6 +1,8 @@
-"""Access control for programs: API tokens and rate limits on POST /file/, off by default.
+"""Access control for programs: API tokens and rate limits on POST /file/ and on heatmaps
+(the endpoints that run the model), off by default.
 
-- API tokens (API_TOKENS, API_TOKENS_FILE): set, `POST /file/` (and `/file`) needs
+- API tokens (API_TOKENS, API_TOKENS_FILE): set, `POST /file/` (and `/file`) and
+  `GET /uploads/<id>/heatmap.png` need
   `Authorization: Bearer <token>`; without a valid one the answer is 401 with
   `WWW-Authenticate: Bearer`. The browser form cannot send a header, so with tokens on the
   page says a token is needed, unless ALLOW_ANONYMOUS_UPLOADS accepts uploads without one
@@ -16,17 +18,16 @@
   per address too. Over the limit: 429 with `Retry-After`. If Redis cannot be reached, each
   process counts in memory until it can again (logged), rather than refusing uploads.
 - Client address (TRUSTED_PROXIES): the connection's address; X-Forwarded-For counts only
-  behind that many proxies, read from the right (werkzeug's ProxyFix), so a client cannot
-  pick its own address by sending the header.
+  behind that many proxies, read from the right (werkzeug's ProxyFix, applied in
+  keras_serve.web.proxies), so a client cannot pick its own address by sending the header.
 
 Health, readiness, metrics, the pages, stored images and static files are neither guarded
-nor limited: only the endpoint that spends CPU and storage is.
+nor limited: only the endpoints that spend the model's time and storage are.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import logging
 import math
 import os
@@ -41,16 +42,22 @@ from urllib.parse import urlsplit
 from flask import Flask, g, request
 
 from keras_serve.errors import ConfigurationError, InvalidTokenError, MissingTokenError, RateLimitedError
+from keras_serve.web import bounded_memory
+from keras_serve.web.proxies import client_address, trust_proxies
 
 log = logging.getLogger(__name__)
 
-GUARDED_ENDPOINTS = frozenset({"web.classify"})  # POST /file/ and POST /file
+# POST /file/ and POST /file, and the heatmap: each runs the model, so each needs a token and
+# counts against the limit (the heatmap with a count of its own, of the same size).
+GUARDED_ENDPOINTS = frozenset({"web.classify", "web.upload_heatmap"})
 # RFC 6750's b64token: what can follow "Bearer " without quoting.
 TOKEN_SYNTAX = re.compile(r"[A-Za-z0-9._~+/-]+=*")
 MIN_TOKEN_CHARS = 16
 RATE_LIMIT_STRATEGY = "sliding-window-counter"  # one counter pair per key, no burst at a window's edge
 REDIS_TIMEOUT_S = 1.0  # a Redis that hangs costs an upload this much, then memory counting takes over
 KEY_PREFIX = "keras-serve"
+# memory://: at most this many counters per process (about 27 MB); see bounded_memory.
+MEMORY_MAX_KEYS = bounded_memory.DEFAULT_MAX_KEYS
 
 
 @dataclass(frozen=True)
@@ -196,20 +203,6 @@ def redacted_uri(uri: str) -> str:
     return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}"
 
 
-def client_address() -> str:
-    """The address a limit applies to: the client's, or its /64 for IPv6."""
-    address = request.remote_addr or "unknown"
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:  # ::ffff:1.2.3.4 is the IPv4 client 1.2.3.4
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)
-
-
 class AccessControl:
     """The app's tokens and limiter; `app.extensions["access"]`."""
 
@@ -246,7 +239,9 @@ class AccessControl:
         if not g.access_presented:
             if self.settings.allow_anonymous_uploads:
                 return
-            raise MissingTokenError("This server needs an API token to classify an image.")
+            raise MissingTokenError("This server needs an API token to classify an image."
+                                    if request.endpoint == "web.classify" else
+                                    "This server needs an API token to draw a heatmap.")
         # A wrong token is refused even where anonymous uploads are allowed: the client means
         # to use one, and should learn that it does not work.
         raise InvalidTokenError("The API token in the Authorization header is not valid here.")
@@ -259,11 +254,9 @@ def init_app(app: Flask) -> AccessControl:
     access = AccessControl(settings)
     app.extensions["access"] = access
 
-    if settings.trusted_proxies:
-        from werkzeug.middleware.proxy_fix import ProxyFix
-
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=0, x_host=0,
-                                x_port=0, x_prefix=0)
+    # The client's address and scheme for everything after this: rate limits, the admin login
+    # backoff, the feedback quota, the session cookie's Secure flag (keras_serve.web.proxies).
+    app.wsgi_app = trust_proxies(app.wsgi_app, settings.trusted_proxies)
 
     if settings.rate_limit:
         access.limiter = _limiter(app, access)  # its before_request runs before the token check
@@ -283,7 +276,8 @@ def init_app(app: Flask) -> AccessControl:
         parts.append(f"rate limit {settings.rate_limit} per token or client address, counted in "
                      f"{redacted_uri(settings.rate_limit_storage_uri)}")
     if settings.trusted_proxies:
-        parts.append(f"client address from X-Forwarded-For behind {settings.trusted_proxies} proxy(ies)")
+        parts.append(f"client address and scheme from X-Forwarded-For and X-Forwarded-Proto behind "
+                     f"{settings.trusted_proxies} proxy(ies)")
     if parts:
         log.info("access: %s", "; ".join(parts))
     return access
@@ -294,15 +288,19 @@ def _limiter(app: Flask, access: AccessControl):
     from flask_limiter.errors import RateLimitExceeded
 
     settings = access.settings
-    storage_options: dict[str, Any] = {}
-    if urlsplit(settings.rate_limit_storage_uri).scheme != "memory":
+    storage_uri = settings.rate_limit_storage_uri
+    if urlsplit(storage_uri).scheme == "memory":
+        # limits' own memory storage has no ceiling; this one keeps at most this many counters.
+        storage_uri = f"{bounded_memory.SCHEME}://"
+        storage_options: dict[str, Any] = {"max_keys": MEMORY_MAX_KEYS}
+    else:
         storage_options = {"socket_timeout": REDIS_TIMEOUT_S, "socket_connect_timeout": REDIS_TIMEOUT_S}
     limiter = Limiter(
         key_func=access.rate_limit_key,
         app=app,
         default_limits=[settings.rate_limit],
         default_limits_exempt_when=lambda: request.endpoint not in GUARDED_ENDPOINTS,
-        storage_uri=settings.rate_limit_storage_uri,
+        storage_uri=storage_uri,
         storage_options=storage_options,
         strategy=RATE_LIMIT_STRATEGY,
         key_prefix=KEY_PREFIX,
@@ -324,6 +322,7 @@ def _limiter(app: Flask, access: AccessControl):
             log.warning("could not read the rate-limit window; answering Retry-After: 1", exc_info=True)
         who = "API token" if g.get("access_identity") else "client address"
         return service_error_response(RateLimitedError(
-            f"Too many uploads: this server allows {exc.limit.limit} per {who}.", retry_after))
+            f"Too many {'heatmaps' if request.endpoint == 'web.upload_heatmap' else 'uploads'}: this server "
+            f"allows {exc.limit.limit} per {who}.", retry_after))
 
     return limiter

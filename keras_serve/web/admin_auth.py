@@ -8,19 +8,25 @@ person into the login form, who then holds a session cookie.
   response, and not a metric label.
 - The session cookie is Flask's signed cookie, signed with a key derived from the token (so
   every worker and replica agrees, and changing the token logs everyone out), HttpOnly,
-  SameSite=Strict, Secure whenever the request came over TLS (directly, or as the proxy's
-  X-Forwarded-Proto says), and it expires after ADMIN_SESSION_HOURS.
+  SameSite=Strict, Secure whenever the request came over TLS (directly, or as a trusted
+  proxy's X-Forwarded-Proto says: keras_serve.web.proxies).
+- The cookie names a session kept in the records database (keras_serve.storage.admin_sessions),
+  checked on every request: logging out ends it for good (a copy of the cookie replayed later
+  is refused by every process), so does a server started with another admin token, and it
+  expires after ADMIN_SESSION_HOURS in any case.
 - A state-changing request authenticated by that cookie must carry Flask-WTF's CSRF token
   (form field `csrf_token` or header `X-CSRFToken`) and, when the browser sends an Origin,
   come from this origin. A Bearer request carries no cookie, so it needs no CSRF token.
-- Failed attempts are slowed down per client address: after FREE_FAILURES in a row, each
-  next attempt must wait twice as long as the last (up to MAX_DELAY_S), answered 429 with
-  Retry-After, without holding a request thread asleep.
+- Failed attempts are slowed down per client address (normalised as for the rate limit: an
+  IPv6 client per /64): after FREE_FAILURES in a row, each next attempt must wait twice as
+  long as the last (up to MAX_DELAY_S), answered 429 with Retry-After, without holding a
+  request thread asleep.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import math
 import re
 import threading
@@ -35,7 +41,11 @@ from flask import Flask, request, session
 from flask.sessions import SecureCookieSessionInterface
 from flask_wtf.csrf import CSRFProtect
 
-from keras_serve.errors import NotAuthorizedError, TooManyAttemptsError
+from keras_serve.errors import NotAuthorizedError, StorageError, TooManyAttemptsError
+from keras_serve.storage.admin_sessions import AdminSessions
+from keras_serve.web.proxies import client_address
+
+log = logging.getLogger(__name__)
 
 MIN_TOKEN_LENGTH = 16
 FREE_FAILURES = 5
@@ -98,11 +108,12 @@ class LoginThrottle:
 
 
 class ReviewSessions(SecureCookieSessionInterface):
-    """Flask's signed cookie, Secure whenever this request came over TLS."""
+    """Flask's signed cookie, Secure whenever this request came over TLS: the scheme is the
+    connection's, or a trusted proxy's X-Forwarded-Proto (keras_serve.web.proxies), never
+    what a client says about itself."""
 
     def get_cookie_secure(self, app: Flask) -> bool:
-        forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
-        return bool(app.config.get("SESSION_COOKIE_SECURE")) or request.is_secure or forwarded == "https"
+        return bool(app.config.get("SESSION_COOKIE_SECURE")) or request.is_secure
 
 
 class AdminAuth:
@@ -110,6 +121,7 @@ class AdminAuth:
         self._digest = _digest(token)
         self.throttle = throttle or LoginThrottle()
         self.csrf = CSRFProtect()
+        self.sessions: AdminSessions | None = None  # set by init_app
 
     def matches(self, given: str) -> bool:
         return hmac.compare_digest(_digest(given), self._digest)
@@ -127,10 +139,21 @@ class AdminAuth:
             WTF_CSRF_TIME_LIMIT=None,      # the token lives as long as the session that holds it
         )
         self.csrf.init_app(app)
+        # Which token a session was made under: keyed by the token, so the database never holds it.
+        token_key = hmac.new(token.encode(), b"keras-serve admin session owner", hashlib.sha256).hexdigest()[:32]
+        self.sessions = AdminSessions(app.extensions["review_store"].records, token_key,
+                                      timedelta(hours=session_hours))
+        try:
+            ended = self.sessions.end_other_tokens()
+        except StorageError:  # the database is down at start: each request still checks the token
+            log.warning("could not end the sessions of an earlier admin token now; they are refused anyway")
+        else:
+            if ended:
+                log.info("admin token changed: %d session(s) made under the old one ended", ended)
         app.extensions["admin_auth"] = self
 
     def client(self) -> str:
-        return request.remote_addr or "unknown"
+        return client_address()
 
     def authenticate(self) -> str | None:
         """The reviewer's name, or None when the request has no credential at all.
@@ -148,8 +171,11 @@ class AdminAuth:
                 raise NotAuthorizedError("The admin token is wrong.")
             self.throttle.succeeded(client)
             return reviewer_name(request.headers.get("X-Reviewer"), "api")
-        reviewer = session.get("reviewer")
-        if reviewer is None:
+        if "reviewer" not in session:
+            return None
+        reviewer = self.sessions.reviewer(session.get("sid"))
+        if reviewer is None:  # logged out, expired, or made under another token
+            session.clear()   # and the browser is told to forget the cookie
             return None
         if request.method not in SAFE_METHODS:
             self.check_same_origin()
@@ -164,10 +190,18 @@ class AdminAuth:
             self.throttle.failed(client)
             return False
         self.throttle.succeeded(client)
+        self.sessions.end(session.get("sid"))  # a login over a live session replaces it
         session.clear()  # a new session for the new login: nothing carried over from before it
-        session["reviewer"] = reviewer_name(name, "reviewer")
+        reviewer = reviewer_name(name, "reviewer")
+        session["sid"] = self.sessions.start(reviewer)
+        session["reviewer"] = reviewer
         session.permanent = True
         return True
+
+    def log_out(self) -> None:
+        """End this browser's session everywhere, not only in this browser."""
+        self.sessions.end(session.get("sid"))
+        session.clear()
 
     @staticmethod
     def check_same_origin() -> None:

@@ -117,9 +117,7 @@ def login():
 @bp.post("/review/logout")
 @operation("Log the reviewer out", tags=["review"], responses={303: html_page(), 401: ERROR, 404: ERROR})
 def logout():
-    from flask import session
-
-    session.clear()
+    auth().log_out()  # the session ends server-side: a copy of the cookie is refused from now on
     return redirect(url_for("review.login_form"), 303)
 
 
@@ -321,14 +319,16 @@ def review_one(upload_id: str):
 
 
 @bp.post("/api/uploads/review")
-@operation("Review up to 200 uploads at once (admin)", tags=["review"], request=json_answer(BULK_REVIEW_BODY),
+@operation("Review up to 200 uploads at once (admin); a confirm leaves uploads that already have a review "
+           "as they are (listed in already_reviewed)", tags=["review"], request=json_answer(BULK_REVIEW_BODY),
            responses={200: json_answer(OBJECT), 400: ERROR, 401: ERROR, 403: ERROR, 404: ERROR, 503: ERROR})
 def review_many():
     body = json_body()
     items = body.get("reviews") if isinstance(body, dict) else None
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_BULK:
         raise ReviewRequestError(f"Send {{\"reviews\": [...]}} with 1 to {MAX_BULK} reviews.")
-    result = review_store().review([decision(item) for item in items], g.reviewer)
+    # A confirm here is a bulk action: it never replaces a decision someone already made.
+    result = review_store().review([decision(item) for item in items], g.reviewer, confirm_unreviewed_only=True)
     return jsonify({**result, "counts": review_store().counts()})
 
 

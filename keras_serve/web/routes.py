@@ -16,6 +16,7 @@ from keras_serve.web.admin_auth import same_origin
 from keras_serve.web.api_models import (CLASSIFY_FORM, CLASSIFY_ANSWER, Liveness, ModelDescription, Readiness,
                                         UploadRecord)
 from keras_serve.web.openapi import ERROR, binary, form_body, html_page, json_body, multipart, operation
+from keras_serve.web.proxies import client_address
 from keras_serve.web.responses import service_error_body, service_error_status, wants_html
 
 bp = Blueprint("web", __name__)
@@ -128,10 +129,14 @@ def uploaded_image(upload_id: str):
 
 @bp.get("/uploads/<upload_id>/heatmap.png")
 @operation("Where the model looked (Grad-CAM): a transparent PNG to lay over the stored image", tags=["uploads"],
-           responses={200: binary("image/png"), 304: binary("image/png"), 404: ERROR, 422: ERROR, 503: ERROR},
-           response_headers={200: {"ETag": {"type": "string"}}})
+           responses={200: binary("image/png"), 304: binary("image/png"), 401: ERROR, 404: ERROR, 422: ERROR,
+                      429: ERROR, 503: ERROR},
+           response_headers={200: {"ETag": {"type": "string"}}, 401: {"WWW-Authenticate": {"type": "string"}},
+                             429: {"Retry-After": {"type": "string", "pattern": "^[0-9]+$"}}})
 def upload_heatmap(upload_id: str):
-    """Grad-CAM of the stored upload: a transparent PNG to lay over the photo (docs/heatmap.md)."""
+    """Grad-CAM of the stored upload: a transparent PNG to lay over the photo (docs/heatmap.md).
+
+    It runs the model, so API tokens and the rate limit apply as to POST /file/ (web/access.py)."""
     etag = service().heatmap_etag(upload_id)  # 404 for an unknown id
     headers = {"Cache-Control": IMMUTABLE_PRIVATE, "ETag": f'"{etag}"'}
     if request.if_none_match.contains(etag):
@@ -172,7 +177,8 @@ def feedback(upload_id: str):
                                  "Send the label you see in the picture as the form field 'label'.")
     reviews = current_app.extensions["review_store"]
     salt = reviews.instance_secret("feedback-client-key")
-    client = hmac.new(salt.encode(), (request.remote_addr or "").encode(), hashlib.sha256).hexdigest()[:32]
+    # The same client as the rate limit's: a trusted proxy's X-Forwarded-For, an IPv6 client per /64.
+    client = hmac.new(salt.encode(), client_address().encode(), hashlib.sha256).hexdigest()[:32]
     agrees = reviews.add_feedback(upload_id, label, client, int(current_app.config["FEEDBACK_PER_HOUR"]))
     if wants_html():
         return render_template("feedback.html", agrees=agrees, label=label, neither=NEITHER)

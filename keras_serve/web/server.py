@@ -15,10 +15,13 @@ run `run_server` on the listening socket they share. What this module adds to a 
   413 the connection reads and discards what the client is still sending for a while
   ("lingering close"), so clients that send the whole body before reading (browsers,
   requests) see the 413 instead of a connection reset.
-- waitress's own answers (400, 413, 431, 501, 500) have the app's error body (JSON, or the
+- waitress's own answers (400, 413, 431, 501, 505, 500) have the app's error body (JSON, or the
   error page for browsers) and its security headers.
 - A request whose header lines end in a bare LF is answered 400 at once (waitress would wait
-  for CRLF CRLF until the idle timeout).
+  for CRLF CRLF until the idle timeout); one in another version than HTTP/1.0 or 1.1 (an
+  HTTP/2 preface) 505.
+- Forwarded headers (X-Forwarded-For, -Proto) are passed to the app untouched: what they are
+  worth is the app's decision (keras_serve.web.proxies, TRUSTED_PROXIES).
 - `GET /healthz` and `/readyz` are answered by the event loop itself, not queued for a request
   thread: the app answers them from state in memory, so they take well under a millisecond even
   while every request thread waits on a hung store (a liveness probe must not fail then).
@@ -66,6 +69,7 @@ RESERVED_FDS = 256
 LINGER_S = 10.0
 ACCEPT_BATCH = 64
 BARE_LF = re.compile(rb"(?<!\r)\n")
+HTTP_VERSIONS = frozenset({"1.0", "1.1"})
 # Answered in the event loop (see HardenedServer.add_task): the app must answer these from
 # memory, never waiting on a lock, the model or the store.
 LOOP_ANSWERED_PATHS = frozenset({"/healthz", "/readyz"})
@@ -76,6 +80,7 @@ ERROR_HINTS = {
     413: "Send a smaller file, or fewer files per request.",
     431: "Send fewer or shorter request headers.",
     501: "Send the body with Content-Length or Transfer-Encoding: chunked.",
+    505: "Speak HTTP/1.1 to this server (or put a proxy that speaks HTTP/2 in front of it).",
     500: "This is a server problem; try again later.",
 }
 
@@ -120,15 +125,27 @@ def connection_limit(requested: int, open_file_limit: int) -> int:
     return max(min(requested, open_file_limit - RESERVED_FDS), 64)
 
 
+class HttpVersionNotSupported(BadRequest):
+    code = 505
+    reason = "HTTP Version Not Supported"
+
+
 class StrictRequestParser(HTTPRequestParser):
-    """waitress's parser, but a bare LF in the header section is a 400 at once."""
+    """waitress's parser, but a bare LF in the header section is a 400 at once, and a request
+    line in any version but HTTP/1.0 or 1.1 (an HTTP/2 client's preface `PRI * HTTP/2.0`) a 505."""
 
     def received(self, data: bytes) -> int:
         scanned = len(self.header_plus)
+        headers_were_finished = self.headers_finished
         consumed = super().received(data)
         if not self.completed and self.body_rcv is None and BARE_LF.search(self.header_plus, max(scanned - 1, 0)):
             self.parse_header(b"GET / HTTP/1.0\r\n")  # as waitress does for 431: a request to answer
             self.error = BadRequest("Header lines must end in CRLF, not a bare LF.")
+            self.completed = True
+        elif (self.headers_finished and not headers_were_finished and self.error is None
+              and getattr(self, "version", None) not in HTTP_VERSIONS):
+            # waitress would hand it to the app as HTTP/1.0 (the preface's PRI then gets a 404).
+            self.error = HttpVersionNotSupported(f"HTTP/{self.version} is not spoken here; use HTTP/1.1.")
             self.completed = True
         return consumed
 
@@ -365,6 +382,10 @@ def build_server(flask_app: Flask, settings: ServerSettings, wsgi_app=None,
         channel_timeout=max(1, round(settings.idle_timeout_s)),
         cleanup_interval=max(1, int(min(settings.idle_timeout_s, settings.header_timeout_s) / 4)),
         asyncore_use_poll=True,  # select() fails on descriptors above 1024
+        # Forwarded headers reach the app as sent: keras_serve.web.proxies decides what they
+        # are worth (TRUSTED_PROXIES), in the app, whatever server runs it. waitress would
+        # otherwise delete them all, and a proxy's client address with them.
+        clear_untrusted_proxy_headers=False,
         backlog=2048,
     )
     return HardenedServer(flask_app, wsgi_app or flask_app, settings, adj, listening=listening)
