@@ -22,10 +22,22 @@
     });
   }
 
+  // The reviewer's decision replaces the model's label as what the card says (highlighted).
   function showReview(card, review) {
     card.classList.remove("state-not_reviewed", "state-confirmed", "state-corrected");
     card.classList.add("state-" + review.state);
-    card.querySelector("[data-review]").textContent = review.state + ": " + review.label;
+    const decision = card.querySelector("[data-decision]");
+    decision.textContent = review.label;
+    decision.hidden = false;
+    const modelSaid = card.querySelector("[data-model-said]");
+    if (modelSaid) modelSaid.hidden = false;
+    card.querySelector("[data-review]").textContent = review.state;
+    card.querySelectorAll("button[data-label]").forEach((button) => {
+      const chosen = button.dataset.label === review.label;
+      button.classList.toggle("right", chosen);
+      button.classList.toggle("secondary", !chosen);
+      button.setAttribute("aria-pressed", chosen ? "true" : "false");
+    });
   }
 
   async function post(url, body) {
@@ -76,10 +88,14 @@
     if (button) { decide(card, button.dataset.label); event.preventDefault(); }
   });
 
+  // The bulk confirm asks first, and only ever touches uploads nobody has reviewed (the server
+  // enforces that too): a person's decision is never replaced by the model's label.
   const confirmPage = document.getElementById("confirm-page");
-  confirmPage.addEventListener("click", async () => {
-    const ids = cards.filter((card) => card.querySelector("button.right")).map((card) => card.dataset.id);
-    if (!ids.length) return;
+  const dialog = document.getElementById("confirm-dialog");
+  const unreviewed = () => cards.filter((card) => card.dataset.predicted !== undefined
+    && card.classList.contains("state-not_reviewed"));
+
+  async function confirmUnreviewed(ids) {
     try {
       const answer = await post("/api/uploads/review", { reviews: ids.map((id) => ({ id: id, confirm: true })) });
       answer.reviewed.forEach((review) => {
@@ -87,11 +103,33 @@
         if (card) showReview(card, review);
       });
       showCounts(answer.counts);
-      status.textContent = "Confirmed " + answer.reviewed.length + " predictions.";
+      const kept = (answer.already_reviewed || []).length;
+      status.textContent = "Confirmed " + answer.reviewed.length + " predictions."
+        + (kept ? " " + kept + " had been reviewed meanwhile and keep that review." : "");
     } catch (error) {
       status.textContent = "Not saved: " + error.message;
     }
+  }
+
+  confirmPage.addEventListener("click", () => {
+    const ids = unreviewed().map((card) => card.dataset.id);
+    if (!ids.length) {
+      status.textContent = "Nothing to confirm: every upload on this page with a prediction has a review.";
+      return;
+    }
+    dialog.querySelector("[data-confirm-count]").textContent = String(ids.length);
+    dialog.dataset.ids = ids.join(",");
+    dialog.showModal();
+    document.getElementById("confirm-cancel").focus();
   });
+  document.getElementById("confirm-cancel").addEventListener("click", () => dialog.close());
+  document.getElementById("confirm-go").addEventListener("click", () => {
+    const ids = (dialog.dataset.ids || "").split(",").filter(Boolean);
+    dialog.close();
+    if (ids.length) confirmUnreviewed(ids);
+  });
+  // Keys typed in the dialog answer the dialog, not the grid behind it.
+  dialog.addEventListener("keydown", (event) => event.stopPropagation());
 
   cards.forEach((card, i) => card.addEventListener("focus", () => {
     current = i;

@@ -6,7 +6,7 @@ import logging
 import re
 import subprocess
 import sys
-import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,19 @@ TOKEN = "review-token-" + "k3y" * 6
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 ROOT = Path(__file__).resolve().parent.parent
 UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
+
+
+class FrozenClock:
+    """A clock that moves only when the test says: time.monotonic / time.time stand-in."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def colour(i: int) -> tuple[int, int, int]:
@@ -76,19 +89,26 @@ def test_review_is_off_without_a_token_and_every_route_is_404(make_app, colour_m
 
 
 def test_every_admin_route_refuses_without_credentials_and_with_a_wrong_one(api):
+    from keras_serve.web.admin_auth import MAX_DELAY_S
+
     upload_id = upload(api)["id"]
+    # Each wrong token counts towards the login backoff (tested below); past every backoff
+    # after each request, each answer here must be the 401 itself.
+    clock = api.application.extensions["admin_auth"].throttle.clock = FrozenClock()
     wrong = [{}, {"Authorization": "Bearer " + TOKEN[:-1]}, {"Authorization": "Bearer " + TOKEN + "x"},
              {"Authorization": "Basic " + TOKEN}, {"Authorization": "Bearer"}, {"Authorization": TOKEN}]
     for headers in wrong:
         for path in ADMIN_GETS:
             r = api.get(path.format(id=upload_id), headers={**headers, "Accept": "application/json"})
+            clock.advance(MAX_DELAY_S + 1)
             assert r.status_code == 401, (path, headers, r.status_code)
             assert r.get_json()["error"]["code"] == "not_authorized"
             assert "Bearer" in r.headers["WWW-Authenticate"]
         for path, body in ADMIN_POSTS:
-            r = api.post(path.format(id=upload_id), json=body, headers=headers)
-            assert r.status_code in (401, 429), (path, headers, r.status_code)  # 429: the backoff began
-        api.application.extensions["admin_auth"].throttle.succeeded("127.0.0.1")
+            r = api.post(path.format(id=upload_id), json=body, headers={**headers, "Accept": "application/json"})
+            clock.advance(MAX_DELAY_S + 1)
+            assert r.status_code == 401, (path, headers, r.status_code)
+            assert r.get_json()["error"]["code"] == "not_authorized"
     # a browser without a session is sent to the login form
     r = api.get("/review", headers={"Accept": "text/html"})
     assert r.status_code == 303 and r.headers["Location"].endswith("/review/login")
@@ -139,6 +159,7 @@ def test_the_session_cookie_is_secure_over_tls(review_app, make_app, colour_mode
 
 
 def test_a_wrong_login_is_refused_and_repeated_failures_are_slowed_down(review_app):
+    clock = review_app.extensions["admin_auth"].throttle.clock = FrozenClock()
     client = review_app.test_client()
     for attempt in range(5):
         r = login(client, token="not-the-token-at-all")
@@ -149,16 +170,24 @@ def test_a_wrong_login_is_refused_and_repeated_failures_are_slowed_down(review_a
     other = review_app.test_client()
     r = other.get("/api/uploads", headers=BEARER, environ_base={"REMOTE_ADDR": "10.1.2.3"})
     assert r.status_code == 200  # other clients are not locked out
-    time.sleep(int(r.headers.get("Retry-After", "1")) + 1.1)
+    wait = int(login(client, token=TOKEN).headers["Retry-After"])
+    clock.advance(wait - 0.5)
+    assert login(client, token=TOKEN).status_code == 429  # not before its time
+    clock.advance(0.6)
     assert login(client, token=TOKEN).status_code == 303
 
 
 def test_an_expired_session_is_refused(make_app, colour_model_path, tmp_path):
-    app = make_app(MODEL_PATH=str(colour_model_path), ADMIN_TOKEN=TOKEN, ADMIN_SESSION_HOURS=1 / 3600)
+    app = make_app(MODEL_PATH=str(colour_model_path), ADMIN_TOKEN=TOKEN, ADMIN_SESSION_HOURS=1)
+    sessions = app.extensions["admin_auth"].sessions
+    started, clock = sessions.clock(), FrozenClock(0.0)
+    sessions.clock = lambda: started + timedelta(seconds=clock())
     client = app.test_client()
     assert login(client).status_code == 303
     assert client.get("/api/uploads").status_code == 200
-    time.sleep(2.2)
+    clock.advance(3599)
+    assert client.get("/api/uploads").status_code == 200
+    clock.advance(2)  # past the hour
     assert client.get("/api/uploads").status_code == 401
 
 
@@ -221,6 +250,89 @@ def test_bulk_review_and_bad_review_bodies(api):
                     headers=BEARER).status_code == 400
     r = api.post(f"/api/uploads/{ids[2]}/review", data="{not json", headers={**BEARER, "Content-Type": "application/json"})
     assert r.status_code == 400 and "Traceback" not in r.get_data(as_text=True)
+
+
+def test_a_bulk_confirm_never_replaces_a_persons_decision(review_app):
+    client = review_app.test_client()
+    made = [upload(client, i) for i in range(4)]
+    ids = [m["id"] for m in made]
+    login(client, name="ana")
+    csrf = {"X-CSRFToken": page_csrf(client)}
+    client.post(f"/api/uploads/{ids[0]}/review", json={"label": "neither"}, headers=csrf)
+    client.post(f"/api/uploads/{ids[1]}/review", json={"label": "CAT" if made[1]["label"] == "DOG" else "DOG"},
+                headers=csrf)
+    corrected = {upload_id: latest_review(client, upload_id) for upload_id in ids[:2]}
+
+    # what the page's "confirm" button sends: every upload on the page
+    r = client.post("/api/uploads/review", json={"reviews": [{"id": i, "confirm": True} for i in ids]}, headers=csrf)
+
+    assert r.status_code == 200
+    body = r.get_json()
+    assert [x["id"] for x in body["reviewed"]] == ids[2:] and body["already_reviewed"] == ids[:2]
+    assert {x["state"] for x in body["reviewed"]} == {"confirmed"}
+    for upload_id, label in corrected.items():
+        history = client.get(f"/api/uploads/{upload_id}/reviews").get_json()["reviews"]
+        assert [h["label"] for h in history] == [label]  # no second row: nothing was replaced
+        assert latest_review(client, upload_id) == label
+    assert body["counts"]["corrected"] == 2 and body["counts"]["confirmed"] == 2
+    # a person confirming one upload still may: that is a decision, not a bulk action
+    r = client.post(f"/api/uploads/{ids[0]}/review", json={"confirm": True}, headers=csrf)
+    assert r.get_json()["state"] == "confirmed"
+
+
+def latest_review(client, upload_id: str) -> str:
+    listed = client.get("/api/uploads?limit=200").get_json()["uploads"]
+    return next(u["review"]["label"] for u in listed if u["id"] == upload_id)
+
+
+def test_a_card_shows_the_reviewers_label_highlighted_once_there_is_one(api):
+    red = upload(api, 5)  # reddish: the model says DOG
+    assert red["label"] == "DOG"
+    api.post(f"/api/uploads/{red['id']}/review", json={"label": "neither"}, headers=BEARER)
+    unreviewed = upload(api, 5)["id"]
+
+    page = api.get("/review", headers={**BEARER, "Accept": "text/html"}).get_data(as_text=True)
+
+    cards = {m.group(1): m.group(0) for m in re.finditer(r'<li class="card[^"]*" data-id="([0-9a-f]{32})".*?</li>',
+                                                          page, re.S)}
+    reviewed_card = cards[red["id"]]
+    decision = re.search(r'<span class="decision" data-decision( hidden)?>([^<]*)</span>', reviewed_card)
+    assert decision.group(1) is None and decision.group(2) == "neither"
+    assert re.search(r'class="right" aria-pressed="true">neither</button>', reviewed_card)
+    assert re.search(r'class="secondary" aria-pressed="false">DOG</button>', reviewed_card)
+    fresh_card = cards[unreviewed]
+    assert re.search(r'<span class="decision" data-decision hidden></span>', fresh_card)
+    assert re.search(r'class="right">DOG</button>', fresh_card)  # before any review: the model's label
+
+
+def test_counts_are_never_more_than_ten_seconds_old(api):
+    store = api.application.extensions["review_store"]
+    clock = store.monotonic = FrozenClock()
+
+    def counts() -> dict:
+        return api.get("/api/uploads/counts", headers=BEARER).get_json()
+
+    upload(api, 0)
+    assert counts()["total"] == 1
+    for i in range(1, 4):
+        upload(api, i)
+    clock.advance(4.9)
+    assert counts()["total"] == 1  # a count under 5 s old is reused as it is
+    clock.advance(300)             # a quiet spell of minutes, then someone opens the page
+    assert counts() | {} == {"total": 4, "to_review": 4, "reviewed": 0, "confirmed": 0, "corrected": 0,
+                             "feedback_disagrees": 0}
+    assert store.recounting is None  # that call counted itself; nothing ran in the background
+
+    upload(api, 4)
+    clock.advance(10.01)  # just past the promise: counted again before the answer
+    assert counts()["total"] == 5
+
+    upload(api, 5)
+    clock.advance(6)  # 5 to 10 s old: still answered, and recounted in the background for the next call
+    assert counts()["total"] == 5
+    store.recounting.join(timeout=30)
+    assert not store.recounting.is_alive()
+    assert counts()["total"] == 6
 
 
 # --- public feedback ----------------------------------------------------------------------
@@ -437,8 +549,9 @@ def test_retention_deletes_an_uploads_reviews_feedback_and_thumbnail(make_app, c
     assert client.get(f"/api/uploads/{upload_id}/thumbnail", headers=BEARER).status_code == 200
     cached = Path(storage_config["UPLOAD_DIR"]) / ".thumbnails" / upload_id[:2] / f"{upload_id}.webp"
     assert cached.exists()
-    time.sleep(1.5)
     store = app.extensions["classifier"].store
+    received = store.clock()
+    store.clock = lambda: received + 2  # two seconds on: past the one-second retention
     assert store.prune()["expired"] == 1
     with store.records.engine.connect() as conn:
         for table in (reviews, feedback):

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -130,7 +130,11 @@ class ListingQuery:
 # Written exactly as the partial indexes' conditions (records.py), with no bound parameter.
 REVIEWED = sa.text("uploads.review_state != 0")
 HAS_FEEDBACK = sa.text("uploads.feedback_at IS NOT NULL")
-TOTAL_CACHE_S = 10.0
+# `counts()["total"]` is never older than TOTAL_MAX_AGE_S (docs/review.md): older, the request
+# counts again itself. From TOTAL_REFRESH_AFTER_S on, a request starts a recount in the
+# background and answers with the last total, so a page in use seldom waits for the count.
+TOTAL_MAX_AGE_S = 10.0
+TOTAL_REFRESH_AFTER_S = 5.0
 
 
 def _is_sha256(text: str) -> bool:
@@ -146,11 +150,15 @@ LISTED_COLUMNS = (uploads.c.id, uploads.c.received, uploads.c.bytes, uploads.c.f
 class ReviewStore:
     """The review loop's queries, on the same engine (and errors) as the upload records."""
 
-    def __init__(self, records: RecordStore, clock=lambda: datetime.now(timezone.utc).replace(tzinfo=None)) -> None:
+    def __init__(self, records: RecordStore, clock=lambda: datetime.now(timezone.utc).replace(tzinfo=None),
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.records = records
         self.clock = clock
-        self._total_cache: tuple[int, float] | None = None
+        self.monotonic = monotonic  # ages the cached total; tests freeze it
+        self._total_cache: tuple[int, float] | None = None  # (total, monotonic() when its count began)
+        self._total_lock = threading.Lock()
         self._recount = threading.Lock()
+        self.recounting: threading.Thread | None = None  # the latest background recount
 
     # -- listing -------------------------------------------------------------------------
 
@@ -185,9 +193,10 @@ class ReviewStore:
 
         The reviewed ones and the feedback are counted exactly, from indexes that hold only
         them (a few % of the rows). Counting every row takes a whole index scan (0.2 s at a
-        million rows on SQLite), so `total` is counted in the background at most every
-        TOTAL_CACHE_S, and a request gets the last count: uploads of the last seconds may be
-        missing from `total` and `to_review`. Only a process's first call waits for it.
+        million rows on SQLite), so `total` comes from a count at most TOTAL_MAX_AGE_S old:
+        uploads of the last seconds may be missing from `total` and `to_review`. A request
+        that finds it older counts itself (the first call of a process, a page opened after a
+        quiet spell); one that finds it older than TOTAL_REFRESH_AFTER_S recounts in the background.
         """
         c = uploads.c
         with self.records._errors("read", read=True), self.records._connect() as conn:
@@ -196,15 +205,25 @@ class ReviewStore:
                                          .group_by(c.review_state)).all())
             disagreeing = conn.execute(sa.select(sa.func.count()).where(
                 c.feedback_at.is_not(None), c.feedback_label != sa.func.coalesce(c.predicted_label, ""))).scalar()
-            if self._total_cache is None:
-                self._total_cache = (self._count_all(conn), time.monotonic())
-        total, counted = self._total_cache
-        if time.monotonic() - counted > TOTAL_CACHE_S and self._recount.acquire(blocking=False):
-            threading.Thread(target=self._refresh_total, name="count-uploads", daemon=True).start()
+            now = self.monotonic()
+            cached = self._total_cache
+            if cached is None or now - cached[1] > TOTAL_MAX_AGE_S:
+                cached = (self._count_all(conn), now)
+                self._keep_total(cached)
+        total, counted = cached
+        if now - counted > TOTAL_REFRESH_AFTER_S and self._recount.acquire(blocking=False):
+            self.recounting = threading.Thread(target=self._refresh_total, name="count-uploads", daemon=True)
+            self.recounting.start()
         reviewed = by_state.get(CONFIRMED, 0) + by_state.get(CORRECTED, 0)
         return {"total": total, "to_review": max(0, total - reviewed), "reviewed": reviewed,
                 "confirmed": by_state.get(CONFIRMED, 0), "corrected": by_state.get(CORRECTED, 0),
                 "feedback_disagrees": int(disagreeing or 0)}
+
+    def _keep_total(self, counted: tuple[int, float]) -> None:
+        """Keep a count unless a newer one is kept already (a slow background count may end last)."""
+        with self._total_lock:
+            if self._total_cache is None or counted[1] >= self._total_cache[1]:
+                self._total_cache = counted
 
     @staticmethod
     def _count_all(conn: sa.Connection) -> int:
@@ -212,9 +231,10 @@ class ReviewStore:
 
     def _refresh_total(self) -> None:
         try:
+            started = self.monotonic()  # the count shows the table as of now, so it ages from now
             with self.records._connect() as conn:
-                self._total_cache = (self._count_all(conn), time.monotonic())
-        except Exception:  # the next counts() tries again; this one keeps the last total
+                self._keep_total((self._count_all(conn), started))
+        except Exception:  # the next counts() tries again (or counts itself once the total is too old)
             pass
         finally:
             self._recount.release()
@@ -229,33 +249,46 @@ class ReviewStore:
 
     # -- reviews -------------------------------------------------------------------------
 
-    def review(self, decisions: Sequence[tuple[str, str | None]], reviewer: str) -> dict[str, Any]:
+    def review(self, decisions: Sequence[tuple[str, str | None]], reviewer: str,
+               confirm_unreviewed_only: bool = False) -> dict[str, Any]:
         """Record decisions [(upload id, label or None to confirm the prediction)].
 
-        Returns {"reviewed": [{id, label, state}], "not_found": [ids]}. Each decision is a new
-        row in `reviews`; the upload's cached latest review follows; the prediction stays.
+        Returns {"reviewed": [{id, label, state}], "not_found": [ids], "already_reviewed": [ids]}.
+        Each decision is a new row in `reviews`; the upload's cached latest review follows; the
+        prediction stays. With `confirm_unreviewed_only` (a bulk confirm: nobody looked at each
+        upload), a confirm leaves an upload that has a review as it is and lists it in
+        "already_reviewed": a person's decision is only ever replaced by another one.
         """
         ids = [upload_id for upload_id, _ in decisions]
         now = self.clock()
         done: list[dict[str, Any]] = []
+        kept: list[str] = []
         with self.records._errors("record the review in"), self.records._begin() as conn:
             predicted = dict(conn.execute(sa.select(uploads.c.id, uploads.c.predicted_label)
                                           .where(uploads.c.id.in_(ids))).all())
             for upload_id, label in decisions:
                 if upload_id not in predicted:
                     continue
+                unreviewed_only = confirm_unreviewed_only and label is None
                 if label is None:  # "confirm": the model was right
                     label = predicted[upload_id]
                     if label is None:
                         continue  # nothing to confirm: the prediction failed
                 state = CONFIRMED if label == predicted[upload_id] else CORRECTED
+                update = uploads.update().where(uploads.c.id == upload_id)
+                if unreviewed_only:
+                    # In the UPDATE itself, not read before: a review committed meanwhile by
+                    # another request is seen here (a row lock on PostgreSQL, one writer on SQLite).
+                    update = update.where(uploads.c.review_state == NOT_REVIEWED)
+                changed = conn.execute(update.values(review_label=label, review_state=state, reviewed_at=now))
+                if changed.rowcount == 0:
+                    kept.append(upload_id)
+                    continue
                 conn.execute(reviews.insert().values(upload_id=upload_id, label=label, reviewer=reviewer,
                                                      created=now))
-                conn.execute(uploads.update().where(uploads.c.id == upload_id).values(
-                    review_label=label, review_state=state, reviewed_at=now))
                 done.append({"id": upload_id, "label": label, "state": STATE_NAMES[state]})
         not_found = [upload_id for upload_id in ids if upload_id not in predicted]
-        return {"reviewed": done, "not_found": not_found}
+        return {"reviewed": done, "not_found": not_found, "already_reviewed": kept}
 
     def history(self, upload_id: str) -> list[dict[str, Any]]:
         """Every review of one upload, oldest first, then its feedback."""
