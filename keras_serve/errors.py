@@ -64,6 +64,12 @@ class TooManyFilesError(ServiceError):
     hint = "Send fewer files per request (split them over several requests)."
 
 
+class TooManyFormPartsError(ServiceError):
+    """A multipart body with more parts than the form parser takes (Flask's MAX_FORM_PARTS)."""
+
+    hint = "Send only the form's fields: one part per file and per field."
+
+
 class DecodeBusyError(ServiceError):
     """Large images already being decoded hold the memory budget; this one waited too long."""
 
@@ -146,6 +152,11 @@ class StorageError(ServiceError):
     # No guess at the cause here: the message says what is known, the log has the details.
     hint = "The upload could not be saved, so it was not classified. Try again later; " \
            "if it keeps happening, tell the server's operator."
+
+
+class ModelFileDamaged(StorageError):
+    """A published model file in the image store no longer matches its sha256: trying again
+    cannot help (keras_serve/storage/model_registry.py)."""
 
 
 # --- heatmaps (Grad-CAM) -------------------------------------------------------------------

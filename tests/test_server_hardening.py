@@ -161,6 +161,7 @@ def test_a_body_of_exactly_the_limit_is_accepted_one_byte_more_is_not(server):
     (b"POST /file/ HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
     (b"GET /healthz HTTP/1.1\r\nHost: test\r\nContent-Length: nope\r\n\r\n", 400),
     (b"POST /file/ HTTP/1.1\r\nHost: test\r\nContent-Length: 1048577\r\n\r\n", 413),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),  # an HTTP/2 client's preface (it used to get a 404)
 ])
 def test_answers_from_the_http_layer_are_the_apps_error_format_with_its_security_headers(
         server, request_bytes, status):
@@ -194,6 +195,18 @@ def test_a_10000_character_file_name_is_classified_and_stored_truncated(server):
 def test_a_part_header_over_64_kib_is_a_clear_400(server):
     r = requests.post(server.url + "/file/", files={"file": ("y" * 70_000 + ".jpg", image_bytes(RED))}, timeout=30)
     assert r.status_code == 400 and "part header" in r.json()["error"]["message"]
+
+
+def test_5000_empty_form_parts_are_a_413_that_says_too_many_parts_not_too_large(server):
+    boundary = fresh_boundary()
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n\r\n" * 5000
+            + f"--{boundary}--\r\n").encode()
+    assert len(body) < LIMIT  # well under the body limit: the body size is not the problem
+    r = requests.post(server.url + "/file/", data=body, timeout=30,
+                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    error = r.json()["error"]
+    assert r.status_code == 413 and error["code"] == "too_many_form_parts", r.text
+    assert "parts" in error["message"] and "larger" not in error["message"] and error["hint"]
 
 
 @pytest.mark.parametrize("path", ["/file", "/file/"])

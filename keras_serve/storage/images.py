@@ -366,9 +366,18 @@ class S3ImageStore:
         self.description = f"s3://{self.bucket}/{self.prefix}"
         # Short timeouts and bounded retries (STORE_*): a request thread hears "store down" (503)
         # within seconds, not after boto's default minute; 64 connections, one per request thread.
+        # total_max_attempts counts the first try (botocore's max_attempts counts only retries:
+        # 2 made 3 tries). A store that accepts and never answers so costs at most
+        # timeout_s x attempts plus botocore's backoff between tries (under a second for 2).
         self.client = boto3.client("s3", config=Config(
             connect_timeout=timeouts.connect_s, read_timeout=timeouts.timeout_s,
-            retries={"max_attempts": timeouts.attempts, "mode": "standard"}, max_pool_connections=64))
+            retries={"total_max_attempts": timeouts.attempts, "mode": "standard"}, max_pool_connections=64))
+        # botocore sends every PUT with "Expect: 100-continue" and waits up to a second per try
+        # for the store's go-ahead before sending the body; our bodies are small and already in
+        # memory, so the wait only ever delays an answer (by a second per try on a silent store).
+        from botocore.handlers import add_expect_header
+
+        self.client.meta.events.unregister("before-call.s3", add_expect_header)
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         self._call("save an image to", self.client.put_object, Bucket=self.bucket, Key=self.prefix + key,

@@ -23,6 +23,8 @@ from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 from werkzeug.http import parse_options_header
 
+from keras_serve.errors import TooManyFormPartsError
+
 READ_CHUNK = 64 * 1024
 # python-multipart's default (4,224 bytes per part header line) turns a long file name into
 # "no file part"; the whole request head is already capped by waitress (256 KB).
@@ -45,7 +47,8 @@ def split_parts(stream: IO[bytes], boundary: bytes, max_parts: int | None) -> li
 
     def part_begin() -> None:
         if max_parts is not None and len(parts) >= max_parts:
-            raise RequestEntityTooLarge(f"More than {max_parts} form parts.")
+            # Its own answer: the body may be tiny (5,000 empty parts), so "too large" would mislead.
+            raise TooManyFormPartsError(f"The form has more than {max_parts:,} parts.")
         parts.append(_Part())
 
     def header_field(data: bytes, start: int, end: int) -> None:

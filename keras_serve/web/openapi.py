@@ -37,6 +37,9 @@ OPENAPI_VERSION = "3.1.0"
 IMPLICIT_METHODS = {"HEAD", "OPTIONS"}  # Flask answers these for every rule by itself
 OPERATION_ATTRIBUTE = "__openapi_operations__"
 RULE_VARIABLE = re.compile(r"<(?:[^<>:]+:)?([^<>:]+)>")
+# The admin's blueprints (review, model versions): routed always, but 404 while no admin token
+# is set, so the document leaves them out then (it would advertise an admin surface that is off).
+ADMIN_BLUEPRINTS = frozenset({"review", "models"})
 View = TypeVar("View", bound=Callable[..., Any])
 
 
@@ -224,7 +227,8 @@ def _operation_id(rule: Rule, method: str) -> str:
 
 
 def build_spec(app: Flask, title: str = "keras-serve", version: str = "1") -> dict[str, Any]:
-    """The OpenAPI 3.1 document of everything `app` routes (undescribed routes left out)."""
+    """The OpenAPI 3.1 document of everything `app` routes (undescribed routes left out, and
+    the admin's routes while admin is off)."""
     spec = APISpec(title=title, version=version, openapi_version=OPENAPI_VERSION, info={
         "description": "Classify images with a Keras model. Every answer carries X-Request-ID; every error "
                        "answer has the same body (JSON, or an HTML page when the client prefers text/html). "
@@ -232,10 +236,11 @@ def build_spec(app: Flask, title: str = "keras-serve", version: str = "1") -> di
         "license": {"name": "MIT", "identifier": "MIT"},
     })
     _model_schema(spec, ErrorBody)
+    admin_on = "admin_auth" in app.extensions
     paths: dict[str, dict[str, Any]] = {}
     for rule, method in served_operations(app):
         declared = declared_operation(app, rule, method)
-        if declared is None:
+        if declared is None or (not admin_on and rule.endpoint.partition(".")[0] in ADMIN_BLUEPRINTS):
             continue
         parameters = [{"name": variable, "in": "path", "required": True,
                        "schema": declared.path.get(variable, {"type": "string", "minLength": 1})}
