@@ -5,10 +5,14 @@
     python -m keras_serve.model rollback                  back to what served before the last promotion
     python -m keras_serve.model publish candidate.h5      check and publish, not served yet
     python -m keras_serve.model list                      versions, which one serves, the log
+    python -m keras_serve.model optimize MODEL.h5 --calibrate DIR   write its int8 variant and card
 
 A file is checked as every server will check it (it loads with the server's settings, its
-converted engine answers as TensorFlow does, its labels are the served model's) before it is
-published; a refused one prints why and exits with status 2. The database and image store are
+converted engine answers as TensorFlow does, its labels are the served model's, its answers to
+real-looking probe images are probabilities) in a child process within CANDIDATE_MEMORY_MB and
+CANDIDATE_TIMEOUT_S, and compared with the served model (at most CANDIDATE_MAX_SLOWDOWN times
+slower per image and CANDIDATE_MAX_MEMORY_GROWTH times the memory; --force skips only this
+comparison) before it is published or promoted; a refused one prints why and exits with status 2. The database and image store are
 chosen like the server's: --upload-dir, --database-url, --image-store, or KERAS_SERVE_* variables;
 --model is the model the servers were started with. Every server process sharing the database
 swaps to a promoted version within MODEL_CHECK_INTERVAL_S plus the time it takes to load it.
@@ -38,11 +42,21 @@ def main(argv: Iterable[str] | None = None) -> int:
     promote.add_argument("candidate")
     publish = sub.add_parser("publish", help="check and publish a model file without serving it")
     publish.add_argument("candidate", type=Path)
+    for command in (promote, publish):
+        command.add_argument("--force", action="store_true",
+                             help="accept it even if it is slower or takes more memory than the served model "
+                                  "allows (CANDIDATE_MAX_SLOWDOWN, CANDIDATE_MAX_MEMORY_GROWTH); every other "
+                                  "check still applies")
     sub.add_parser("rollback", help="serve what served before the promotion in effect")
     sub.add_parser("list", help="published versions, the one served, and the log (JSON)")
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    from keras_serve.model.quantize_cli import add_optimize_parser, optimize_main
 
-    from keras_serve.model.versions import publish_candidate
+    add_optimize_parser(sub)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.command == "optimize":  # makes a file; needs no database or image store
+        return optimize_main(args)
+
+    from keras_serve.model.versions import promote_version, publish_candidate
     from keras_serve.storage.model_registry import ModelRegistry, is_sha256
     from keras_serve.storage.uploads import UploadStore
 
@@ -58,16 +72,17 @@ def main(argv: Iterable[str] | None = None) -> int:
         if args.command in ("promote", "publish"):
             candidate = str(args.candidate)
             if args.command == "promote" and is_sha256(candidate) and not Path(candidate).exists():
-                version = registry.version(candidate)
+                version = promote_version(registry, candidate, config, by, force=args.force)
             else:
                 path = Path(candidate)
                 if not path.is_file():
                     print(f"error: no such model file: {path}", file=sys.stderr)
                     return 2
-                version = publish_candidate(registry, path, config, by)
+                version = publish_candidate(registry, path, config, by, force=args.force)
                 print(f"published {version.file} ({version.sha256})", file=sys.stderr)
+                if args.command == "promote":
+                    registry.promote(version.sha256, by)  # checked just now, as it was published
             if args.command == "promote":
-                registry.promote(version.sha256, by)
                 print(f"promoted {version.file} ({version.sha256[:12]}): every server swaps to it within "
                       f"{float(config['MODEL_CHECK_INTERVAL_S']):g} s plus its load time", file=sys.stderr)
         elif args.command == "rollback":
