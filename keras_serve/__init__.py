@@ -23,8 +23,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     # Imported here, not at the top: `python -m keras_serve.settings` (the settings table)
     # would otherwise find its own module already imported by this package and warn.
     from keras_serve import settings
-    from keras_serve.web import (access, metrics, model_admin, multipart_form, openapi, request_log, responses, review,
-                                 routes)
+    from keras_serve.web import (access, dashboard, metrics, model_admin, multipart_form, openapi, request_log,
+                                 responses, review, routes)
 
     app = Flask(__name__, template_folder=str(settings.PROJECT_ROOT / "templates"),
                 static_folder=str(settings.PROJECT_ROOT / "static"))
@@ -41,6 +41,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     try:
         review.init_app(app, service.store)  # /review and /api/uploads: on with ADMIN_TOKEN, else 404
         model_admin.init_app(app, service.store)  # /api/models: promote and roll back, as review
+        dashboard.init_app(app)  # /admin and /api/stats: live model quality, as review
     except BaseException:
         service.close()
         raise

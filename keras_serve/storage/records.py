@@ -124,6 +124,21 @@ REVIEW_INDEXES = (
     sa.Index("feedback_upload", feedback.c.upload_id, feedback.c.created),
     sa.Index("feedback_client", feedback.c.client, feedback.c.created),
 )
+# The dashboard's statistics (keras_serve/storage/quality_stats.py): per model version and time
+# range, each index holds every column its GROUP BY reads, so no statistic reads the table.
+# The partial ones hold only the few reviewed, answered-by-visitors or failed uploads.
+STATS_INDEXES = (
+    sa.Index("uploads_model_stats", uploads.c.model_sha256, uploads.c.received, uploads.c.predicted_label,
+             uploads.c.confidence, uploads.c.milliseconds),
+    sa.Index("uploads_model_reviewed", uploads.c.model_sha256, uploads.c.received, uploads.c.predicted_label,
+             uploads.c.review_label, uploads.c.confidence,
+             sqlite_where=sa.text("review_state != 0"), postgresql_where=sa.text("review_state != 0")),
+    sa.Index("uploads_model_feedback", uploads.c.model_sha256, uploads.c.received, uploads.c.predicted_label,
+             uploads.c.feedback_label,
+             sqlite_where=sa.text("feedback_at IS NOT NULL"), postgresql_where=sa.text("feedback_at IS NOT NULL")),
+    sa.Index("uploads_model_errors", uploads.c.model_sha256, uploads.c.received,
+             sqlite_where=sa.text("error IS NOT NULL"), postgresql_where=sa.text("error IS NOT NULL")),
+)
 
 # Schema 4 (model versions): every model file published to the shared store, and the log of
 # promotions and rollbacks. The served version is the one the log ends on; every server process
@@ -231,6 +246,7 @@ MIGRATIONS: tuple[tuple[int, tuple[Any, ...]], ...] = (
          sa.schema.CreateTable(model_promotions, if_not_exists=True))),
     (5, (sa.schema.CreateTable(admin_sessions, if_not_exists=True),
          sa.schema.CreateIndex(admin_sessions_expires, if_not_exists=True))),
+    (6, tuple(sa.schema.CreateIndex(index, if_not_exists=True) for index in STATS_INDEXES)),  # the dashboard
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 UNAVAILABLE_HINT = "The upload database is unavailable; try again shortly. If it keeps happening, " \

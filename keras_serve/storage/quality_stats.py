@@ -1,0 +1,341 @@
+"""Live model quality from the record store: what the admin dashboard and /api/stats show.
+
+    QualityStats(records).stats(model_sha256, window, unsure_below, labels)
+
+For one model version and one window (the last day, the last week, or everything) of the
+uploads it answered:
+
+    traffic   uploads per hour (or day), errors, the share answered "unsure", latency p50/p95
+    reviewed  accuracy from the reviewers' labels with its 95% interval, confusion matrix,
+              per-class recall, the reliability diagram and its expected calibration error
+    feedback  how often visitors said the answer was wrong
+    drift     the confidence and predicted-label mix against the version's first week, as PSI
+
+Every number comes from a few GROUP BY queries, each a range scan of an index that holds the
+columns it reads (records.STATS_INDEXES: model version, then time), so no query reads the
+table or the rows one by one; the arithmetic on the counts is in `quality_math`. A window
+holds the uploads *received* in it: an upload reviewed today counts in the week it arrived.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Sequence
+
+import sqlalchemy as sa
+
+from keras_serve.storage import quality_math as qm
+from keras_serve.storage.records import RecordStore, model_promotions, model_versions, uploads
+
+WINDOWS: dict[str, timedelta | None] = {"day": timedelta(days=1), "week": timedelta(days=7), "all": None}
+BASELINE = timedelta(days=7)  # the version's first week: what drift is measured against
+# Confidence bins of the reliability diagram and the drift histogram: ten of 0.1.
+CONFIDENCE_EDGES = tuple(round(0.1 * i, 1) for i in range(1, 10))
+# Latency buckets (upper bounds, ms): p50 and p95 are read from these counts as Prometheus
+# reads its histograms (linear inside the bucket), so no query sorts the window's rows.
+LATENCY_BOUNDS_MS = (1, 2, 3, 5, 7.5, 10, 15, 20, 30, 40, 50, 65, 80, 100, 125, 150, 200, 250, 300, 400, 500,
+                     750, 1000, 1500, 2000, 3000, 5000, 10000)
+MAX_ERROR_KINDS = 10
+MAX_BUCKETS = 400  # the traffic table's rows: a year of days; older ones are summed in the totals only
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.replace(tzinfo=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z") if value else None
+
+
+def confidence_bin(column: Any) -> Any:
+    """The bin index 0-9 of a confidence, in SQL (CASE: portable, and exact at the edges)."""
+    return sa.case(*((column < edge, i) for i, edge in enumerate(CONFIDENCE_EDGES)), else_=len(CONFIDENCE_EDGES))
+
+
+def latency_bucket(column: Any) -> Any:
+    return sa.case(*((column < bound, i) for i, bound in enumerate(LATENCY_BOUNDS_MS)), else_=len(LATENCY_BOUNDS_MS))
+
+
+def confidence_bin_of(value: float) -> int:
+    """The same bin in Python (tests, the benchmark)."""
+    for i, edge in enumerate(CONFIDENCE_EDGES):
+        if value < edge:
+            return i
+    return len(CONFIDENCE_EDGES)
+
+
+def bin_range(i: int) -> tuple[float, float]:
+    return (0.0 if i == 0 else CONFIDENCE_EDGES[i - 1]), (1.0 if i == len(CONFIDENCE_EDGES) else CONFIDENCE_EDGES[i])
+
+
+@dataclass(frozen=True)
+class Window:
+    name: str
+    start: datetime | None   # None: from the first upload
+    end: datetime
+
+    def conditions(self) -> list[Any]:
+        where = [uploads.c.received <= self.end]
+        if self.start is not None:
+            where.append(uploads.c.received >= self.start)
+        return where
+
+
+# Written exactly as the partial indexes' conditions in records.py (SQLite uses a partial
+# index only when the query has the index's own term, with no bound parameter).
+REVIEWED = sa.text("uploads.review_state != 0")
+HAS_FEEDBACK = sa.text("uploads.feedback_at IS NOT NULL")
+
+
+class QualityStats:
+    """The dashboard's queries, on the record store's engine and with its errors (503)."""
+
+    def __init__(self, records: RecordStore, clock: Callable[[], datetime] = _utc_now) -> None:
+        self.records = records
+        self.clock = clock
+
+    # -- one version, one window -------------------------------------------------------------
+
+    def stats(self, model_sha256: str, window: str, unsure_below: float = 0.0,
+              labels: Sequence[str] = ()) -> dict[str, Any]:
+        """Everything the dashboard shows for `model_sha256` in `window` (a WINDOWS key)."""
+        now = self.clock()
+        span = WINDOWS[window]
+        with self.records._errors("read", read=True), self.records._connect() as conn:
+            first_seen, last_seen = self._seen(conn, model_sha256)
+            win = Window(window, now - span if span is not None else None, now)
+            result: dict[str, Any] = {
+                "model_version": model_sha256, "window": window,
+                "from": iso(win.start or first_seen), "until": iso(now),
+                "first_seen": iso(first_seen), "last_seen": iso(last_seen), "unsure_below": unsure_below,
+            }
+            result["traffic"] = self._traffic(conn, model_sha256, win, unsure_below)
+            result["reviewed"] = self._reviewed(conn, model_sha256, win, labels)
+            result["feedback"] = self._feedback(conn, model_sha256, win)
+            result["drift"] = self._drift(conn, model_sha256, win, first_seen, now)
+        return result
+
+    def summary(self, model_sha256: str, window: str, unsure_below: float = 0.0) -> dict[str, Any]:
+        """What the Prometheus series need, a few index scans cheaper than `stats`."""
+        now = self.clock()
+        span = WINDOWS[window]
+        win = Window(window, now - span if span is not None else None, now)
+        with self.records._errors("read", read=True), self.records._connect() as conn:
+            first_seen, _ = self._seen(conn, model_sha256)
+            mix = self._mix(conn, model_sha256, win)
+            answered = sum(mix["confidence"])
+            unsure = self._unsure(conn, model_sha256, win, unsure_below)
+            reviewed = self._reviewed(conn, model_sha256, win, ())
+            feedback = self._feedback(conn, model_sha256, win)
+            drift = self._drift(conn, model_sha256, win, first_seen, now, mix)
+        return {"answered": answered, "unsure_share": unsure / answered if answered else None,
+                "reviewed": reviewed, "feedback": feedback, "drift": drift}
+
+    # -- versions and their history ------------------------------------------------------------
+
+    def versions(self) -> list[dict[str, Any]]:
+        """Every model version that answered an upload, newest first: sha256, file, first/last seen.
+
+        The distinct versions are found by skipping through the index (one probe per version,
+        a recursive query), not by reading every row.
+        """
+        c = uploads.c
+        found: list[dict[str, Any]] = []
+        with self.records._errors("read", read=True), self.records._connect() as conn:
+            current = conn.execute(sa.select(sa.func.min(c.model_sha256))).scalar()
+            while current is not None and len(found) < 200:
+                first, last = self._seen(conn, current)
+                file = conn.execute(sa.select(c.model).where(c.model_sha256 == current, c.received == first)
+                                    .limit(1)).scalar()
+                found.append({"sha256": current, "file": file, "first_seen": iso(first), "last_seen": iso(last)})
+                current = conn.execute(sa.select(sa.func.min(c.model_sha256)).where(c.model_sha256 > current)).scalar()
+            published = {row.sha256: row for row in conn.execute(
+                sa.select(model_versions.c.sha256, model_versions.c.file, model_versions.c.labels))}
+        for version in found:
+            row = published.get(version["sha256"])
+            if row is not None:
+                version["file"] = row.file
+                version["labels"] = list(row.labels or [])
+        return sorted(found, key=lambda v: v["last_seen"] or "", reverse=True)
+
+    def timeline(self, limit: int = 200) -> list[dict[str, Any]]:
+        """Promotions and rollbacks, oldest first: {at, action, sha256 (serving after it), by}."""
+        p = model_promotions.c
+        with self.records._errors("read", read=True), self.records._connect() as conn:
+            rows = conn.execute(sa.select(p.created, p.action, p.sha256, p.by).order_by(p.id.desc())
+                                .limit(limit)).all()
+        return [{"at": iso(r.created), "action": r.action, "sha256": r.sha256, "by": r.by} for r in reversed(rows)]
+
+    # -- the queries ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _seen(conn: sa.Connection, sha: str) -> tuple[datetime | None, datetime | None]:
+        c = uploads.c
+        row = conn.execute(sa.select(sa.func.min(c.received), sa.func.max(c.received))
+                           .where(c.model_sha256 == sha)).first()
+        return (row[0], row[1]) if row else (None, None)
+
+    def _bucket(self, conn: sa.Connection, hours: int) -> Any:
+        received = uploads.c.received
+        if conn.dialect.name == "postgresql":
+            return sa.func.to_char(sa.func.date_trunc("hour" if hours == 1 else "day", received),
+                                   "YYYY-MM-DD HH24:00" if hours == 1 else "YYYY-MM-DD")
+        return sa.func.strftime("%Y-%m-%d %H:00" if hours == 1 else "%Y-%m-%d", received)
+
+    def _traffic(self, conn: sa.Connection, sha: str, win: Window, unsure_below: float) -> dict[str, Any]:
+        c = uploads.c
+        hours = 1 if win.name == "day" else 24
+        bucket = self._bucket(conn, hours).label("bucket")
+        is_error = sa.case((c.predicted_label.is_(None), 1), else_=0)
+        is_unsure = sa.case((c.confidence < unsure_below, 1), else_=0)
+        rows = conn.execute(sa.select(bucket, sa.func.count(), sa.func.sum(is_error), sa.func.sum(is_unsure))
+                            .where(c.model_sha256 == sha, *win.conditions()).group_by(bucket).order_by(bucket)).all()
+        per_bucket = [{"start": b, "uploads": int(n), "per_hour": round(int(n) / hours, 3),
+                       "errors": int(e or 0), "unsure": int(u or 0)} for b, n, e, u in rows]
+        total = sum(b["uploads"] for b in per_bucket)
+        errors = sum(b["errors"] for b in per_bucket)
+        unsure = sum(b["unsure"] for b in per_bucket)
+        answered = total - errors
+        latency = [0] * (len(LATENCY_BOUNDS_MS) + 1)
+        lat_bucket = latency_bucket(c.milliseconds).label("lat")
+        for i, n in conn.execute(sa.select(lat_bucket, sa.func.count())
+                                 .where(c.model_sha256 == sha, *win.conditions(), c.milliseconds.is_not(None))
+                                 .group_by(lat_bucket)):
+            latency[int(i)] = int(n)
+        by_message = conn.execute(sa.select(c.error, sa.func.count().label("n"))
+                                  .where(c.model_sha256 == sha, *win.conditions(), c.error.is_not(None))
+                                  .group_by(c.error).order_by(sa.text("n DESC")).limit(MAX_ERROR_KINDS)).all()
+        return {
+            "uploads": total, "answered": answered, "errors": errors, "unsure": unsure,
+            "unsure_share": unsure / answered if answered else None,
+            "bucket_hours": hours, "per_bucket": per_bucket[-MAX_BUCKETS:],
+            "latency_ms": {"p50": qm.percentile_from_histogram(LATENCY_BOUNDS_MS, latency, 0.5),
+                           "p95": qm.percentile_from_histogram(LATENCY_BOUNDS_MS, latency, 0.95),
+                           "bounds": list(LATENCY_BOUNDS_MS), "counts": latency},
+            "errors_by_message": [{"message": m, "count": int(n)} for m, n in by_message],
+        }
+
+    def _unsure(self, conn: sa.Connection, sha: str, win: Window, unsure_below: float) -> int:
+        c = uploads.c
+        return int(conn.execute(sa.select(sa.func.count()).where(
+            c.model_sha256 == sha, *win.conditions(), c.confidence < unsure_below)).scalar() or 0)
+
+    def _mix(self, conn: sa.Connection, sha: str, win: Window) -> dict[str, Any]:
+        """Counts per confidence bin and per predicted label (answered uploads only)."""
+        c = uploads.c
+        conf = confidence_bin(c.confidence).label("bin")
+        by_bin = [0] * (len(CONFIDENCE_EDGES) + 1)
+        by_label: dict[str, int] = {}
+        for label, i, n in conn.execute(sa.select(c.predicted_label, conf, sa.func.count())
+                                        .where(c.model_sha256 == sha, *win.conditions(),
+                                               c.predicted_label.is_not(None))
+                                        .group_by(c.predicted_label, conf)):
+            by_bin[int(i)] += int(n)
+            by_label[label] = by_label.get(label, 0) + int(n)
+        return {"confidence": by_bin, "labels": by_label}
+
+    def _reviewed(self, conn: sa.Connection, sha: str, win: Window, labels: Sequence[str]) -> dict[str, Any]:
+        c = uploads.c
+        conf = confidence_bin(c.confidence).label("bin")
+        pairs: dict[tuple[str, str], int] = {}
+        bins = {i: [0, 0.0, 0] for i in range(len(CONFIDENCE_EDGES) + 1)}  # count, confidence sum, correct
+        for predicted, truth, i, n, conf_sum in conn.execute(
+                sa.select(c.predicted_label, c.review_label, conf, sa.func.count(), sa.func.sum(c.confidence))
+                .where(c.model_sha256 == sha, *win.conditions(), REVIEWED, c.predicted_label.is_not(None))
+                .group_by(c.predicted_label, c.review_label, conf)):
+            pairs[(truth, predicted)] = pairs.get((truth, predicted), 0) + int(n)
+            entry = bins[int(i)]
+            entry[0] += int(n)
+            entry[1] += float(conf_sum or 0.0)
+            entry[2] += int(n) if truth == predicted else 0
+        matrix = qm.confusion(pairs, list(labels) or sorted({p for _, p in pairs}))
+        reliability = [qm.ReliabilityBin(*bin_range(i), count, total, correct)
+                       for i, (count, total, correct) in sorted(bins.items())]
+        interval = qm.wilson_interval(matrix.correct, matrix.total)
+        return {
+            "count": matrix.total, "correct": matrix.correct, "accuracy": matrix.accuracy,
+            "interval_95": list(interval) if interval else None,
+            "confusion": {"labels": matrix.labels, "rows_true_columns_predicted": matrix.matrix},
+            "recall": matrix.recall(),
+            "reliability": [{"low": b.low, "high": b.high, "count": b.count, "mean_confidence": b.mean_confidence,
+                             "accuracy": b.accuracy} for b in reliability if b.count],
+            "ece": qm.expected_calibration_error(reliability),
+        }
+
+    @staticmethod
+    def _feedback(conn: sa.Connection, sha: str, win: Window) -> dict[str, Any]:
+        c = uploads.c
+        disagrees = sa.case((c.feedback_label != sa.func.coalesce(c.predicted_label, ""), 1), else_=0)
+        n, d = conn.execute(sa.select(sa.func.count(), sa.func.sum(disagrees))
+                            .where(c.model_sha256 == sha, *win.conditions(), HAS_FEEDBACK)).first()
+        n, d = int(n or 0), int(d or 0)
+        return {"count": n, "disagree": d, "disagreement_rate": d / n if n else None}
+
+    def _drift(self, conn: sa.Connection, sha: str, win: Window, first_seen: datetime | None, now: datetime,
+               mix: dict[str, Any] | None = None) -> dict[str, Any]:
+        mix = mix or self._mix(conn, sha, win)
+        if first_seen is None:
+            baseline_win = None
+            base = {"confidence": [0] * len(mix["confidence"]), "labels": {}}
+        else:
+            baseline_win = Window("baseline", first_seen, min(first_seen + BASELINE, now))
+            base = self._mix(conn, sha, baseline_win)
+        label_names = sorted(set(base["labels"]) | set(mix["labels"]))
+        base_labels = [base["labels"].get(name, 0) for name in label_names]
+        win_labels = [mix["labels"].get(name, 0) for name in label_names]
+        psi_conf = qm.population_stability_index(base["confidence"], mix["confidence"])
+        psi_labels = qm.population_stability_index(base_labels, win_labels) if label_names else None
+        complete = first_seen is not None and now >= first_seen + BASELINE
+        return {
+            "baseline": {"from": iso(first_seen), "until": iso(baseline_win.end) if baseline_win else None,
+                         "answered": sum(base["confidence"]), "complete": complete},
+            "confidence": {"psi": psi_conf, "bins": [
+                {"low": bin_range(i)[0], "high": bin_range(i)[1], "baseline": b, "window": w,
+                 "baseline_share": bs, "window_share": ws}
+                for i, (b, w, bs, ws) in enumerate(zip(base["confidence"], mix["confidence"],
+                                                        qm.shares(base["confidence"]), qm.shares(mix["confidence"])))]},
+            "labels": {"psi": psi_labels, "labels": [
+                {"label": name, "baseline": b, "window": w, "baseline_share": bs, "window_share": ws}
+                for name, b, w, bs, ws in zip(label_names, base_labels, win_labels, qm.shares(base_labels),
+                                              qm.shares(win_labels))]},
+            "sentence": drift_sentence(win.name, psi_conf, psi_labels, complete),
+        }
+
+
+WINDOW_SUBJECT = {"day": "Today's traffic", "week": "This week's traffic", "all": "All traffic so far"}
+
+
+def drift_sentence(window: str, psi_confidence: float | None, psi_labels: float | None, complete: bool) -> str:
+    """One line an operator can read: how unlike the first week this window is, and by how much."""
+    if psi_confidence is None:
+        return "No answered uploads to compare with the first week yet."
+    worst = max(psi_confidence, psi_labels or 0.0)
+    text = (f"{WINDOW_SUBJECT.get(window, 'The traffic')} is {qm.psi_words(worst)} the first week: "
+            f"PSI {psi_confidence:.2f} on confidence")
+    if psi_labels is not None:
+        text += f", {psi_labels:.2f} on the predicted-label mix"
+    text += "."
+    if not complete:
+        text += " The first week is not over yet, so part of this window is the baseline itself."
+    return text
+
+
+class StatsCache:
+    """The last answer per (version, window) for a few seconds: one page view asks for the same
+    numbers once for the page and once per chart; Prometheus scrapes every few seconds."""
+
+    def __init__(self, ttl_s: float = 30.0, clock: Callable[[], float] = time.monotonic, capacity: int = 64) -> None:
+        self.ttl_s, self.clock, self.capacity = ttl_s, clock, capacity
+        self._entries: dict[tuple[Any, ...], tuple[float, Any]] = {}
+
+    def get(self, key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
+        now = self.clock()
+        hit = self._entries.get(key)
+        if hit is not None and now - hit[0] < self.ttl_s:
+            return hit[1]
+        value = compute()
+        if len(self._entries) >= self.capacity:
+            self._entries.clear()  # bounded: the keys are versions x windows, a handful in practice
+        self._entries[key] = (now, value)
+        return value

@@ -1,0 +1,290 @@
+"""The model-quality dashboard: its arithmetic against values worked by hand, then a store built
+with known uploads, reviews, feedback and versions, checked through /api/stats, the page, its
+charts and /metrics, on each storage back end (see docs/dashboard.md)."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from datetime import datetime, timedelta
+
+import pytest
+
+from keras_serve.storage import quality_math as qm
+from keras_serve.storage.quality_stats import CONFIDENCE_EDGES, StatsCache, confidence_bin_of, drift_sentence
+
+TOKEN = "dashboard-token-0123456789"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+NOW = datetime(2026, 12, 3, 12, 0, 0)
+OTHER_VERSION = "b" * 64
+
+
+# --- the arithmetic, by hand ------------------------------------------------------------------
+
+def test_wilson_interval_matches_the_worked_values():
+    # 8 of 10: p = .8, z = 1.96: centre (0.8 + z²/20) / (1 + z²/10) = 0.71674, half-width 0.22658
+    low, high = qm.wilson_interval(8, 10)
+    assert low == pytest.approx(0.49016, abs=1e-5) and high == pytest.approx(0.94331, abs=1e-5)
+    low, high = qm.wilson_interval(10, 10)  # all right: the interval still has width
+    assert low == pytest.approx(10 / (10 + qm.Z_95 ** 2)) and high == pytest.approx(1.0)
+    low, high = qm.wilson_interval(0, 4)
+    assert low == 0.0 and high == pytest.approx(0.48990, abs=1e-5)
+    assert qm.wilson_interval(0, 0) is None
+    with pytest.raises(ValueError):
+        qm.wilson_interval(3, 2)
+
+
+def test_confusion_matrix_accuracy_and_recall_include_a_label_no_model_predicts():
+    counts = {("CAT", "CAT"): 5, ("CAT", "DOG"): 1, ("DOG", "DOG"): 3, ("DOG", "CAT"): 1, ("neither", "DOG"): 2}
+    matrix = qm.confusion(counts, ["CAT", "DOG"])
+    assert matrix.labels == ["CAT", "DOG", "neither"]
+    assert matrix.matrix == [[5, 1, 0], [1, 3, 0], [0, 2, 0]]
+    assert (matrix.correct, matrix.total) == (8, 12) and matrix.accuracy == pytest.approx(8 / 12)
+    assert matrix.recall() == {"CAT": pytest.approx(5 / 6), "DOG": pytest.approx(3 / 4), "neither": 0.0}
+    assert qm.confusion({}, ["CAT"]).accuracy is None and qm.confusion({}, ["CAT"]).recall() == {"CAT": None}
+
+
+def test_expected_calibration_error_weights_each_bins_gap_by_its_size():
+    bins = [qm.ReliabilityBin(0.9, 1.0, 10, 9.0, 6),    # 0.9 sure, 60% right: gap 0.3
+            qm.ReliabilityBin(0.7, 0.8, 30, 21.0, 21),  # 0.7 sure, 70% right: no gap
+            qm.ReliabilityBin(0.5, 0.6, 0, 0.0, 0)]     # empty: no weight
+    assert qm.expected_calibration_error(bins) == pytest.approx(10 / 40 * 0.3)
+    assert qm.expected_calibration_error([]) is None
+
+
+def test_population_stability_index_and_its_words():
+    # 50/50 -> 80/20: (.8 - .5) ln(.8/.5) + (.2 - .5) ln(.2/.5) = 0.14100 + 0.27489
+    assert qm.population_stability_index([50, 50], [80, 20]) == pytest.approx(0.415888, abs=1e-6)
+    assert qm.population_stability_index([1, 1], [3, 3]) == 0.0  # shares, not counts, are compared
+    # an empty bin on one side is taken as 1e-4 of it, not as infinitely far
+    assert qm.population_stability_index([1, 0], [1, 1]) == pytest.approx(
+        (1e-4 - 1) * math.log(1e-4) * 0 + (0.5 - 1) * math.log(0.5) + (0.5 - 1e-4) * math.log(0.5 / 1e-4))
+    assert qm.population_stability_index([0, 0], [1, 1]) is None
+    assert [qm.psi_words(v) for v in (0.05, 0.1, 0.31, None)] == ["like", "somewhat unlike", "unlike",
+                                                                   "not comparable"]
+    assert drift_sentence("week", 0.31, 0.02, True) == (
+        "This week's traffic is unlike the first week: PSI 0.31 on confidence, 0.02 on the predicted-label mix.")
+
+
+def test_percentiles_are_read_from_bucket_counts_as_prometheus_does():
+    # 10 values in [10, 20): the median is half way through the bucket
+    assert qm.percentile_from_histogram([10, 20], [0, 10, 0], 0.5) == 15.0
+    assert qm.percentile_from_histogram([10, 20], [0, 0, 4], 0.5) == 20.0  # the open bucket: its lower bound
+    assert qm.percentile_from_histogram([10, 20], [0, 0, 0], 0.5) is None
+
+
+def test_confidence_bins_are_exact_at_their_edges():
+    assert [confidence_bin_of(v) for v in (0.0, 0.0999, 0.1, 0.3, 0.55, 0.9, 1.0)] == [0, 0, 1, 3, 5, 9, 9]
+    assert CONFIDENCE_EDGES[2] == 0.3
+
+
+def test_stats_cache_keeps_an_answer_for_its_time_only():
+    clock = [0.0]
+    cache = StatsCache(ttl_s=30, clock=lambda: clock[0])
+    calls = []
+    compute = lambda: calls.append(1) or len(calls)  # noqa: E731
+    assert cache.get(("week", "a"), compute) == 1
+    assert cache.get(("week", "a"), compute) == 1
+    clock[0] = 31.0
+    assert cache.get(("week", "a"), compute) == 2
+
+
+# --- a store with known contents ------------------------------------------------------------------
+
+def row(n: int, sha: str, received: datetime, label: str | None, confidence: float | None,
+        ms: float | None, error: str | None = None) -> dict:
+    return {"id": f"{n:032x}", "received": received, "bytes": 100, "sha256": "0" * 64, "image_key": f"k/{n}",
+            "format": "PNG", "model": "colour.h5" if sha != OTHER_VERSION else "other.h5", "model_sha256": sha,
+            "prediction": None if label is None else {"label": label, "confidence": confidence},
+            "predicted_label": label, "confidence": confidence, "milliseconds": ms, "error": error}
+
+
+@pytest.fixture()
+def carded_model(colour_model_path, tmp_path):
+    """The colour model with a model card that states a validation accuracy of 95%."""
+    path = tmp_path / "model" / "colour.h5"
+    path.parent.mkdir()
+    shutil.copy(colour_model_path, path)
+    path.with_suffix(".json").write_text(json.dumps({"validation": {"accuracy": 0.95, "images": 1000}}))
+    return path
+
+
+@pytest.fixture()
+def known(make_app, carded_model, storage_config):
+    """The served version's first week (10 answers), this week (10 answers, 1 failure), its
+    reviews and visitors' feedback, another version, and a promotion and a rollback.
+
+        first week   5 CAT at 0.95, 5 DOG at 0.75              (days 20-14 ago)
+        this week    2 CAT at 0.95 (45 ms), 8 DOG at 0.55 (12 ms), 1 failure   (days 6-0 ago)
+                     3 of them in the last day: CAT 0.95, DOG 0.55, the failure
+        reviews      the 2 CAT confirmed; 5 DOG confirmed, 3 DOG corrected to CAT
+        feedback     4 answers on this week's uploads, 1 disagrees
+    """
+    from keras_serve.storage.records import model_promotions
+
+    app = make_app(MODEL_PATH=str(carded_model), ADMIN_TOKEN=TOKEN, **storage_config)
+    service = app.extensions["classifier"]
+    sha = service.model.info["sha256"]
+    records = service.store.records
+    app.extensions["quality_stats"].clock = lambda: NOW
+    review_store = app.extensions["review_store"]
+    rows = []
+    for i in range(10):
+        rows.append(row(i, sha, NOW - timedelta(days=20 - i * 0.5), "CAT" if i < 5 else "DOG",
+                        0.95 if i < 5 else 0.75, 30.0))
+    week = [("CAT", 0.95, 45.0)] * 2 + [("DOG", 0.55, 12.0)] * 8
+    for j, (label, confidence, ms) in enumerate(week):
+        # j = 0 (CAT) and j = 2 (DOG) arrive in the last day; the rest over the days before
+        received = NOW - timedelta(hours=3) if j in (0, 2) else NOW - timedelta(days=1 + j * 0.5)
+        rows.append(row(100 + j, sha, received, label, confidence, ms))
+    rows.append(row(200, sha, NOW - timedelta(hours=2), None, None, None, error="The model failed."))
+    for k in range(3):
+        rows.append(row(300 + k, OTHER_VERSION, NOW - timedelta(days=2), "DOG", 0.99, 8.0))
+    for r in rows:
+        records.insert(r)
+    review_store.clock = lambda: NOW
+    review_store.review([(f"{100 + j:032x}", None) for j in range(7)], "ana")          # 2 CAT + 5 DOG confirmed
+    review_store.review([(f"{100 + j:032x}", "CAT") for j in range(7, 10)], "ana")    # 3 DOG were cats
+    for j, label in ((0, "CAT"), (2, "DOG"), (3, "DOG"), (4, "CAT")):                 # the last one disagrees
+        review_store.add_feedback(f"{100 + j:032x}", label, f"client{j}", per_hour=100)
+    with records.engine.begin() as conn:
+        conn.execute(model_promotions.insert(), [
+            {"sha256": OTHER_VERSION, "action": "promote", "by": "ana", "created": NOW - timedelta(days=2, hours=1)},
+            {"sha256": None, "action": "rollback", "by": "ana", "created": NOW - timedelta(days=1, hours=20)}])
+    app.sha = sha
+    return app
+
+
+def stats(app, **query) -> dict:
+    response = app.test_client().get("/api/stats", query_string=query, headers=BEARER)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return response.get_json()
+
+
+def test_api_stats_gives_every_number_of_the_known_week(known):
+    s = stats(known, window="week")
+    assert s["model_version"] == known.sha and s["window"] == "week" and s["serving_now"] is True
+    t = s["traffic"]
+    assert (t["uploads"], t["answered"], t["errors"]) == (11, 10, 1)
+    assert t["unsure"] == 8 and t["unsure_share"] == pytest.approx(0.8)  # the 0.55s are under UNSURE_BELOW 0.85
+    assert t["errors_by_message"] == [{"message": "The model failed.", "count": 1}]
+    assert t["bucket_hours"] == 24 and sum(b["uploads"] for b in t["per_bucket"]) == 11
+    assert t["per_bucket"][-1] == {"start": "2026-12-03", "uploads": 3, "per_hour": 0.125, "errors": 1, "unsure": 1}
+    # 8 answers of 12 ms in [10, 15): the median is 5/8 of the way; 2 of 45 ms in [40, 50): p95 is 3/4 of the way
+    assert t["latency_ms"]["p50"] == pytest.approx(10 + 5 * 5 / 8)
+    assert t["latency_ms"]["p95"] == pytest.approx(40 + 10 * 1.5 / 2)
+
+    r = s["reviewed"]
+    assert (r["count"], r["correct"], r["accuracy"]) == (10, 7, pytest.approx(0.7))
+    # Wilson, 7 of 10: centre 0.89207 / 1.38415 = 0.64449, half-width 1.41601 * sqrt(0.021 + 0.0096) = 0.24772
+    assert r["interval_95"] == [pytest.approx(0.3968, abs=1e-4), pytest.approx(0.8922, abs=1e-4)]
+    assert r["confusion"] == {"labels": ["CAT", "DOG"], "rows_true_columns_predicted": [[2, 3], [0, 5]]}
+    assert r["recall"] == {"CAT": pytest.approx(0.4), "DOG": pytest.approx(1.0)}
+    assert [(b["low"], b["count"], b["accuracy"]) for b in r["reliability"]] == [
+        (0.5, 8, pytest.approx(5 / 8)), (0.9, 2, pytest.approx(1.0))]
+    assert r["reliability"][0]["mean_confidence"] == pytest.approx(0.55)
+    # ECE: 8/10 * |0.625 - 0.55| + 2/10 * |1.0 - 0.95|
+    assert r["ece"] == pytest.approx(0.8 * 0.075 + 0.2 * 0.05)
+    assert r["validation_accuracy"] == 0.95
+    assert s["feedback"] == {"count": 4, "disagree": 1, "disagreement_rate": 0.25}
+
+    d = s["drift"]
+    assert d["baseline"]["answered"] == 10 and d["baseline"]["complete"] is True
+    assert d["baseline"]["from"] == "2026-11-13T12:00:00Z" and d["baseline"]["until"] == "2026-11-20T12:00:00Z"
+    # first week: bins 0.7 and 0.9 half each; this week: 0.5 at 80%, 0.9 at 20%; empty bins count as 1e-4
+    e = 1e-4
+    psi_confidence = (0.8 - e) * math.log(0.8 / e) + (e - 0.5) * math.log(e / 0.5) + (0.2 - 0.5) * math.log(0.2 / 0.5)
+    assert d["confidence"]["psi"] == pytest.approx(psi_confidence)
+    psi_labels = (0.2 - 0.5) * math.log(0.2 / 0.5) + (0.8 - 0.5) * math.log(0.8 / 0.5)
+    assert d["labels"]["psi"] == pytest.approx(psi_labels)
+    assert d["sentence"] == (f"This week's traffic is unlike the first week: PSI {psi_confidence:.2f} on confidence, "
+                             f"{psi_labels:.2f} on the predicted-label mix.")
+    assert [v["sha256"] for v in s["versions"]] == [known.sha, OTHER_VERSION]
+    assert [(e["action"], e["sha256"]) for e in s["timeline"]] == [("promote", OTHER_VERSION), ("rollback", None)]
+
+
+def test_windows_day_and_all_and_another_version(known):
+    day = stats(known, window="day")
+    assert (day["traffic"]["uploads"], day["traffic"]["errors"], day["traffic"]["unsure"]) == (3, 1, 1)
+    assert day["traffic"]["bucket_hours"] == 1 and day["reviewed"]["count"] == 2
+    assert day["feedback"] == {"count": 2, "disagree": 0, "disagreement_rate": 0.0}
+    everything = stats(known, window="all")
+    assert everything["traffic"]["uploads"] == 21 and everything["reviewed"]["count"] == 10
+    assert everything["from"] == "2026-11-13T12:00:00Z"
+    other = stats(known, window="week", model_version=OTHER_VERSION)
+    assert other["traffic"]["uploads"] == 3 and other["serving_now"] is False
+    assert other["reviewed"]["accuracy"] is None and other["reviewed"]["interval_95"] is None
+    assert other["drift"]["baseline"]["complete"] is False  # its first week is not over
+    assert other["drift"]["confidence"]["psi"] == pytest.approx(0.0)
+
+
+def test_bad_parameters_are_a_400_with_the_error_body_and_an_unknown_version_a_404(known):
+    client = known.test_client()
+    for query in ({"window": "year"}, {"window": "<script>"}, {"model_version": "abc"},
+                  {"model_version": "g" * 64}, {"model_version": "a" * 65}):
+        response = client.get("/api/stats", query_string=query, headers=BEARER)
+        assert response.status_code == 400, query
+        error = response.get_json()["error"]
+        assert error["status"] == 400 and error["message"] and "docs/dashboard.md" in error["hint"]
+        assert error["request_id"]
+    response = client.get("/api/stats", query_string={"model_version": "c" * 64}, headers=BEARER)
+    assert response.status_code == 404 and response.get_json()["error"]["status"] == 404
+    assert client.get("/admin/charts/nothing.svg", headers=BEARER).status_code == 404
+    assert client.get("/admin", query_string={"window": "year"}, headers=BEARER).status_code == 400
+
+
+def test_the_page_shows_the_same_numbers_with_no_inline_script_or_style(known):
+    response = known.test_client().get("/admin?window=week", headers={**BEARER, "Accept": "text/html"})
+    assert response.status_code == 200
+    csp = response.headers["Content-Security-Policy"]
+    assert "unsafe-inline" not in csp and "script-src 'self'" in csp and "style-src 'self'" in csp
+    assert response.headers["Cache-Control"] == "no-store"
+    html = response.get_data(as_text=True)
+    assert "<script" not in html and " style=" not in html and "<style" not in html
+    assert not re.search(r'(src|href)="(https?:)?//', html)  # nothing from another site
+    stat = dict(re.findall(r'data-stat="([a-z_0-9]+)">([^<]*)<', html))
+    assert stat["uploads"] == "11" and stat["unsure_share"] == "80.0%" and stat["accuracy"] == "70.0%"
+    assert stat["interval"] == "39.7% to 89.2%" and stat["ece"] == "0.070" and stat["disagreement"].startswith("1 of 4")
+    assert stat["p50"] == "13.1 ms" and stat["p95"] == "47.5 ms"
+    assert stat["psi_labels"] == "0.416"
+    assert "below it by more than its interval" in html  # 89.2% < the card's 95%
+    assert "This week&#39;s traffic is unlike the first week" in html
+    confusion = re.search(r'<table id="confusion-table".*?</table>', html, re.S).group(0)
+    assert re.findall(r"<td[^>]*>(\d+)</td>", confusion) == ["2", "3", "0", "5"]
+    for name in ("traffic", "confidence", "labels", "reliability", "recall", "latency"):
+        assert f"/admin/charts/{name}.svg?window=week" in html
+
+
+def test_every_chart_is_an_svg_image_without_script(known):
+    client = known.test_client()
+    for name in ("traffic", "confidence", "labels", "reliability", "recall", "latency"):
+        response = client.get(f"/admin/charts/{name}.svg", query_string={"window": "week"}, headers=BEARER)
+        assert response.status_code == 200 and response.mimetype == "image/svg+xml"
+        svg = response.get_data(as_text=True)
+        assert svg.startswith("<svg") and "<script" not in svg and "http-equiv" not in svg
+        assert "script-src" not in response.headers["Content-Security-Policy"]  # default-src 'none' covers it
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+    labels = client.get("/admin/charts/labels.svg?window=week", headers=BEARER).get_data(as_text=True)
+    assert "first week" in labels and "this window" in labels and "80%" in labels  # legend and printed values
+
+
+def test_admin_is_off_without_a_token_and_needs_the_credential(make_app, colour_model_path, tmp_path, known):
+    off = make_app(MODEL_PATH=str(colour_model_path), UPLOAD_DIR=str(tmp_path / "off")).test_client()
+    for path in ("/admin", "/api/stats", "/admin/charts/traffic.svg"):
+        assert off.get(path, headers=BEARER).status_code == 404, path
+    client = known.test_client()
+    for path in ("/api/stats", "/admin/charts/traffic.svg", "/admin"):
+        assert client.get(path).status_code == 401, path
+        assert client.get(path, headers={"Authorization": "Bearer " + TOKEN[:-1] + "x"}).status_code == 401
+    page = client.get("/admin", headers={"Accept": "text/html"})
+    assert page.status_code == 303 and page.headers["Location"].endswith("/review/login")
+
+
+def test_api_stats_is_in_the_openapi_document(known):
+    document = known.test_client().get("/openapi.json").get_json()
+    operation = document["paths"]["/api/stats"]["get"]
+    assert set(operation["responses"]) >= {"200", "400", "401", "404"}
+    assert "window" in operation["description"]
+    name = next(p for p in document["paths"]["/admin/charts/{name}.svg"]["get"]["parameters"] if p["name"] == "name")
+    assert "reliability" in name["schema"]["enum"]
