@@ -35,8 +35,8 @@
     card.querySelectorAll("button[data-label]").forEach((button) => {
       const chosen = button.dataset.label === review.label;
       button.classList.toggle("right", chosen);
+      button.classList.toggle("chosen", chosen);
       button.classList.toggle("secondary", !chosen);
-      button.setAttribute("aria-pressed", chosen ? "true" : "false");
     });
   }
 

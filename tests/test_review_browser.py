@@ -33,6 +33,15 @@ def wait_until(page, selector: str, predicate: str, timeout_s: float = 10.0) -> 
     raise AssertionError(f"{predicate} did not hold for {selector} within {timeout_s} s")
 
 
+def serious_violations(page) -> list[str]:
+    """axe-core's serious and critical violations on the page as it is now (as test_upload_page)."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    results = Axe().run(page)
+    return [f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes']]}"
+            for v in results.response["violations"] if v["impact"] in ("serious", "critical")]
+
+
 def gradient_png(colour, size=(320, 240)) -> bytes:
     from PIL import Image, ImageDraw
 
@@ -129,12 +138,36 @@ def test_review_page_filter_correct_with_the_keyboard_counts_change(colour_model
             page.goto(server.url + "/review?reviewed=no")
             left = page.eval_on_selector_all("#grid .card", "cards => cards.map(c => c.dataset.id)")
             assert not set(ids[:3]) & set(left) and len(left) == len(COLOURS) + 1 - 3
-            assert not errors, errors  # no CSP violation, no script error
 
-            shot = os.environ.get("KERAS_SERVE_SCREENSHOT")
+            shot = os.environ.get("KERAS_SERVE_SCREENSHOT")  # before the bulk confirm below: a page mid-review
             if shot:
                 page.goto(server.url + "/review")
                 wait_until(page, "#grid img", "imgs => imgs.every(i => i.complete)")
                 page.keyboard.press("ArrowRight")
                 page.screenshot(path=shot, full_page=True)
+
+            # the bulk confirm asks first, and confirms only the cards nobody has decided yet
+            page.goto(server.url + "/review?label=CAT")
+            page.wait_for_selector("#grid .card")
+            decision = f'.card[data-id="{ids[2]}"] [data-decision]'
+            assert page.inner_text(decision) == "neither" and page.is_visible(decision)  # the person's label shows
+            page.click("#confirm-page")
+            page.wait_for_selector("#confirm-dialog[open]")
+            assert page.inner_text("[data-confirm-count]") == str(len(cats) - 3)
+            page.click("#confirm-cancel")  # cancelled: nothing sent, nothing changed
+            assert page.query_selector("#confirm-dialog[open]") is None
+            assert page.eval_on_selector_all(".card.state-not_reviewed", "cards => cards.length") == len(cats) - 3
+            page.click("#confirm-page")
+            page.wait_for_selector("#confirm-dialog[open]")
+            assert serious_violations(page) == []  # the open dialog, and reviewed cards behind it
+            page.click("#confirm-go")
+            wait_until(page, ".card.state-not_reviewed", "cards => cards.length == 0")
+            assert page.inner_text(decision) == "neither"
+            assert page.inner_text(f'.card[data-id="{ids[1]}"] [data-decision]') == "DOG"
+            for upload_id, label in ((ids[1], "DOG"), (ids[2], "neither")):
+                history = session.get(f"{server.url}/api/uploads/{upload_id}/reviews", timeout=10).json()["reviews"]
+                assert [h["label"] for h in history] == [label]  # the corrections survived
+            wait_until(page, "[data-count=confirmed]", "els => els[0].textContent == '%d'" % (len(cats) - 2))
+            assert not errors, errors  # no CSP violation, no script error
+
             browser.close()
