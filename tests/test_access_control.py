@@ -307,3 +307,140 @@ def test_several_limits_all_apply_and_the_tightest_is_reported(access_app):
 def test_the_access_settings_object_does_not_show_its_tokens(access_app):
     app = access_app(API_TOKENS=TOKEN_A)
     assert TOKEN_A not in repr(app.extensions["access"].settings)
+
+
+# --- one client, one key: the rate limit, the admin login backoff and the feedback quota --------
+
+ADMIN_TOKEN = "admin-token-0123456789abcdef"
+
+
+def wrong_admin_tokens(client, times: int = 5, **kwargs) -> list[int]:
+    return [client.get("/api/uploads", headers=bearer("not-the-admin-token-at-all"), **kwargs).status_code
+            for _ in range(times)]
+
+
+def test_the_login_backoff_counts_an_ipv6_client_per_64_like_the_rate_limit(access_app):
+    client = access_app(ADMIN_TOKEN=ADMIN_TOKEN).test_client()
+    assert wrong_admin_tokens(client, environ_base={"REMOTE_ADDR": "2001:db8:0:1::1"}) == [401] * 5
+    # Another address in the same /64 is the same client: it waits too.
+    assert client.get("/api/uploads", headers=bearer(ADMIN_TOKEN),
+                      environ_base={"REMOTE_ADDR": "2001:db8:0:1::2"}).status_code == 429
+    assert client.get("/api/uploads", headers=bearer(ADMIN_TOKEN),
+                      environ_base={"REMOTE_ADDR": "2001:db8:0:2::1"}).status_code == 200
+
+
+def test_behind_a_trusted_proxy_one_clients_failures_do_not_slow_down_another(access_app):
+    client = access_app(ADMIN_TOKEN=ADMIN_TOKEN, TRUSTED_PROXIES=1).test_client()
+    proxy = {"REMOTE_ADDR": "10.1.1.1"}  # every request comes from the proxy
+    for _ in range(5):
+        r = client.get("/api/uploads", environ_base=proxy,
+                       headers={**bearer("not-the-admin-token-at-all"), "X-Forwarded-For": "203.0.113.7"})
+        assert r.status_code == 401
+    mine = client.get("/api/uploads", environ_base=proxy, headers={**bearer(ADMIN_TOKEN), "X-Forwarded-For": "203.0.113.8"})
+    theirs = client.get("/api/uploads", environ_base=proxy,
+                        headers={**bearer(ADMIN_TOKEN), "X-Forwarded-For": "203.0.113.7"})
+    assert (mine.status_code, theirs.status_code) == (200, 429)
+
+
+def test_without_trusted_proxies_a_forged_forwarded_for_does_not_escape_the_login_backoff(access_app):
+    client = access_app(ADMIN_TOKEN=ADMIN_TOKEN).test_client()
+    for i in range(5):
+        r = client.get("/api/uploads", headers={**bearer("not-the-admin-token-at-all"),
+                                                "X-Forwarded-For": f"198.51.100.{i}"})
+        assert r.status_code == 401
+    r = client.get("/api/uploads", headers={**bearer(ADMIN_TOKEN), "X-Forwarded-For": "198.51.100.99"})
+    assert r.status_code == 429
+
+
+def feedback_statuses(client, upload_id: str, times: int, **kwargs) -> list[int]:
+    return [client.post(f"/uploads/{upload_id}/feedback", json={"label": "CAT"}, **kwargs).status_code
+            for _ in range(times)]
+
+
+def test_the_feedback_quota_counts_an_ipv6_client_per_64_and_a_proxied_client_by_its_own_address(access_app):
+    app = access_app(FEEDBACK_PER_HOUR=2)
+    client = app.test_client()
+    upload_id = post_image(client).get_json()["id"]
+    assert feedback_statuses(client, upload_id, 2, environ_base={"REMOTE_ADDR": "2001:db8:0:1::1"}) == [200, 200]
+    assert feedback_statuses(client, upload_id, 1, environ_base={"REMOTE_ADDR": "2001:db8:0:1::9"}) == [429]
+    assert feedback_statuses(client, upload_id, 1, environ_base={"REMOTE_ADDR": "2001:db8:0:2::1"}) == [200]
+
+    proxied = access_app(FEEDBACK_PER_HOUR=2, TRUSTED_PROXIES=1).test_client()
+    upload_id = post_image(proxied).get_json()["id"]
+    proxy = {"REMOTE_ADDR": "10.1.1.1"}
+    one = feedback_statuses(proxied, upload_id, 3, environ_base=proxy, headers={"X-Forwarded-For": "203.0.113.7"})
+    other = feedback_statuses(proxied, upload_id, 1, environ_base=proxy, headers={"X-Forwarded-For": "203.0.113.8"})
+    assert (one, other) == ([200, 200, 429], [200])
+
+
+def test_forwarded_headers_reach_nothing_without_trusted_proxies(access_app):
+    from flask import request
+
+    app = access_app()
+    seen = {}
+
+    @app.get("/test-only/who")
+    def who():
+        seen.update(address=request.remote_addr, scheme=request.scheme,
+                    forwarded=[h for h in request.headers.keys() if "forward" in h.lower()])
+        return "ok"
+
+    app.test_client().get("/test-only/who", headers={"X-Forwarded-For": "198.51.100.1", "X-Forwarded-Proto": "https",
+                                                     "Forwarded": "for=198.51.100.1;proto=https"})
+    assert seen == {"address": "127.0.0.1", "scheme": "http", "forwarded": []}
+
+
+# --- heatmaps are guarded and limited like POST /file/ -------------------------------------------
+
+def test_a_heatmap_needs_a_token_when_tokens_are_on(access_app):
+    client = access_app(API_TOKENS=TOKEN_A).test_client()
+    upload_id = post_image(client, headers=bearer(TOKEN_A)).get_json()["id"]
+    path = f"/uploads/{upload_id}/heatmap.png"
+    missing = client.get(path)
+    assert missing.status_code == 401 and missing.get_json()["error"]["code"] == "missing_token"
+    assert "heatmap" in missing.get_json()["error"]["message"]
+    assert client.get(path, headers=bearer("not-" + TOKEN_A)).status_code == 401
+    assert client.get(path, headers=bearer(TOKEN_A)).status_code not in (401, 429)
+
+
+def test_heatmaps_are_rate_limited_per_client(access_app):
+    app = access_app(RATE_LIMIT="2/hour")
+    client = app.test_client()
+    upload_id = post_image(client).get_json()["id"]
+    path = f"/uploads/{upload_id}/heatmap.png"
+    statuses = [client.get(path).status_code for _ in range(3)]
+    assert statuses[2] == 429 and 429 not in statuses[:2], statuses
+    refused = client.get(path)
+    assert refused.get_json()["error"]["code"] == "rate_limited" and "heatmaps" in refused.get_json()["error"]["message"]
+    assert client.get(path, environ_base={"REMOTE_ADDR": "10.0.0.9"}).status_code != 429  # another client
+
+
+# --- the in-memory limiter is bounded -----------------------------------------------------------
+
+def test_the_memory_limiter_holds_at_most_its_cap_of_counters(access_app, monkeypatch):
+    from keras_serve.web import access
+
+    monkeypatch.setattr(access, "MEMORY_MAX_KEYS", 50)
+    app = access_app(RATE_LIMIT="100/hour")
+    client = app.test_client()
+    for i in range(300):  # 300 clients, each with a count that lasts an hour
+        assert post_image(client, address=f"2001:db8:{i:x}::1").status_code == 200
+    storage = app.extensions["access"].limiter.storage
+    assert len(storage.storage) <= 50 and len(storage.expirations) <= 50 and len(storage.locks) <= 50
+
+
+def test_the_memory_limiter_drops_counters_after_their_window(access_app, monkeypatch):
+    import time
+
+    from keras_serve.web import bounded_memory
+
+    monkeypatch.setattr(bounded_memory, "SWEEP_INTERVAL_S", 0.0)
+    app = access_app(RATE_LIMIT="100/second")
+    client = app.test_client()
+    for i in range(100):
+        post_image(client, address=f"10.9.{i // 250}.{i % 250}")
+    storage = app.extensions["access"].limiter.storage
+    assert len(storage.storage) >= 100
+    time.sleep(2.1)  # a counter lives two windows (the sliding window reads the previous one)
+    post_image(client, address="10.9.9.9")
+    assert len(storage.storage) == 1  # only the newest client's counter is left
