@@ -7,6 +7,7 @@ import json
 import math
 import re
 import shutil
+import time
 from datetime import datetime, timedelta
 
 import pytest
@@ -288,3 +289,67 @@ def test_api_stats_is_in_the_openapi_document(known):
     assert "window" in operation["description"]
     name = next(p for p in document["paths"]["/admin/charts/{name}.svg"]["get"]["parameters"] if p["name"] == "name")
     assert "reliability" in name["schema"]["enum"]
+
+
+def test_openapi_leaves_the_dashboard_out_while_admin_is_off(make_app, colour_model_path, tmp_path):
+    off = make_app(MODEL_PATH=str(colour_model_path), UPLOAD_DIR=str(tmp_path / "off")).test_client()
+    paths = off.get("/openapi.json").get_json()["paths"]
+    assert "/api/stats" not in paths and "/admin" not in paths and "/healthz" in paths
+
+
+# --- Prometheus ----------------------------------------------------------------------------------
+
+def scrape(app) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = app.test_client().get("/metrics").get_data(as_text=True)
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_metrics_carry_the_quality_numbers_with_labels_from_closed_sets(known):
+    samples = scrape(known)
+
+    def value(name, **labels):
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    current = {"model_version": "current", "window": "week"}
+    assert value("keras_serve_quality_answered", **current) == 10
+    assert value("keras_serve_quality_unsure_share", **current) == pytest.approx(0.8)
+    assert value("keras_serve_quality_visitor_disagreement", **current) == pytest.approx(0.25)
+    assert value("keras_serve_quality_reviewed", **current) == 10
+    assert value("keras_serve_quality_reviewed_accuracy", **current) == pytest.approx(0.7)
+    assert value("keras_serve_quality_reviewed_accuracy_low", **current) == pytest.approx(0.3968, abs=1e-4)
+    assert value("keras_serve_quality_reviewed_accuracy_high", **current) == pytest.approx(0.8922, abs=1e-4)
+    assert value("keras_serve_quality_validation_accuracy", model_version="current") == 0.95
+    assert value("keras_serve_quality_drift_psi", feature="label", **current) == pytest.approx(0.415888, abs=1e-6)
+    assert value("keras_serve_quality_answered", model_version="current", window="day") == 2
+    assert value("keras_serve_quality_answered", model_version="previous", window="week") == 3
+    # nothing reviewed for the previous version: no accuracy series rather than a 0
+    assert ("keras_serve_quality_reviewed_accuracy", (("model_version", "previous"), ("window", "week"))) not in samples
+    assert value("keras_serve_storage_breaker_open", component="records") == 0
+    assert value("keras_serve_storage_up", component="images") == 1
+    for (name, labels) in samples:
+        labels = dict(labels)
+        if name.startswith("keras_serve_quality_"):
+            assert labels["model_version"] in ("current", "previous")
+            assert labels.get("window", "day") in ("day", "week")
+            assert labels.get("feature", "label") in ("label", "confidence")
+
+
+def test_the_breaker_metric_follows_a_store_that_timed_out(make_app, colour_model_path, tmp_path):
+    from keras_serve.errors import StorageError
+
+    # no background check during the test: one would close the breaker again at once
+    app = make_app(MODEL_PATH=str(colour_model_path), UPLOAD_DIR=str(tmp_path / "u"), STORE_CHECK_INTERVAL_S=3600)
+    health = app.extensions["classifier"].store.records_health
+    clock = [time.monotonic() + 60]  # after every check the store's monitor has made
+    health.clock = lambda: clock[0]
+    with pytest.raises(StorageError):
+        with health.call():
+            clock[0] += health.slow_after_s + 0.1  # a failure that took this long was a timeout
+            raise StorageError("timed out")
+    assert health.breaker_open()
+    samples = scrape(app)
+    assert samples[("keras_serve_storage_breaker_open", (("component", "records"),))] == 1
+    assert samples[("keras_serve_storage_breaker_open", (("component", "images"),))] == 0

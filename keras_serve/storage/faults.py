@@ -79,6 +79,11 @@ class ComponentHealth:
         with self._lock:
             return self._ok and not self._stalled(self.clock())
 
+    def breaker_open(self) -> bool:
+        """Calls fail fast now, without touching the store (a metric: keras_serve_storage_breaker_open)."""
+        with self._lock:
+            return self._open or self._stalled(self.clock())
+
     def _stalled(self, now: float) -> bool:
         return bool(self._in_flight) and now - min(self._in_flight.values()) > self.stall_after_s
 

@@ -18,7 +18,7 @@ from flask import Blueprint, Response, abort, current_app, jsonify, render_templ
 from keras_serve.errors import ModelVersionNotFound, ReviewRequestError
 from keras_serve.storage.model_registry import is_sha256
 from keras_serve.storage.quality_stats import WINDOWS, QualityStats, StatsCache
-from keras_serve.web import charts, review
+from keras_serve.web import charts, quality_metrics, review
 from keras_serve.web.openapi import ERROR, binary, html_page, operation
 from keras_serve.web.openapi import json_body as json_answer
 
@@ -162,3 +162,4 @@ def init_app(app) -> None:
     app.extensions["quality_stats"] = QualityStats(app.extensions["classifier"].store.records)
     app.extensions["stats_cache"] = StatsCache()
     app.register_blueprint(bp)
+    quality_metrics.init_app(app)  # the Prometheus series: on whether or not the dashboard is

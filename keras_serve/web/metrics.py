@@ -95,6 +95,13 @@ class PrometheusMetrics:
             "version and problem: not_finite, out_of_range, not_summing_to_one.",
             ["model_version", "problem"], registry=registry)
         self._served_labels: tuple[str, str] | None = None
+        # Collectors that read their values at scrape time (the store's quality numbers,
+        # web/quality_metrics.py): the same in every process, so never written to the shared folder.
+        self.scrape_time_collectors: list[Any] = []
+
+    def add_collector(self, collector: Any) -> None:
+        self.registry.register(collector)
+        self.scrape_time_collectors.append(collector)
 
     # --- ServingMetrics (called by the core) ----------------------------------------------
     def batch_predicted(self, size: int, seconds: float) -> None:
@@ -181,6 +188,8 @@ def init_app(app: Flask) -> PrometheusMetrics:
         else:
             aggregate = CollectorRegistry()
             multiprocess.MultiProcessCollector(aggregate, path=str(shared_dir))
+            for collector in metrics.scrape_time_collectors:
+                aggregate.register(collector)
             body = generate_latest(aggregate)
         return Response(body, mimetype=None, content_type=CONTENT_TYPE_LATEST,
                         headers={"Cache-Control": "no-store"})

@@ -37,9 +37,9 @@ OPENAPI_VERSION = "3.1.0"
 IMPLICIT_METHODS = {"HEAD", "OPTIONS"}  # Flask answers these for every rule by itself
 OPERATION_ATTRIBUTE = "__openapi_operations__"
 RULE_VARIABLE = re.compile(r"<(?:[^<>:]+:)?([^<>:]+)>")
-# The admin's blueprints (review, model versions): routed always, but 404 while no admin token
+# The admin's blueprints (review, model versions, dashboard): routed always, but 404 while no admin token
 # is set, so the document leaves them out then (it would advertise an admin surface that is off).
-ADMIN_BLUEPRINTS = frozenset({"review", "models"})
+ADMIN_BLUEPRINTS = frozenset({"review", "models", "dashboard"})
 View = TypeVar("View", bound=Callable[..., Any])
 
 
