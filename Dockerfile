@@ -24,12 +24,12 @@ RUN groupadd --system --gid 10001 keras-serve \
 
 WORKDIR /app
 
-# Only the runtime pins, the lines of requirements.txt above "# Tests": test and lint tools
-# stay out of the image. This layer is rebuilt only when requirements.txt changes.
-COPY requirements.txt ./
-RUN sed '/^# Tests/,$d' requirements.txt > /tmp/runtime-requirements.txt \
- && pip install --no-cache-dir -r /tmp/runtime-requirements.txt \
- && rm /tmp/runtime-requirements.txt
+# Only the runtime pins, as `make serve` installs them: test tools (requirements-test.txt) stay
+# out of the image. tf-keras goes in without its dependencies, which would add the GPU build of
+# TensorFlow beside tensorflow-cpu. This layer is rebuilt only when these files change.
+COPY requirements.txt requirements-no-deps.txt ./
+RUN pip install --no-cache-dir -r requirements.txt \
+ && pip install --no-cache-dir --no-deps -r requirements-no-deps.txt
 
 COPY pyproject.toml app.py ./
 COPY keras_serve/ keras_serve/

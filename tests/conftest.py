@@ -15,7 +15,9 @@ DEFAULT_MODEL = ROOT / "models" / "cats_vs_dogs.h5"
 
 
 # CI (.ci/run) sets REFUSE_SKIPS=1: then any skipped test fails the run (tests/refuse_skips.py).
-pytest_plugins = ["refuse_skips"]
+# suite_kinds marks each test with what it starts (engines, processes, browser, training) for
+# `make check`, and orders the files for `make test`'s workers.
+pytest_plugins = ["refuse_skips", "suite_kinds"]
 
 
 def build_colour_model(size: int = 32, channels: int = 3, units: int = 1):

@@ -1,0 +1,134 @@
+"""A pytest plugin: marks each test with what it starts, and runs the costly test files first.
+
+Markers (registered in pytest.ini), added from what a test uses, so a new test is sorted
+without being told:
+- engines: a real PostgreSQL, SeaweedFS, Redis or nginx (tests/services.py, the
+  postgresql+s3 back end of `storage_config`);
+- processes: a child process: `python app.py` (ServerProcess, the `server` fixture),
+  a command line, gunicorn (anything that reaches `subprocess`);
+- browser: Chromium through Playwright;
+- training: a training run (keras_serve.training.train).
+`make check` runs the rest: unit and in-process HTTP tests. A test may also carry a marker itself.
+
+What a test uses is read from its code: the names its function, its fixtures, and every helper
+defined under tests/ that they call (transitively) refer to. A name in the code, not a call
+that ran: a test that merely mentions `subprocess` counts as starting one, which errs on
+the side of keeping `make check` fast.
+
+Under pytest-xdist with `--dist loadfile --no-loadscope-reorder` (the Makefile), files go to
+workers in collection order; this plugin puts the files with the most starting tests first, so
+the longest ones do not start last and leave one worker idle at the end.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+import types
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+
+# Names that, anywhere in what a test runs, mean it starts that kind of thing.
+STARTS = {
+    "engines": {"running_postgres", "running_seaweedfs", "running_redis", "Postgres", "SeaweedFS",
+                "running_nginx", "nginx_binary", "weed_binary", "postgres_bin"},
+    "processes": {"subprocess", "Popen", "ServerProcess", "server_process", "multiprocessing"},
+    "browser": {"sync_playwright", "chromium", "playwright"},
+    "training": {"keras_serve.training.train"},
+}
+# Fixtures that mean the same (their own code is read too; these short-cut it).
+FIXTURES = {
+    "engines": {"postgres", "seaweedfs", "redis_server", "remote_storage_config"},
+    "processes": {"server"},
+    "browser": {"browser"},
+}
+KINDS = tuple(STARTS)
+# Rough seconds per test of each kind, for the file order only.
+COST = {"engines": 3.0, "processes": 4.0, "browser": 6.0, "training": 8.0}
+
+
+def _ours(obj) -> bool:
+    try:
+        return Path(inspect.getsourcefile(obj) or "").resolve().is_relative_to(TESTS)
+    except TypeError:
+        return False
+
+
+def _names(code: types.CodeType) -> set[str]:
+    """Global and attribute names, and the strings given to request.getfixturevalue."""
+    found = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            found |= _names(const)
+        elif isinstance(const, str) and "getfixturevalue" in code.co_names:
+            found.add("fixture:" + const)
+    return found
+
+
+class _Reader:
+    """The names reachable from a function through helpers defined under tests/, memoised."""
+
+    def __init__(self) -> None:
+        self.cache: dict[types.CodeType, frozenset[str]] = {}
+
+    def names(self, func, depth: int = 0) -> frozenset[str]:
+        func = inspect.unwrap(func)
+        code = getattr(func, "__code__", None)
+        if code is None or depth > 6:
+            return frozenset()
+        if code in self.cache:
+            return self.cache[code]
+        self.cache[code] = frozenset()  # a cycle stops here
+        found = set(_names(code))
+        scope = getattr(func, "__globals__", {})
+        # `from test_uploads import helper` inside the function: the helper is no global here.
+        ours = [module for module in map(sys.modules.get, found) if module is not None and _ours(module)]
+        for name in list(found):
+            target = scope.get(name)
+            if target is None:
+                target = next((getattr(m, name) for m in ours if hasattr(m, name)), None)
+            if isinstance(target, types.ModuleType):
+                if _ours(target):
+                    found.add(target.__name__)
+                continue
+            if inspect.isclass(target) and _ours(target):
+                for member in vars(target).values():
+                    if inspect.isfunction(member):
+                        found |= self.names(member, depth + 1)
+            elif inspect.isfunction(target) and _ours(target):
+                found |= self.names(target, depth + 1)
+        self.cache[code] = frozenset(found)
+        return self.cache[code]
+
+
+def kinds_of(item: pytest.Item, reader: _Reader) -> set[str]:
+    kinds = {kind for kind in KINDS if item.get_closest_marker(kind)}
+    fixtures = set(getattr(item, "fixturenames", ()))
+    kinds |= {kind for kind, names in FIXTURES.items() if names & fixtures}
+    callspec = getattr(item, "callspec", None)
+    if callspec and "postgresql+s3" in map(str, callspec.params.values()):
+        kinds.add("engines")
+    names = set(reader.names(item.function)) if isinstance(item, pytest.Function) else set()
+    kinds |= {kind for kind, fixture_names in FIXTURES.items() if {"fixture:" + n for n in fixture_names} & names}
+    info = getattr(item, "_fixtureinfo", None)
+    for name in fixtures:
+        for fixturedef in (info.name2fixturedefs.get(name, ()) if info else ()):
+            if _ours(fixturedef.func):
+                names |= reader.names(fixturedef.func)
+    kinds |= {kind for kind, starters in STARTS.items() if starters & names}
+    return kinds
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    reader = _Reader()
+    cost: Counter[str] = Counter()
+    for item in items:
+        kinds = kinds_of(item, reader)
+        for kind in kinds:
+            item.add_marker(kind)
+        cost[item.nodeid.split("::")[0]] += 0.1 + sum(COST[kind] for kind in kinds)
+    # Stable: tests keep their order inside a file; files go costliest first.
+    items.sort(key=lambda item: -cost[item.nodeid.split("::")[0]])
