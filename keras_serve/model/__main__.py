@@ -12,10 +12,13 @@ converted engine answers as TensorFlow does, its labels are the served model's, 
 real-looking probe images are probabilities) in a child process within CANDIDATE_MEMORY_MB and
 CANDIDATE_TIMEOUT_S, and compared with the served model (at most CANDIDATE_MAX_SLOWDOWN times
 slower per image and CANDIDATE_MAX_MEMORY_GROWTH times the memory; --force skips only this
-comparison) before it is published or promoted; a refused one prints why and exits with status 2. The database and image store are
-chosen like the server's: --upload-dir, --database-url, --image-store, or KERAS_SERVE_* variables;
---model is the model the servers were started with. Every server process sharing the database
-swaps to a promoted version within MODEL_CHECK_INTERVAL_S plus the time it takes to load it.
+comparison) before it is published or promoted; a refused one prints why and exits with status
+2. The database and image store are chosen like the server's: --upload-dir, --database-url,
+--image-store, or KERAS_SERVE_* variables; --model is the model the servers were started with.
+Options go before or after the command. A command on a store that does not exist (no server has
+used it) says so and exits with status 1, creating nothing. Every server process sharing the
+database swaps to a promoted version within MODEL_CHECK_INTERVAL_S plus the time it takes to
+load it.
 """
 from __future__ import annotations
 
@@ -27,17 +30,26 @@ from pathlib import Path
 from typing import Iterable
 
 from keras_serve.errors import ModelVersionError, StorageError
-from keras_serve.storage.__main__ import STORE_OPTIONS, add_store_arguments, config_from_args
+from keras_serve.storage.__main__ import (STORE_OPTIONS, add_store_arguments, config_from_args, missing_store,
+                                          options_after_commands_too)
 
 
-def main(argv: Iterable[str] | None = None) -> int:
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The store's options and the served model's, on the main parser and every command (SUPPRESS:
+    a command's own copy must not overwrite a value given before the command)."""
+    add_store_arguments(parser)
+    group = parser.add_argument_group("the served model (as the servers were started)")
+    group.add_argument("--model", dest="MODEL_PATH", metavar="FILE", default=argparse.SUPPRESS,
+                       help="the model the servers were started with (env KERAS_SERVE_MODEL_PATH)")
+    group.add_argument("--labels", dest="LABELS", default=argparse.SUPPRESS,
+                       help="the servers' --labels, if they were given (env KERAS_SERVE_LABELS)")
+    group.add_argument("--by", default=argparse.SUPPRESS, help="who does it, for the log (default: your user name)")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m keras_serve.model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_store_arguments(parser)
-    parser.add_argument("--model", dest="MODEL_PATH", help="the model the servers were started with")
-    parser.add_argument("--labels", dest="LABELS")
-    parser.add_argument("--by", default=None, help="who does it, for the log (default: your user name)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     promote = sub.add_parser("promote", help="serve a model file (checked and published first) or a published sha256")
     promote.add_argument("candidate")
     publish = sub.add_parser("publish", help="check and publish a model file without serving it")
@@ -49,11 +61,18 @@ def main(argv: Iterable[str] | None = None) -> int:
                                   "check still applies")
     sub.add_parser("rollback", help="serve what served before the promotion in effect")
     sub.add_parser("list", help="published versions, the one served, and the log (JSON)")
-    from keras_serve.model.quantize_cli import add_optimize_parser, optimize_main
+    from keras_serve.model.quantize_cli import add_optimize_parser
 
     add_optimize_parser(sub)
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    options_after_commands_too(parser, sub, add_common_arguments)
+    return parser
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
     if args.command == "optimize":  # makes a file; needs no database or image store
+        from keras_serve.model.quantize_cli import optimize_main
+
         return optimize_main(args)
 
     from keras_serve.model.versions import promote_version, publish_candidate
@@ -61,7 +80,12 @@ def main(argv: Iterable[str] | None = None) -> int:
     from keras_serve.storage.uploads import UploadStore
 
     config = config_from_args(args, (*STORE_OPTIONS, "MODEL_PATH", "LABELS"))
-    by = (args.by or _user())[:64]
+    by = (getattr(args, "by", None) or _user())[:64]
+    # Every command works on the store the servers share: a mistyped path must not publish
+    # into, or leave behind, an empty store that no server reads.
+    if missing := missing_store(config):
+        print(f"error: {missing}", file=sys.stderr)
+        return 1
     try:
         store = UploadStore.from_config(config)
     except StorageError as exc:

@@ -9,8 +9,10 @@
     python -m keras_serve.storage claim-image-store    # this database owns the image store now
     python -m keras_serve.storage export-dataset OUT [--reviewed-only] [--since DATE] [--include-unverified]
 
-The store is chosen like the server's: --upload-dir, --database-url, --image-store, or their
-KERAS_SERVE_* environment variables (and AWS_* for S3).
+The store is chosen like the server's: --upload-dir, --database-url, --image-store (before or
+after the command), or their KERAS_SERVE_* environment variables (and AWS_* for S3). Every
+command but import-dayfiles works on an existing store: where none is, it says so and exits
+with status 1, creating nothing.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import csv
 import json
 import sys
 from pathlib import Path, PurePath
-from typing import IO, Any, Iterable
+from typing import IO, Any, Callable, Iterable, Mapping
 
 from keras_serve import settings
 from keras_serve.errors import StorageError
@@ -135,11 +137,68 @@ def _date(text: str):
 STORE_OPTIONS = ("UPLOAD_DIR", "DATABASE_URL", "IMAGE_STORE")
 
 
+# import-dayfiles fills a store, so it may make a new one; every other command works on the
+# store a server made, and a mistyped path must not leave an empty store behind.
+CREATES_STORE = frozenset({"import-dayfiles"})
+
+
 def add_store_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options that choose the store, as the server's (every command that opens it takes them)."""
-    parser.add_argument("--upload-dir", dest="UPLOAD_DIR")
-    parser.add_argument("--database-url", dest="DATABASE_URL")
-    parser.add_argument("--image-store", dest="IMAGE_STORE")
+    """The options that choose the store, as the server's (every command that opens it takes them).
+
+    Their default is SUPPRESS, not None: the same options sit on the main parser and on each
+    subcommand (`options_after_commands_too`), and a subcommand's default would otherwise
+    overwrite a value given before the subcommand.
+    """
+    group = parser.add_argument_group("the store (as the server's; default: the KERAS_SERVE_* variables, "
+                                      "else ./uploads)")
+    for flag, name, metavar in (("--upload-dir", "UPLOAD_DIR", "DIR"), ("--database-url", "DATABASE_URL", "URL"),
+                                ("--image-store", "IMAGE_STORE", "URL")):
+        group.add_argument(flag, dest=name, metavar=metavar, default=argparse.SUPPRESS,
+                           help=f"{settings.BY_NAME[name].help} (env {settings.BY_NAME[name].env})")
+
+
+def options_after_commands_too(parser: argparse.ArgumentParser, commands: argparse._SubParsersAction,
+                               add: Callable[[argparse.ArgumentParser], None] = add_store_arguments) -> None:
+    """The common options on the main parser and on every subcommand added so far: people type
+    them after the subcommand as often as before it. `add` must give them SUPPRESS defaults."""
+    add(parser)
+    for command in {id(p): p for p in commands.choices.values()}.values():  # an alias shares its parser
+        add(command)
+
+
+def missing_store(config: Mapping[str, Any]) -> str | None:
+    """Why the store `config` names does not exist, or None when it does; creates nothing.
+
+    SQLite: UPLOAD_DIR/uploads.db is there. A DATABASE_URL: its database answers and has the
+    uploads table (a server made it).
+    """
+    hint = ("start the server once with these settings to create it, or name the store in use with "
+            "--upload-dir or --database-url (KERAS_SERVE_UPLOAD_DIR, KERAS_SERVE_DATABASE_URL)")
+    if not config.get("DATABASE_URL"):
+        upload_dir = Path(config["UPLOAD_DIR"]).resolve()  # the default is relative: say where it looked
+        if (upload_dir / "uploads.db").is_file():
+            return None
+        return f"no upload store in {upload_dir} (it has no uploads.db); {hint}"
+    import sqlalchemy as sa
+
+    from keras_serve.storage.faults import StoreTimeouts
+    from keras_serve.storage.records import postgres_connect_args
+
+    url = sa.engine.make_url(config["DATABASE_URL"])
+    connect_args = postgres_connect_args(StoreTimeouts.from_config(config)) \
+        if url.get_backend_name() == "postgresql" else {}
+    engine = sa.create_engine(url, connect_args=connect_args)
+    try:
+        with engine.connect() as conn:
+            if sa.inspect(conn).has_table("uploads"):
+                return None
+        return f"no upload store in the database {url.render_as_string(hide_password=True)} (no uploads table); " \
+               f"{hint}"
+    except sa.exc.SQLAlchemyError as exc:
+        return (f"cannot open the database {url.render_as_string(hide_password=True)}: "
+                f"{str(getattr(exc, 'orig', None) or exc).strip().splitlines()[0]}")
+    finally:
+        engine.dispose()
 
 
 def config_from_args(args: argparse.Namespace, names: Iterable[str] = (*STORE_OPTIONS, "UPLOAD_RETENTION_DAYS")
@@ -150,10 +209,29 @@ def config_from_args(args: argparse.Namespace, names: Iterable[str] = (*STORE_OP
 
 
 def main(argv: Iterable[str] | None = None) -> int:
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    config = config_from_args(args)
+    if args.command not in CREATES_STORE and (missing := missing_store(config)):
+        print(f"error: {missing}", file=sys.stderr)
+        return 1
+    try:
+        store = UploadStore.from_config(config)
+    except StorageError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    try:
+        return run_command(args, config, store)
+    except StorageError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m keras_serve.storage", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_store_arguments(parser)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     export_cmd = sub.add_parser("export", help="every record, oldest first, as CSV or JSON lines")
     export_cmd.add_argument("--format", choices=["csv", "jsonl"], default="jsonl")
     export_cmd.add_argument("--out", type=Path, help="file to write (default: standard output)")
@@ -178,7 +256,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     dataset_cmd.add_argument("--folder", action="append", default=[], metavar="LABEL=NAME",
                              help="write LABEL into folder NAME, e.g. CAT=cats to match the base data")
     prune_cmd = sub.add_parser("prune", help="delete uploads past retention and quarantine orphaned images now")
-    prune_cmd.add_argument("--retention-days", dest="UPLOAD_RETENTION_DAYS", type=float)
+    prune_cmd.add_argument("--retention-days", dest="UPLOAD_RETENTION_DAYS", type=float, metavar="DAYS",
+                           help=f"{settings.BY_NAME['UPLOAD_RETENTION_DAYS'].help} "
+                                f"(env {settings.BY_NAME['UPLOAD_RETENTION_DAYS'].env})")
     quarantine_cmd = sub.add_parser("quarantine", help="count the images in the quarantine, or restore or delete them")
     action = quarantine_cmd.add_mutually_exclusive_group()
     action.add_argument("--restore", action="store_true", help="move back those that have a record in this database")
@@ -186,69 +266,61 @@ def main(argv: Iterable[str] | None = None) -> int:
     action.add_argument("--empty", action="store_true", help="delete every quarantined image now")
     sub.add_parser("claim-image-store", help="write this database's store id into the image store's owner marker "
                                              "(after checking that no other database owns those images)")
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    options_after_commands_too(parser, sub)
+    return parser
 
-    config = config_from_args(args)
-    try:
-        store = UploadStore.from_config(config)
-    except StorageError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
-    try:
-        if args.command == "export":
-            with open(args.out, "w", newline="") if args.out else contextlib.nullcontext(sys.stdout) as out:
-                count = export(store, out, args.format, args.images)
-            print(f"exported {count} uploads", file=sys.stderr)
-        elif args.command == "import-dayfiles":
-            if not args.folder.is_dir():
-                print(f"error: {args.folder} is not a folder", file=sys.stderr)
-                return 1
-            counts = import_day_files(store, args.folder)
-            print(f"imported {counts['imported']} uploads ({counts['already_present']} were already present)",
-                  file=sys.stderr)
-        elif args.command == "copy-to":
-            target = UploadStore.from_config({"UPLOAD_DIR": args.to_upload_dir or config["UPLOAD_DIR"],
-                                              "DATABASE_URL": args.to_database_url,
-                                              "IMAGE_STORE": args.to_image_store})
-            try:
-                counts = copy_store(store, target)
-            finally:
-                target.close()
-            print(f"copied {counts['copied']} uploads ({counts['already_present']} were already there, "
-                  f"{counts['missing_image']} had lost their image)", file=sys.stderr)
-        elif args.command == "quarantine":
-            if args.restore or args.restore_all:
-                count = store.restore_quarantined(only_recorded=args.restore)
-                print(f"restored {count} images from the quarantine", file=sys.stderr)
-            elif args.empty:
-                keys = list(store.images.quarantined(float("inf")))
-                for key in keys:
-                    store.images.delete_quarantined(key)
-                print(f"deleted {len(keys)} images from the quarantine", file=sys.stderr)
-            else:
-                print(f"{sum(1 for _ in store.images.quarantined(float('inf')))} images in the quarantine",
-                      file=sys.stderr)
-        elif args.command == "claim-image-store":
-            previous, store_id = store.images.read_owner(), store.records.store_id()
-            store.images.write_owner(store_id)
-            print(f"the image store now belongs to this database (store id {store_id}; it was {previous})",
-                  file=sys.stderr)
-        elif args.command == "export-dataset":
-            from keras_serve.storage.dataset_export import export_dataset
 
-            folders = dict(item.split("=", 1) for item in args.folder if "=" in item)
-            counts = export_dataset(store, args.out, since=args.since, include_unverified=args.include_unverified,
-                                    include_neither=args.include_neither, folders=folders)
-            print(f"{args.out}: {counts.summary()}", file=sys.stderr)
+def run_command(args: argparse.Namespace, config: Mapping[str, Any], store: UploadStore) -> int:
+    """The chosen command on the opened store; its report goes to stderr. Raises StorageError."""
+    if args.command == "export":
+        with open(args.out, "w", newline="") if args.out else contextlib.nullcontext(sys.stdout) as out:
+            count = export(store, out, args.format, args.images)
+        print(f"exported {count} uploads", file=sys.stderr)
+    elif args.command == "import-dayfiles":
+        if not args.folder.is_dir():
+            print(f"error: {args.folder} is not a folder", file=sys.stderr)
+            return 1
+        counts = import_day_files(store, args.folder)
+        print(f"imported {counts['imported']} uploads ({counts['already_present']} were already present)",
+              file=sys.stderr)
+    elif args.command == "copy-to":
+        target = UploadStore.from_config({"UPLOAD_DIR": args.to_upload_dir or config["UPLOAD_DIR"],
+                                          "DATABASE_URL": args.to_database_url,
+                                          "IMAGE_STORE": args.to_image_store})
+        try:
+            counts = copy_store(store, target)
+        finally:
+            target.close()
+        print(f"copied {counts['copied']} uploads ({counts['already_present']} were already there, "
+              f"{counts['missing_image']} had lost their image)", file=sys.stderr)
+    elif args.command == "quarantine":
+        if args.restore or args.restore_all:
+            count = store.restore_quarantined(only_recorded=args.restore)
+            print(f"restored {count} images from the quarantine", file=sys.stderr)
+        elif args.empty:
+            keys = list(store.images.quarantined(float("inf")))
+            for key in keys:
+                store.images.delete_quarantined(key)
+            print(f"deleted {len(keys)} images from the quarantine", file=sys.stderr)
         else:
-            result = store.prune()
-            print(f"removed {result['expired']} expired uploads, moved {result['orphans']} orphaned images to the "
-                  f"quarantine and deleted {result['quarantine_deleted']} from it", file=sys.stderr)
-    except StorageError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
-    finally:
-        store.close()
+            print(f"{sum(1 for _ in store.images.quarantined(float('inf')))} images in the quarantine",
+                  file=sys.stderr)
+    elif args.command == "claim-image-store":
+        previous, store_id = store.images.read_owner(), store.records.store_id()
+        store.images.write_owner(store_id)
+        print(f"the image store now belongs to this database (store id {store_id}; it was {previous})",
+              file=sys.stderr)
+    elif args.command == "export-dataset":
+        from keras_serve.storage.dataset_export import export_dataset
+
+        folders = dict(item.split("=", 1) for item in args.folder if "=" in item)
+        counts = export_dataset(store, args.out, since=args.since, include_unverified=args.include_unverified,
+                                include_neither=args.include_neither, folders=folders)
+        print(f"{args.out}: {counts.summary()}", file=sys.stderr)
+    else:
+        result = store.prune()
+        print(f"removed {result['expired']} expired uploads, moved {result['orphans']} orphaned images to the "
+              f"quarantine and deleted {result['quarantine_deleted']} from it", file=sys.stderr)
     return 0
 
 
