@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,6 +36,8 @@ def main() -> int:
     parser.add_argument("--sizes", default="100,300")
     parser.add_argument("--methods", default=",".join(quantize.METHODS))
     parser.add_argument("--per-tensor", action="store_true", help="also per-tensor weights (minmax only)")
+    parser.add_argument("--openvino", action="store_true",
+                        help="also OpenVINO float and NNCF int8 (pip install openvino nncf; not a project dependency)")
     args = parser.parse_args()
 
     float_model = ServedModel.load(args.model, engine="onnxruntime", engine_threads=1)
@@ -60,11 +63,42 @@ def main() -> int:
         int8_model = quantize.variant_model(float_model, engine, {**float_model.info, "file": "int8"})
         c = quantize.compare_on_validation(float_model, int8_model, args.validate, DEFAULT_CACHE_DIR)
         ms = quantize.cpu_ms_per_image(engine, one_image)
-        print(f"| {method} | {size} | {'per channel' if per_channel else 'per tensor'} | {ms:.2f} "
-              f"| {c['float']['accuracy']:.4f} | {c['int8']['accuracy']:.4f} | {c['answers_changed']} "
-              f"| {c['mean_score_change']:.4f} | {c['largest_score_change']:.3f} "
-              f"| {c['paired']['mcnemar_p']:.3g} |", flush=True)
+        print(row(method, size, "per channel" if per_channel else "per tensor", ms, c), flush=True)
+    if args.openvino:
+        for name, engine in openvino_engines(float_onnx, inputs[:max(sizes)]):
+            model = quantize.variant_model(float_model, engine, {**float_model.info, "file": name})
+            c = quantize.compare_on_validation(float_model, model, args.validate, DEFAULT_CACHE_DIR)
+            ms = quantize.cpu_ms_per_image(engine, one_image)
+            print(row(name, max(sizes), "-", ms, c), flush=True)
     return 0
+
+
+def row(calibration: str, images: int, weights: str, ms: float, c: dict) -> str:
+    return (f"| {calibration} | {images} | {weights} | {ms:.2f} | {c['float']['accuracy']:.4f} "
+            f"| {c['int8']['accuracy']:.4f} | {c['answers_changed']} | {c['mean_score_change']:.4f} "
+            f"| {c['largest_score_change']:.3f} | {c['paired']['mcnemar_p']:.3g} |")
+
+
+def openvino_engines(float_onnx: bytes, calibration: Any):
+    """OpenVINO on the same ONNX file, float and NNCF post-training int8 (its default preset),
+    each compiled for one thread: (name, callable) pairs."""
+    import tempfile
+
+    import nncf
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
+    with tempfile.TemporaryDirectory() as tmp:  # kept while the models live: weights may be read lazily
+        path = Path(tmp) / "float.onnx"
+        path.write_bytes(float_onnx)
+        float_ov = ov.convert_model(str(path))
+        int8_ov = nncf.quantize(float_ov, nncf.Dataset([image[None] for image in calibration]),
+                                subset_size=len(calibration))
+        for name, model in ((f"OpenVINO {ov.__version__.split('-')[0]} float", float_ov),
+                            (f"OpenVINO + NNCF {nncf.__version__} int8", int8_ov)):
+            compiled = core.compile_model(model, "CPU", config)
+            yield name, (lambda batch, compiled=compiled: compiled(batch)[0])
 
 
 if __name__ == "__main__":
