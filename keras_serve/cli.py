@@ -8,19 +8,54 @@ Every option is a row of `keras_serve.settings.SETTINGS`.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import socket
 import sys
+import textwrap
+from typing import IO, TYPE_CHECKING, Any
 
-from keras_serve import create_app, settings
-from keras_serve.errors import StartupError
-from keras_serve.web.request_log import configure_logging
+from keras_serve import settings
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="app.py", description=__doc__,
+    # Raw: the description's examples and the groups' lists of variables keep their lines.
+    p = argparse.ArgumentParser(prog="app.py", description=__doc__, epilog=textwrap.fill(settings.HELP_EPILOG, 78),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     settings.add_arguments(p)
     return p.parse_args(argv)
+
+
+def log_format_for(setting: str, stream: IO[Any]) -> str:
+    """LOG_FORMAT's value as the handler takes it: auto is text for a person at a terminal,
+    JSON lines for everything else (a pipe, a file, a container's log collector)."""
+    if setting != "auto":
+        return setting
+    try:
+        return "text" if stream.isatty() else "json"
+    except (AttributeError, ValueError):  # no stream, or a closed one
+        return "json"
+
+
+def bind(config: dict[str, Any]) -> socket.socket | None:
+    """The listening socket, before anything slow happens; None (the reason printed) if the
+    address cannot be had, so that a port in use fails the start at once, not after the load."""
+    from keras_serve.web.listening import bind_listening_socket
+
+    host, port = config["HOST"], int(config["PORT"])
+    try:
+        return bind_listening_socket(host, port)
+    except ValueError:
+        print(f"error: cannot listen on {host}:{port}: not an address of this machine; "
+              f"check --host (KERAS_SERVE_HOST)", file=sys.stderr)
+    except OSError as exc:
+        hint = ("another process is listening there: stop it or choose another port with --port"
+                if exc.errno == errno.EADDRINUSE else "check --host and --port")
+        print(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}; {hint}", file=sys.stderr)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,27 +63,50 @@ def main(argv: list[str] | None = None) -> int:
     try:
         given = settings.from_arguments(args)
         effective = settings.resolve(given)
-        configure_logging(effective["LOG_FORMAT"])  # JSON lines by default (keras_serve/web/request_log.py)
-        logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" is normal under load
-        if int(effective["WORKERS"]) > 1:  # several processes: gunicorn forks them (keras_serve/workers.py)
-            from keras_serve.web.access import AccessSettings
-            from keras_serve.workers import serve_workers
-
-            AccessSettings.from_config(effective)  # one line now, not one per worker after the fork
-
-            return serve_workers(effective)
-        app = create_app(given)
-    except StartupError as exc:
-        print(f"error: {exc.message}" + (f"; {exc.hint}" if exc.hint else ""), file=sys.stderr)
-        return 2
     except ValueError as exc:  # a malformed KERAS_SERVE_* value
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # First, and before the heavy imports below: a port in use fails the start at once.
+    listening = bind(effective)
+    if listening is None:
+        return 2
+    from keras_serve import create_app
+    from keras_serve.errors import StartupError
+    from keras_serve.web.request_log import configure_logging
+
+    # JSON lines, or text at a terminal (keras_serve/web/request_log.py)
+    configure_logging(log_format_for(effective["LOG_FORMAT"], sys.stderr))
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" is normal under load
+    if effective.get("TRUST_MODEL_CODE"):  # a flag only (settings: never from the environment)
+        from keras_serve.model.file_safety import TRUST_WARNING
+
+        logging.getLogger("keras_serve.model").warning(TRUST_WARNING)
+    with listening:  # closed on every way out (serving closes it first, when it drains)
+        try:
+            if int(effective["WORKERS"]) > 1:  # several processes: gunicorn forks them (keras_serve/workers.py)
+                from keras_serve.web.access import AccessSettings
+                from keras_serve.workers import serve_workers
+
+                AccessSettings.from_config(effective)  # one line now, not one per worker after the fork
+
+                return serve_workers(effective, listening)
+            app = create_app(given)
+        except StartupError as exc:
+            print(f"error: {exc.message}" + (f"; {exc.hint}" if exc.hint else ""), file=sys.stderr)
+            return 2
+        except ValueError as exc:  # a setting the app refuses
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return serve_one_process(app, listening)
+
+
+def serve_one_process(app: Flask, listening: socket.socket) -> int:
     service = app.extensions["classifier"]
-    host, port = app.config["HOST"], int(app.config["PORT"])
+    host, port = app.config["HOST"], listening.getsockname()[1]  # --port 0: the port the system chose
     # one write per line, so that log lines from other threads never land inside it
     sys.stdout.write(service.model.summary_line() + "\n")
     sys.stdout.flush()
+    # Only now: the socket has listened since before the model loaded, and the loop starts next.
     sys.stdout.write(f"serving on http://{host}:{port}/ (threads {app.config['THREADS']}, max batch "
                      f"{app.config['MAX_BATCH']}, max wait {app.config['MAX_WAIT_MS']} ms, uploads in "
                      f"{app.config['UPLOAD_DIR']})\n")
@@ -60,9 +118,5 @@ def main(argv: list[str] | None = None) -> int:
         service.ready = False  # /readyz answers 503 from the moment SIGTERM arrives
 
     with service:  # closes the batcher and the store once every answered request is out
-        try:
-            server.serve(app, on_drain=stop_being_ready)
-        except OSError as exc:
-            print(f"error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
-            return 2
+        server.serve(app, on_drain=stop_being_ready, listening=listening)
     return 0

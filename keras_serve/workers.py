@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -82,15 +83,18 @@ class InterruptibleArbiter(Arbiter):
 
 
 class WorkerProcesses(BaseApplication):
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], listening_fd: int | None = None) -> None:
         self.app_config = config
+        self.listening_fd = listening_fd  # bound already (keras_serve.cli); gunicorn takes it over
         self.service = None  # this worker's ClassifierService, once loaded
         super().__init__()
 
     def load_config(self) -> None:
         c = self.app_config
         for key, value in {
-            "bind": f"{c['HOST']}:{c['PORT']}",
+            # gunicorn's "fd://N": a socket bound before anything loaded, so a port in use failed
+            # the start at once (gunicorn itself would retry for 5 s after printing nothing useful).
+            "bind": f"fd://{self.listening_fd}" if self.listening_fd is not None else f"{c['HOST']}:{c['PORT']}",
             "workers": int(c["WORKERS"]),
             "worker_class": HardenedWorker,  # threads, limits and timeouts: from the settings, as one process
             # The worker drains for SHUTDOWN_GRACE_S itself; the arbiter kills it only after that.
@@ -133,16 +137,22 @@ class WorkerProcesses(BaseApplication):
             self.service.close()
 
 
-def serve_workers(config: dict[str, Any]) -> int:
-    """Run the arbiter until SIGTERM/SIGINT; 0 after a clean stop, 2 if workers cannot start."""
-    print(f"serving on http://{config['HOST']}:{config['PORT']}/ ({config['WORKERS']} worker processes "
+def serve_workers(config: dict[str, Any], listening: socket.socket | None = None) -> int:
+    """Run the arbiter until SIGTERM/SIGINT; 0 after a clean stop, 2 if workers cannot start.
+
+    `listening`: the socket to serve on, bound and listening (keras_serve.web.listening);
+    gunicorn takes it over. Without it gunicorn binds HOST:PORT itself.
+    """
+    port = listening.getsockname()[1] if listening is not None else config["PORT"]
+    listening_fd = listening.detach() if listening is not None else None  # gunicorn closes it
+    print(f"serving on http://{config['HOST']}:{port}/ ({config['WORKERS']} worker processes "
           f"under gunicorn, threads {config['THREADS']} each, max batch {config['MAX_BATCH']}, "
           f"max wait {config['MAX_WAIT_MS']} ms, uploads in {config['UPLOAD_DIR']})", flush=True)
     arbiter_pid = os.getpid()
     try:
         # /metrics adds up every worker's counts from files in one folder (docs/operations.md, Metrics).
         with metrics_processes.share_between_processes():
-            WorkerProcesses(config).run()
+            WorkerProcesses(config, listening_fd).run()
     except (SystemExit, HaltServer) as exc:
         if os.getpid() != arbiter_pid:
             raise  # a worker ending: its exit unwinds through the fork, and the arbiter reads its status

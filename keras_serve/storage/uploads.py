@@ -220,7 +220,10 @@ class UploadStore:
             return reason
         if not self.records.has_uploads():
             reason = f"the upload database {self.records.description} has no uploads at all"
-            log.warning("orphan sweep skipped: %s; no image is treated as an orphan", reason)
+            # Worth a warning only when there are images it would have judged: an empty store
+            # (a first start) is the normal case, not a wrong database URL.
+            if next(iter(self.images.list(float("inf"))), None) is not None:
+                log.warning("orphan sweep skipped: %s; no image is treated as an orphan", reason)
             return reason
         return None
 

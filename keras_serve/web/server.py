@@ -55,6 +55,7 @@ from waitress.utilities import BadRequest
 
 from keras_serve.errors import error_code
 from keras_serve.web.event_loop import EventLoop, WatchedMap
+from keras_serve.web.listening import LISTEN_BACKLOG
 from keras_serve.web.request_log import REQUEST_ID_HEADER, log_request, request_id_from
 from keras_serve.web.responses import SECURITY_HEADERS, body_too_large_message, error_response
 
@@ -295,13 +296,13 @@ class HardenedServer(TcpWSGIServer):
     accept_batch = ACCEPT_BATCH
 
     def __init__(self, flask_app: Flask, wsgi_app, settings: ServerSettings, adj: Adjustments,
-                 listening: socket.socket | None = None) -> None:
+                 listening: socket.socket | None = None, shared_listening: bool = True) -> None:
         self.flask_app = flask_app
         self.settings = settings
         socket_map = WatchedMap()
         self.event_loop = EventLoop(socket_map)
         super().__init__(wsgi_app, map=socket_map, adj=adj, _sock=listening, bind_socket=listening is None)
-        if listening is not None:
+        if listening is not None and shared_listening:
             # Take one connection per turn, so a burst is spread over the processes sharing
             # the socket instead of landing on whichever woke first.
             self.accept_batch = 1
@@ -367,12 +368,13 @@ class HardenedServer(TcpWSGIServer):
 
 
 def build_server(flask_app: Flask, settings: ServerSettings, wsgi_app=None,
-                 listening: socket.socket | None = None) -> HardenedServer:
+                 listening: socket.socket | None = None, shared_listening: bool = True) -> HardenedServer:
     """Bound and listening. `wsgi_app` (default: the Flask app) serves requests, e.g. the app
     wrapped in middleware; `flask_app` renders the error answers waitress gives itself.
 
     `listening`: a socket already bound and listening, shared with other processes (gunicorn
     workers); each connection is then accepted by whichever process's loop takes it first.
+    `shared_listening=False`: a socket bound early for this process only (keras_serve.web.listening).
     """
     adj = Adjustments(
         host=settings.host, port=settings.port, threads=settings.threads, ident="keras-serve",
@@ -386,19 +388,22 @@ def build_server(flask_app: Flask, settings: ServerSettings, wsgi_app=None,
         # are worth (TRUSTED_PROXIES), in the app, whatever server runs it. waitress would
         # otherwise delete them all, and a proxy's client address with them.
         clear_untrusted_proxy_headers=False,
-        backlog=2048,
+        backlog=LISTEN_BACKLOG,
     )
-    return HardenedServer(flask_app, wsgi_app or flask_app, settings, adj, listening=listening)
+    return HardenedServer(flask_app, wsgi_app or flask_app, settings, adj, listening=listening,
+                          shared_listening=shared_listening)
 
 
-def serve(flask_app: Flask, on_drain: Callable[[], None] = lambda: None) -> int:
+def serve(flask_app: Flask, on_drain: Callable[[], None] = lambda: None,
+          listening: socket.socket | None = None) -> int:
     """Serve until SIGTERM/SIGINT, then drain; returns how many connections were closed unanswered.
 
     `on_drain` runs inside the signal handler (keep it to setting a flag): it is how /readyz
-    turns 503 before anything else happens. Raises OSError if the address cannot be bound.
+    turns 503 before anything else happens. `listening`: the socket bound early
+    (keras_serve.web.listening); without it, binds here and raises OSError if the address cannot be bound.
     """
     settings = ServerSettings.from_config(flask_app.config)
-    server = build_server(flask_app, settings)
+    server = build_server(flask_app, settings, listening=listening, shared_listening=False)
     signals = []
 
     def on_signal(signum, frame) -> None:
