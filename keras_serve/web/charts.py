@@ -29,7 +29,7 @@ SCRIPT = re.compile(r"<script\b.*?</script>", re.S)  # pygal's tooltip config: n
 def _config(**extra: Any) -> dict[str, Any]:
     return {"style": STYLE, "width": WIDTH, "height": HEIGHT, "js": [], "disable_xml_declaration": True,
             "legend_at_bottom": True, "legend_at_bottom_columns": 3, "show_y_guides": True,
-            "margin": 12, "truncate_label": -1, **extra}
+            "margin": 12, "margin_bottom": 28, "truncate_label": -1, **extra}
 
 
 def render(chart: Any) -> str:
@@ -38,6 +38,11 @@ def render(chart: Any) -> str:
 
 def _percent(value: float | None) -> str:
     return "" if value is None else f"{value:.0%}"
+
+
+def _share(value: float | None) -> str:
+    """A bar's printed share; none on empty bars, which would only add noise."""
+    return f"{value:.0%}" if value else ""
 
 
 def _hours(stats: dict[str, Any]) -> list[tuple[datetime, float]]:
@@ -62,15 +67,18 @@ def traffic(stats: dict[str, Any], timeline: list[dict[str, Any]]) -> str:
             if event["action"] == kind and start is not None and start <= at <= end:
                 marks += [(at, 0), (at, top), None]
         if marks:
-            chart.add(f"model {kind}d" if kind == "rollback" else "model promoted", marks,
+            chart.add("model promoted" if kind == "promote" else "model rolled back", marks,
                       stroke_style={"width": 2, "dasharray": dash}, show_dots=False)
     return render(chart)
 
 
 def confidence(stats: dict[str, Any]) -> str:
     bins = stats["drift"]["confidence"]["bins"]
+    # From the lowest bin either side uses: a two-label model never answers under 0.5.
+    first = next((i for i, b in enumerate(bins) if b["baseline"] or b["window"]), 0)
+    bins = bins[first:]
     chart = pygal.Bar(**_config(title="Confidence: first week against this window", print_values=True,
-                                value_formatter=_percent, x_label_rotation=0, range=(0, 1)))
+                                value_formatter=_share, x_label_rotation=0, range=(0, 1)))
     chart.x_labels = [f"{b['low']:.1f}" for b in bins]
     chart.add("first week", [b["baseline_share"] for b in bins])
     chart.add("this window", [b["window_share"] for b in bins])
@@ -80,7 +88,7 @@ def confidence(stats: dict[str, Any]) -> str:
 def labels(stats: dict[str, Any]) -> str:
     rows = stats["drift"]["labels"]["labels"]
     chart = pygal.HorizontalBar(**_config(title="Predicted labels: first week against this window",
-                                          print_values=True, value_formatter=_percent, range=(0, 1)))
+                                          print_values=True, value_formatter=_share, range=(0, 1)))
     chart.x_labels = [r["label"] for r in rows]
     chart.add("first week", [r["baseline_share"] for r in rows])
     chart.add("this window", [r["window_share"] for r in rows])
