@@ -161,6 +161,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MODEL_CHECK_INTERVAL_S", 2.0, "how often each server process looks in the database for a newly "
             "promoted model version and swaps to it without a restart (docs/model-versions.md); 0: never", float,
             flag="--model-check-interval", metavar="SECONDS", group="model"),
+    # A candidate model is checked in a child process (keras_serve/model/candidate_check.py).
+    Setting("CANDIDATE_MEMORY_MB", 4096.0, "memory a candidate model may take, beyond TensorFlow itself, while it "
+            "is checked in its own process before it is published or served; more refuses it", float),
+    Setting("CANDIDATE_TIMEOUT_S", 120.0, "seconds a candidate model's check may take to load it, answer the probe "
+            "images and measure it; longer refuses it", float),
+    Setting("CANDIDATE_MAX_SLOWDOWN", 3.0, "a candidate answering one image more than this many times slower than "
+            "the served model is refused at publish and promote (the model CLI's --force skips this)", float),
+    Setting("CANDIDATE_MAX_MEMORY_GROWTH", 3.0, "a candidate taking more than this many times the served model's "
+            "memory to load and answer a batch is refused at publish and promote (the model CLI's --force skips "
+            "this)", float),
+    Setting("CANDIDATE_PROBE_DIR", None, "a folder of your own photos every candidate model must answer with "
+            "probabilities, besides the built-in probe images (white, black, grey, gradients, scenes, noise)",
+            _optional_str),
     Setting("HEATMAP_WAIT_SECONDS", 10.0, "heatmaps are made one at a time per process; how long a heatmap "
             "request waits for its turn before a 503", float, flag="--heatmap-wait-seconds", metavar="SECONDS",
             group="limits"),

@@ -11,17 +11,25 @@
   label, so a model with other labels is a new deployment (a restart with --model), not a swap.
 
 Anything wrong raises `CandidateRefused` with the reason in one line; the old model keeps serving.
+
+`publish_candidate` and `promote_version` never load the file in the calling process: the checks
+run in a child process within a memory and time budget (keras_serve/model/candidate_check.py),
+which also answers real-looking probe images and compares speed and memory with the served model.
 """
 from __future__ import annotations
 
+import logging
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from keras_serve.errors import CandidateRefused, ModelLoadError
+from keras_serve.errors import CandidateRefused, ModelFileDamaged, ModelLoadError, ServiceError
 from keras_serve.model.card import ModelCard
 from keras_serve.model.engines import usable_cores
 from keras_serve.model.served_model import ServedModel, parse_labels
-from keras_serve.storage.model_registry import ModelRegistry, ModelVersion
+from keras_serve.storage.model_registry import SHOWN_NAME, ModelRegistry, ModelVersion
+
+log = logging.getLogger(__name__)
 
 
 def load_for_serving(path: str | Path, config: Mapping[str, Any], max_decode_bytes: int | None = None) -> ServedModel:
@@ -43,6 +51,8 @@ def load_candidate(path: str | Path, config: Mapping[str, Any], served_labels: S
         model = load_for_serving(path, config, max_decode_bytes)
     except ModelLoadError as exc:
         raise CandidateRefused(f"{name} does not load: {exc.message}") from None
+    except MemoryError:  # over the check's memory budget: the caller says so, not "does not load"
+        raise
     except Exception as exc:  # a file that crashes the loader is refused, never served
         raise CandidateRefused(f"{name} does not load: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
     if model.engine_fallback_reason and config.get("ENGINE", "auto") != "tensorflow":
@@ -75,7 +85,48 @@ def expected_labels(registry: ModelRegistry, config: Mapping[str, Any]) -> list[
 
 
 def publish_candidate(registry: ModelRegistry, path: Path, config: Mapping[str, Any], by: str,
-                      name: str | None = None) -> ModelVersion:
-    """Check `path` as every server will (CandidateRefused if it must not serve), then publish it."""
-    model = load_candidate(path, config, expected_labels(registry, config))
-    return registry.publish(path, model.labels, by, name)
+                      name: str | None = None, force: bool = False) -> ModelVersion:
+    """Check `path` as every server will, in a child process (CandidateRefused if it must not
+    serve), then publish it. `name`: what it is shown as; `force`: skip the speed and memory
+    comparison with the served model (the CLI's --force), never the other checks."""
+    from keras_serve.model.candidate_check import check_candidate
+
+    shown = SHOWN_NAME.sub("_", Path(name or path.name).name)[-128:]
+    with tempfile.TemporaryDirectory(prefix="keras-serve-served-") as folder:
+        checked = check_candidate(path, config, expected_labels(registry, config), name=shown,
+                                  baseline=None if force else served_file(registry, config, Path(folder)),
+                                  guard_ratios=not force)
+    return registry.publish(path, checked.labels, by, name)
+
+
+def promote_version(registry: ModelRegistry, sha256: str, config: Mapping[str, Any], by: str,
+                    force: bool = False) -> ModelVersion:
+    """Check a published version as a new file is (its stored file must still match its sha256),
+    then promote it; raises CandidateRefused, ModelVersionNotFound or StorageError."""
+    from keras_serve.model.candidate_check import check_candidate
+
+    version = registry.version(sha256)
+    with tempfile.TemporaryDirectory(prefix="keras-serve-promote-") as folder:
+        try:
+            path = registry.fetch(version, Path(folder) / "candidate")
+        except ModelFileDamaged as exc:
+            raise CandidateRefused(f"{exc.message} It changed after it was published, so it is not promoted; "
+                                   "publishing the original file again restores it") from None
+        check_candidate(path, config, expected_labels(registry, config), name=version.file,
+                        baseline=None if force else served_file(registry, config, Path(folder) / "served"),
+                        guard_ratios=not force)
+    return registry.promote(version.sha256, by)
+
+
+def served_file(registry: ModelRegistry, config: Mapping[str, Any], folder: Path) -> Path | None:
+    """The file of the model the servers answer with (fetched into `folder` when promoted), to
+    compare a candidate with; None when it cannot be read here."""
+    try:
+        served = registry.served()
+        if served is not None:
+            return registry.fetch(served, folder)
+    except ServiceError as exc:
+        log.warning("the served model version cannot be fetched to compare candidates with: %s", exc.message)
+        return None
+    path = Path(config.get("MODEL_PATH") or "")
+    return path if path.is_file() else None

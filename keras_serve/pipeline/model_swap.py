@@ -2,13 +2,19 @@
 
 Every MODEL_CHECK_INTERVAL_S a background thread reads which version the log ends on
 (keras_serve/storage/model_registry.py). When it is not the one served, the thread fetches the
-file from the shared image store, loads it beside the old model with every check a candidate
-must pass (keras_serve/model/versions.py: loads, converted engine faithful to TensorFlow, same
+file from the shared image store, checks it in a child process within the candidate's memory
+and time budget (keras_serve/model/candidate_check.py: it loads, answers the probe images with
+probabilities), so a file that would exhaust memory or never load costs that child, not this
+serving process; then loads it beside the old model with every check a candidate must pass
+(keras_serve/model/versions.py: loads, converted engine faithful to TensorFlow, same
 labels), measures and warms it (`Generation.build`), and only then swaps it in between
 batches (`ModelSlot.swap`); requests in flight finish on the model they started with.
 
-A version that fails its checks is refused: logged with the reason, shown by /model, counted
-in the metrics, and not tried again by this process; the old model keeps serving.
+A version that fails its checks, or whose stored file no longer matches its sha256, is refused:
+logged once with the reason, shown by /model, counted in the metrics, and not tried again by
+this process; the old model keeps serving. The speed and memory comparison with the served
+model is made where a version is published or promoted, not here: a rollback, or a version
+promoted with --force, must not be refused by the servers.
 Every process and replica sharing the database does the same on its own, so they all switch
 within an interval plus a load.
 """
@@ -23,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from keras_serve.errors import CandidateRefused, ServiceError
+from keras_serve.errors import CandidateRefused, ModelFileDamaged, ServiceError
+from keras_serve.model.candidate_check import check_candidate
 from keras_serve.model.versions import load_candidate
 from keras_serve.pipeline.model_slot import Generation, ModelSlot
 from keras_serve.storage.model_registry import ModelRegistry, ModelVersion
@@ -99,7 +106,11 @@ class ModelFollower:
             else:
                 if self._cache is None:
                     self._cache = Path(tempfile.mkdtemp(prefix="keras-serve-models-"))
-                path = self.registry.fetch(wanted, self._cache)
+                try:
+                    path = self.registry.fetch(wanted, self._cache)
+                except ModelFileDamaged as exc:  # fetching again cannot help: refused, logged once
+                    raise CandidateRefused(exc.message) from None
+                check_candidate(path, self._config, current.model.labels, name=wanted.file, guard_ratios=False)
             model = load_candidate(path, self._config, current.model.labels, self._max_decode_bytes)
             try:
                 generation = self._build(model)

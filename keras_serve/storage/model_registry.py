@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import sqlalchemy as sa
 
-from keras_serve.errors import ModelVersionNotFound, NothingToRollBack, StorageError
+from keras_serve.errors import ModelFileDamaged, ModelVersionNotFound, NothingToRollBack, StorageError
 from keras_serve.storage.images import ImageStore
 from keras_serve.storage.records import RecordStore, model_promotions, model_versions
 
@@ -79,6 +79,9 @@ class ModelRegistry:
         sha256 = hashlib.sha256(data).hexdigest()
         existing = self._version(sha256)
         if existing is not None:
+            stored = self.images.get_model_file(sha256 + existing.suffix)
+            if stored is None or hashlib.sha256(stored).hexdigest() != sha256:  # publishing again repairs it
+                self.images.put_model_file(sha256 + existing.suffix, data)
             return existing
         self.images.put_model_file(sha256 + path.suffix.lower(), data)
         card = path.with_suffix(".json")
@@ -120,9 +123,12 @@ class ModelRegistry:
         if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == version.sha256:
             return target
         data = self.images.get_model_file(version.sha256 + version.suffix)
-        if data is None or hashlib.sha256(data).hexdigest() != version.sha256:
+        if data is None:
             raise StorageError(f"The published model file {version.file} ({version.sha256[:12]}) is "
-                               f"{'missing from' if data is None else 'damaged in'} the image store.")
+                               "missing from the image store.")
+        if hashlib.sha256(data).hexdigest() != version.sha256:
+            raise ModelFileDamaged(f"The published model file {version.file} ({version.sha256[:12]}) is "
+                                   "damaged in the image store: its content no longer matches its sha256.")
         target.parent.mkdir(parents=True, exist_ok=True)
         card = self.images.get_model_file(version.sha256 + ".json")
         if card is not None:

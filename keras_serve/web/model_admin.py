@@ -7,9 +7,13 @@
     POST /api/models/rollback           back to what served before the promotion in effect
 
 Files are published here or with `python -m keras_serve.model publish|promote FILE`
-(docs/model-versions.md); either way they are checked first (a refused one: 422 with the reason). A promotion here is also tried at once by the process that answers:
-if it refuses the version (it does not load, or answers differently from TensorFlow), the
-promotion is rolled back and the answer is 422 with the reason, so no server keeps trying it.
+(docs/model-versions.md); either way they are checked first, in a child process within a
+memory and time budget, never in this one (keras_serve/model/candidate_check.py; a refused one:
+422 with the reason). Over HTTP the speed and memory comparison with the served model always
+applies: only the CLI's --force skips it. A promotion is checked the same way (and its stored
+file against its sha256) before it is logged, then tried at once by the process that answers:
+if it refuses the version, the promotion is rolled back and the answer is 422 with the reason,
+so no server keeps trying it.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from pathlib import Path
 from flask import Blueprint, current_app, g, jsonify, request
 
 from keras_serve.errors import CandidateRefused, ModelRequestError
-from keras_serve.model.versions import publish_candidate
+from keras_serve.model.versions import promote_version, publish_candidate
 from keras_serve.storage.model_registry import MODEL_SUFFIXES, ModelRegistry
 from keras_serve.web import review
 from keras_serve.web.openapi import ERROR, multipart, operation
@@ -86,7 +90,7 @@ def publish():
            responses={200: json_answer(OBJECT), 400: ERROR, 401: ERROR, 403: ERROR, 404: ERROR, 422: ERROR,
                       503: ERROR})
 def promote(sha256: str):
-    version = registry().promote(sha256, g.reviewer)
+    version = promote_version(registry(), sha256, current_app.config, g.reviewer)
     follower = current_app.extensions["classifier"].follower
     if follower is not None and follower.check() == "refused":
         reason = follower.refused.get(version.sha256, "refused")

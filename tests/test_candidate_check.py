@@ -1,0 +1,226 @@
+"""A candidate model is checked in a child process, within a memory and a time budget, on
+real-looking probe images, and against the served model's speed and memory
+(keras_serve/model/candidate_check.py, docs/security.md).
+
+Each model here is tiny on disk and built to fail one check: one needs gigabytes for its
+activations, one declares a gigabyte-sized layer, one is slow, one never finishes in time, one
+answers Infinity or 5.0 for a white photo. The server process must keep answering throughout.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from images import BLUE, RED, image_bytes
+from test_model_versions import BEARER, TOKEN, classify, cli, store_args
+from uploading import post_file
+
+# Small budgets keep each check to seconds; the models below need far more, or far longer.
+SMALL_BUDGET = {"CANDIDATE_MEMORY_MB": 400.0, "ENGINE": "tensorflow", "MODEL_CHECK_INTERVAL_S": 0}
+
+
+@pytest.fixture()
+def checked_app(make_app, colour_model_path):
+    return make_app(MODEL_PATH=str(colour_model_path), ADMIN_TOKEN=TOKEN, **SMALL_BUDGET)
+
+
+def save(model, path: Path) -> Path:
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """name -> path of each misbehaving model (built once for the module)."""
+    import h5py
+    import keras
+
+    folder = tmp_path_factory.mktemp("candidates")
+    made = {}
+
+    def head(x, activation="sigmoid"):
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        return keras.layers.Dense(1, activation=activation)(x)
+
+    # 32x32 in, upsampled 64 times: a 2048x2048x16 activation, 256 MB per image, 2 GB for a batch of 8.
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.UpSampling2D(64)(inputs)
+    x = keras.layers.Conv2D(16, 3, padding="same")(x)
+    made["activation_bomb"] = save(keras.Model(inputs, head(x)), folder / "activation_bomb.h5")
+
+    # Saved with a 10-unit layer, then declared as 50,000 units: 600 MB allocated while the model is built.
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Dense(10, name="wide")(keras.layers.Flatten()(inputs))
+    path = save(keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x)), folder / "declared_wide.h5")
+    with h5py.File(path, "r+") as f:
+        config = f.attrs["model_config"]
+        config = config.decode() if isinstance(config, bytes) else config
+        assert '"units": 10,' in config
+        f.attrs["model_config"] = config.replace('"units": 10,', '"units": 50000,')
+    made["declared_wide"] = path
+
+    # Convolutions over a 128x128 input: about 100 ms an image, against a few for the colour model.
+    inputs = keras.Input((128, 128, 3))
+    x = inputs
+    for _ in range(3):
+        x = keras.layers.Conv2D(64, 3, padding="same")(x)
+    made["slow"] = save(keras.Model(inputs, head(x)), folder / "slow.h5")
+
+    # Wider and bigger still: seconds for the probe images alone.
+    inputs = keras.Input((256, 256, 3))
+    x = inputs
+    for _ in range(3):
+        x = keras.layers.Conv2D(96, 3, padding="same")(x)
+    made["very_slow"] = save(keras.Model(inputs, head(x)), folder / "very_slow.h5")
+
+    def mean_model(activation: str, weight: float, bias: float) -> keras.Model:
+        """activation(weight * mean pixel + bias), pixels scaled to [0, 1]."""
+        inputs = keras.Input((32, 32, 3))
+        model = keras.Model(inputs, head(inputs, activation))
+        model.layers[-1].set_weights([np.full((3, 1), weight / 3, np.float32), np.array([bias], np.float32)])
+        return model
+
+    # exp(200 * mean - 110): noise (mean 0.5) gives exp(-10), about 0; white gives exp(90), Infinity in float32.
+    made["exponential"] = save(mean_model("exponential", 200, -110), folder / "exponential.h5")
+    made["relu"] = save(mean_model("relu", 5, 0), folder / "relu.h5")  # white answers 5.0
+    return made
+
+
+def publish_over_http(client, path: Path, filename: str | None = None):
+    return client.post("/api/models", headers=BEARER, content_type="multipart/form-data",
+                       data={"model": (io.BytesIO(path.read_bytes()), filename or path.name)})
+
+
+def test_a_model_needing_gigabytes_is_refused_by_its_budget_while_the_server_keeps_answering(checked_app, models):
+    client = checked_app.test_client()
+    answers: dict = {}
+
+    def publish() -> None:
+        answers["publish"] = publish_over_http(client, models["activation_bomb"], "bomb.h5")
+
+    publishing = threading.Thread(target=publish)
+    publishing.start()
+    during = []
+    while publishing.is_alive():  # the check runs in a child process: this one answers meanwhile
+        during.append(client.get("/healthz").status_code)
+        during.append(classify(client, RED)["label"])
+    publishing.join()
+    assert during and set(during) <= {200, "DOG"}
+    r = answers["publish"]
+    assert r.status_code == 422, r.get_data(as_text=True)
+    message = r.get_json()["error"]["message"]
+    assert r.get_json()["error"]["code"] == "candidate_refused"
+    assert "bomb.h5 needs more memory than CANDIDATE_MEMORY_MB (400 MB)" in message
+    assert "candidate.h5" not in message and "/tmp" not in message  # the published name, never the temporary file
+    assert client.get("/api/models", headers=BEARER).get_json()["versions"] == []
+    assert classify(client, BLUE)["label"] == "CAT"
+
+
+def use_the_apps_budget_on_the_cli(monkeypatch) -> None:
+    for name, value in SMALL_BUDGET.items():
+        monkeypatch.setenv(f"KERAS_SERVE_{name}", str(value))
+
+
+def test_a_layer_declared_gigabyte_sized_is_refused_by_the_memory_budget_on_the_cli(checked_app, models, capsys,
+                                                                                     monkeypatch):
+    use_the_apps_budget_on_the_cli(monkeypatch)
+    assert cli(*store_args(checked_app), "publish", str(models["declared_wide"])) == 2
+    err = capsys.readouterr().err
+    assert "declared_wide.h5 needs more memory than CANDIDATE_MEMORY_MB (400 MB)" in err
+    assert "[3072,50000]" in err  # what it tried to allocate
+
+
+def test_a_slow_model_is_refused_with_both_numbers_and_published_with_force_on_the_cli(checked_app, models, capsys,
+                                                                                        monkeypatch):
+    use_the_apps_budget_on_the_cli(monkeypatch)
+    client = checked_app.test_client()
+    r = publish_over_http(client, models["slow"])
+    assert r.status_code == 422, r.get_data(as_text=True)
+    message = r.get_json()["error"]["message"]
+    assert "slow.h5 would make every server worse: it answers one image in" in message
+    served_ms, slower = message.split(" ms, ")[0].split()[-1], message.split(" ms, ")[1].split(" times")[0]
+    assert float(slower) > 3 and float(served_ms) > 0
+    assert "times the served model's" in message and "CANDIDATE_MAX_SLOWDOWN: 3" in message
+    assert client.get("/api/models", headers=BEARER).get_json()["versions"] == []
+
+    assert cli(*store_args(checked_app), "publish", str(models["slow"])) == 2
+    assert "slow.h5 would make every server worse" in capsys.readouterr().err
+    assert cli(*store_args(checked_app), "publish", "--force", str(models["slow"])) == 0
+    assert "published slow.h5" in capsys.readouterr().err
+    # --force exists on the command line only: over HTTP the same file is still refused.
+    version = client.get("/api/models", headers=BEARER).get_json()["versions"][0]
+    r = client.post(f"/api/models/{version['sha256']}/promote", headers=BEARER)
+    assert r.status_code == 422 and "would make every server worse" in r.get_json()["error"]["message"]
+    assert checked_app.extensions["model_registry"].served() is None
+    # Promoted with --force, the servers follow it: the comparison is not theirs to make.
+    assert cli(*store_args(checked_app), "promote", "--force", version["sha256"]) == 0
+    assert checked_app.extensions["classifier"].follower.check() == "swapped"
+
+
+def test_a_model_that_takes_too_long_is_stopped_and_refused(make_app, colour_model_path, models):
+    app = make_app(MODEL_PATH=str(colour_model_path), ADMIN_TOKEN=TOKEN, CANDIDATE_TIMEOUT_S=1.0, **SMALL_BUDGET)
+    client = app.test_client()
+    r = publish_over_http(client, models["very_slow"])
+    assert r.status_code == 422, r.get_data(as_text=True)
+    assert "very_slow.h5 took longer than CANDIDATE_TIMEOUT_S (1 s) to check; it was stopped while" in \
+        r.get_json()["error"]["message"]
+    assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("name, answer", [("exponential", "not finite"), ("relu", "out of range")])
+def test_a_model_answering_a_white_photo_with_no_probability_is_refused_naming_the_probe(
+        checked_app, models, name, answer):
+    r = publish_over_http(checked_app.test_client(), models[name])
+    assert r.status_code == 422, r.get_data(as_text=True)
+    message = r.get_json()["error"]["message"]
+    assert f"{name}.h5 answers the probe image 'white' with [" in message and answer in message
+
+
+def test_the_probe_images_include_the_extremes_and_photos_from_the_probe_folder(tmp_path):
+    from PIL import Image
+
+    from keras_serve.model.probe_images import probes
+
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "grass.jpg")
+    (tmp_path / "notes.txt").write_text("not a photo")
+    named = dict(probes(tmp_path))
+    assert {"white", "black", "mid-grey", "gradient", "landscape", "noise", "grass.jpg"} <= set(named)
+    assert "notes.txt" not in named
+    white = np.asarray(Image.open(io.BytesIO(named["white"])))
+    assert white.min() == 255
+
+
+def test_a_stored_file_changed_after_publishing_is_refused_at_promote_and_logged_once(
+        checked_app, inverted_colour_model_path, capsys, caplog):
+    client = checked_app.test_client()
+    registry = checked_app.extensions["model_registry"]
+    store = checked_app.extensions["classifier"].store
+    version = registry.publish(inverted_colour_model_path, ["CAT", "DOG"], "ana")
+    store.images.put_model_file(version.sha256 + ".h5", b"\x89HDF\r\n\x1a\n" + b"tampered" * 100)
+
+    r = client.post(f"/api/models/{version.sha256}/promote", headers=BEARER)
+    assert r.status_code == 422, r.get_data(as_text=True)
+    assert "inverted.h5" in r.get_json()["error"]["message"] and "damaged" in r.get_json()["error"]["message"]
+    assert registry.served() is None
+    assert cli(*store_args(checked_app), "promote", version.sha256) == 2
+    assert "damaged in the image store" in capsys.readouterr().err
+    assert registry.served() is None
+
+    # Promoted anyway (an older server, a hand-edited database): each process refuses it once.
+    registry.promote(version.sha256, "ana")
+    follower = checked_app.extensions["classifier"].follower
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert [follower.check() for _ in range(3)] == ["refused", "same", "same"]
+    assert sum("damaged" in record.getMessage() for record in caplog.records) == 1
+    assert classify(client, RED)["label"] == "DOG"  # still the start-up model
+
+    # Publishing the original file again repairs the store.
+    registry.publish(inverted_colour_model_path, ["CAT", "DOG"], "ana")
+    assert registry.fetch(version, Path(checked_app.config["UPLOAD_DIR"]) / "fetched").read_bytes() == \
+        inverted_colour_model_path.read_bytes()
