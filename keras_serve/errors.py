@@ -86,6 +86,28 @@ class ModelLoadError(StartupError):
     """The model file cannot be served; raised at startup, printed as one line."""
 
 
+class ModelFileRefused(ModelLoadError):
+    """A model file refused before anything in it is deserialized (keras_serve/model/file_safety.py):
+    its layout is not what Keras writes, or it reads storage outside itself."""
+
+    hint = "Re-save the model with model.save('model.keras') (or 'model.h5') and try that file."
+
+
+class ModelCodeRefused(ModelFileRefused):
+    """The file's stored config would run code or need it: Lambda bytecode, or a class, module or
+    function outside Keras's built-ins."""
+
+    hint = ("A model file may only use Keras's built-in layers and functions: re-save it without Lambda layers "
+            "and custom classes. For a model you wrote yourself, start the server (or python -m keras_serve.model) "
+            "with --trust-model-code.")
+
+
+class ModelTooLarge(ModelFileRefused):
+    """The file's weights declare more memory than MODEL_MAX_WEIGHT_BYTES."""
+
+    hint = "If the model really is this large, raise MODEL_MAX_WEIGHT_BYTES (--model-max-weight-mb)."
+
+
 class ConfigurationError(StartupError):
     """A setting is malformed or inconsistent (an unreadable token file, a bad rate limit)."""
 

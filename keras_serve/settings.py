@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from keras_serve.model.engines import ENGINE_CHOICES
+from keras_serve.model.file_safety import DEFAULT_MAX_WEIGHT_BYTES
 from keras_serve.pipeline.preprocessing import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, SCALINGS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +57,9 @@ class Setting:
     to_config: Callable[[Any], Any] | None = None  # a flag's unit -> the config value
     metavar: str | None = None
     group: str = ""                    # a key of GROUPS: its section of --help and of the options table
+    # False: the command line (or create_app's config) only, never KERAS_SERVE_*: a trust decision an
+    # operator makes by hand each time, which no deployment's environment may make for them.
+    read_from_environment: bool = True
 
     def __post_init__(self) -> None:
         if not self.group:  # declared without one: guessed from its name
@@ -161,6 +165,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MODEL_CHECK_INTERVAL_S", 2.0, "how often each server process looks in the database for a newly "
             "promoted model version and swaps to it without a restart (docs/model-versions.md); 0: never", float,
             flag="--model-check-interval", metavar="SECONDS", group="model"),
+    # Model files are inspected before anything deserializes them (keras_serve/model/file_safety.py).
+    Setting("MODEL_MAX_WEIGHT_BYTES", DEFAULT_MAX_WEIGHT_BYTES, "a model file whose weights declare more memory "
+            "than this (every array's shape times its item size, read from the file's metadata) is refused "
+            "before anything is allocated (flag in MB, setting in bytes)", int, flag="--model-max-weight-mb",
+            to_config=_mb_to_bytes, metavar="MB", group="model"),
+    Setting("TRUST_MODEL_CODE", False, "load model files without refusing Lambda bytecode and classes or "
+            "functions outside Keras: for a model you wrote yourself; any file this process then loads (--model, "
+            "a promoted version) may run code, and it is logged as a warning. Command line only; publishing over "
+            "HTTP always refuses such files", _bool, flag="--trust-model-code", group="model",
+            read_from_environment=False),
     # A candidate model is checked in a child process (keras_serve/model/candidate_check.py).
     Setting("CANDIDATE_MEMORY_MB", 4096.0, "memory a candidate model may take, beyond TensorFlow itself, while it "
             "is checked in its own process before it is published or served; more refuses it", float),
@@ -242,7 +256,7 @@ def from_environment(environ: Mapping[str, str] | None = None) -> dict[str, Any]
     environ = os.environ if environ is None else environ
     values = {}
     for s in SETTINGS:
-        if s.env in environ:
+        if s.read_from_environment and s.env in environ:
             try:
                 values[s.name] = s.parse(environ[s.env])
             except ValueError as exc:
@@ -266,7 +280,8 @@ def _default_note(s: Setting) -> str:
 
 def _flag_help(s: Setting) -> str:
     unit = ", in bytes" if s.to_config is _mb_to_bytes else ""  # the variable holds the setting's bytes
-    return f"{s.help} ({'; '.join(filter(None, (_default_note(s), f'env {s.env}{unit}')))})"
+    env = f"env {s.env}{unit}" if s.read_from_environment else "command line only"
+    return f"{s.help} ({'; '.join(filter(None, (_default_note(s), env)))})"
 
 
 def _group_description(about: str, env_only: list[Setting], width: int = 76) -> str:
@@ -340,7 +355,8 @@ def markdown_table() -> str:
             shown = f"`{default}`"
             if s.to_config is _mb_to_bytes:
                 shown += f" bytes (`{s.flag} {flag_default(s)}`)"
-            rows.append(f"| `{s.name}` | {f'`{s.flag}`' if s.flag else '-'} | `{s.env}` | {shown} | {s.help} |")
+            env = f"`{s.env}`" if s.read_from_environment else "-"
+            rows.append(f"| `{s.name}` | {f'`{s.flag}`' if s.flag else '-'} | {env} | {shown} | {s.help} |")
         parts.append("\n".join(rows))
     return "\n\n".join(parts)
 

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                              help="accept it even if it is slower or takes more memory than the served model "
                                   "allows (CANDIDATE_MAX_SLOWDOWN, CANDIDATE_MAX_MEMORY_GROWTH); every other "
                                   "check still applies")
+        command.add_argument("--trust-model-code", action="store_true",
+                             help="check it without refusing Lambda bytecode or classes and functions outside "
+                                  "Keras: only for a model you wrote yourself, which may then run code here and "
+                                  "in every server started with --trust-model-code (command line only)")
     sub.add_parser("rollback", help="serve what served before the promotion in effect")
     sub.add_parser("list", help="published versions, the one served, and the log (JSON)")
     from keras_serve.model.quantize_cli import add_optimize_parser
@@ -80,6 +84,11 @@ def main(argv: Iterable[str] | None = None) -> int:
     from keras_serve.storage.uploads import UploadStore
 
     config = config_from_args(args, (*STORE_OPTIONS, "MODEL_PATH", "LABELS"))
+    if getattr(args, "trust_model_code", False):  # this flag only: never the environment
+        from keras_serve.model.file_safety import TRUST_WARNING
+
+        config["TRUST_MODEL_CODE"] = True
+        print(f"WARNING: {TRUST_WARNING}", file=sys.stderr)
     by = (getattr(args, "by", None) or _user())[:64]
     # Every command works on the store the servers share: a mistyped path must not publish
     # into, or leave behind, an empty store that no server reads.

@@ -3,8 +3,9 @@
 This module owns the knowledge of file formats (Keras 3 .keras/.h5, tf.keras 2.x .h5,
 standalone Keras 2.0-2.3 .h5, weights-only .h5). `model_loader` builds on it.
 
-The file is sniffed with h5py/zipfile first (cheap, no TensorFlow), then handed to the
-library that wrote its format:
+The file is sniffed with h5py/zipfile first (cheap, no TensorFlow) and inspected before anything
+deserializes it (`file_safety`: no code in its config, weights within the memory budget), then
+handed to the library that wrote its format:
 
 * Keras 3 files (.keras zip, or .h5 whose `keras_version` is 3.x) -> `keras.saving.load_model`.
 * Keras 2-era .h5 (standalone Keras 2.0-2.3, tf.keras 2.x) -> `tf_keras`, the maintained
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from keras_serve.errors import ModelLoadError
+from keras_serve.model.file_safety import DEFAULT_MAX_WEIGHT_BYTES, check_model_file
 
 ARCH_INPUT_SHAPE = (150, 150, 3)
 
@@ -52,15 +54,23 @@ class _H5Info:
     backend: str | None
 
 
-def load_keras_model(path: Path, arch: str | None = None) -> LoadedKeras:
+def load_keras_model(path: Path, arch: str | None = None, max_weight_bytes: int | None = None,
+                     trust_model_code: bool = False) -> LoadedKeras:
     """Load a model file of any supported format.
 
     `arch` names an `architectures.ARCHITECTURES` entry; it is needed (and only used) for
     weights-only files. Every failure is a `ModelLoadError` with a one-line message.
+
+    Before any loader sees the file, `file_safety.check_model_file` refuses one whose config
+    would run code (unless `trust_model_code`: the operator's own model, from the command line
+    only) or whose weights declare more than `max_weight_bytes` (default
+    file_safety.DEFAULT_MAX_WEIGHT_BYTES): a `ModelFileRefused`.
     """
     path = Path(path)
     try:
         kind = _sniff(path)
+        check_model_file(path, kind, DEFAULT_MAX_WEIGHT_BYTES if max_weight_bytes is None else max_weight_bytes,
+                         trust_code=trust_model_code)
         if kind == "zip":
             return _load_keras_zip(path)
         info = _inspect_h5(path)

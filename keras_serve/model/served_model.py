@@ -107,7 +107,8 @@ class ServedModel:
     def load(cls, path: str | Path = DEFAULT_MODEL_PATH, labels: str | list[str] | None = None,
              scaling: str | None = None, arch: str | None = None,
              max_pixels: int | None = None, max_decode_bytes: int | None = None, engine: str = "auto",
-             engine_threads: int | None = None) -> "ServedModel":
+             engine_threads: int | None = None, max_weight_bytes: int | None = None,
+             trust_model_code: bool = False) -> "ServedModel":
         """Open a model file and settle its contract; raises ModelLoadError with a one-line reason.
 
         `engine` (keras_serve.model.engines.ENGINE_CHOICES) names what runs the forward pass:
@@ -115,6 +116,8 @@ class ServedModel:
         convert or answers differently from TensorFlow is logged (one line) and TensorFlow
         serves instead. `engine_threads`: threads for a converted engine to run a batch on
         (default: every usable core; a lone input always gets every usable core).
+        `max_weight_bytes`, `trust_model_code`: what `keras_formats.load_keras_model` refuses
+        before loading (MODEL_MAX_WEIGHT_BYTES, --trust-model-code).
         """
         from keras_serve.model.keras_formats import load_keras_model
         from keras_serve.model.tf_runtime import import_tensorflow_quietly
@@ -123,7 +126,8 @@ class ServedModel:
         card = ModelCard.read(path)
         if path.is_file():
             import_tensorflow_quietly()
-        loaded = load_keras_model(path, arch=arch)
+        loaded = load_keras_model(path, arch=arch, max_weight_bytes=max_weight_bytes,
+                                  trust_model_code=trust_model_code)
         model = loaded.model
         spec = _input_spec(model, card, scaling, max_pixels, max_decode_bytes)
         output_units, output_kind, applies_activation = _output_contract(model)

@@ -39,7 +39,15 @@ def load_for_serving(path: str | Path, config: Mapping[str, Any], max_decode_byt
         max_pixels=int(config["MAX_PIXELS"]), max_decode_bytes=max_decode_bytes,
         engine=config.get("ENGINE", "auto"),
         # Worker processes share the cores rather than each starting one thread per core.
-        engine_threads=max(1, usable_cores() // max(1, int(config.get("WORKERS") or 1))))
+        engine_threads=max(1, usable_cores() // max(1, int(config.get("WORKERS") or 1))),
+        **file_limits(config))
+
+
+def file_limits(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What keras_formats refuses before loading a file, as the settings say (file_safety)."""
+    budget = config.get("MODEL_MAX_WEIGHT_BYTES")
+    return {"max_weight_bytes": None if budget is None else int(budget),
+            "trust_model_code": bool(config.get("TRUST_MODEL_CODE"))}
 
 
 def load_candidate(path: str | Path, config: Mapping[str, Any], served_labels: Sequence[str] | None,
@@ -79,7 +87,8 @@ def expected_labels(registry: ModelRegistry, config: Mapping[str, Any]) -> list[
     if card_labels:
         return [str(label) for label in card_labels]
     try:
-        return ServedModel.load(path, scaling=config.get("SCALING"), arch=config.get("ARCH"), engine="tensorflow").labels
+        return ServedModel.load(path, scaling=config.get("SCALING"), arch=config.get("ARCH"), engine="tensorflow",
+                                **file_limits(config)).labels
     except ModelLoadError:
         return None
 

@@ -81,7 +81,9 @@ def publish():
         card = request.files.get("card")
         if card is not None:
             card.save(path.with_suffix(".json"))
-        version = publish_candidate(registry(), path, current_app.config, g.reviewer, name=upload.filename)
+        # --trust-model-code covers the operator's own files, never one sent over HTTP.
+        checked_as = {**current_app.config, "TRUST_MODEL_CODE": False}
+        version = publish_candidate(registry(), path, checked_as, g.reviewer, name=upload.filename)
     return jsonify({"published": version.as_json()}), 201
 
 
