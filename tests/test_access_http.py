@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 import requests
+import urllib3
 
 from images import RED, image_bytes
 from load_balancer import running_nginx
@@ -134,3 +135,75 @@ def test_two_replicas_behind_nginx_share_one_limit_and_forged_forwarded_for_esca
         refused = upload(balancer, TOKEN_A)
         assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
     assert images_classified(a.url) + images_classified(b.url) == 8
+
+
+# --- behind the real nginx: each client is itself ---------------------------------------------------
+
+ADMIN_TOKEN = "http-admin-0123456789abcdefgh"
+
+
+def from_address(source: str) -> urllib3.PoolManager:
+    """A client whose connections come from `source` (a 127.x.y.z address): nginx sees that address."""
+    return urllib3.PoolManager(source_address=(source, 0), retries=False, timeout=60)
+
+
+def upload_from(pool: urllib3.PoolManager, base_url: str, headers: dict[str, str] | None = None) -> int:
+    return pool.request("POST", base_url + "/file/", fields={"file": ("red.png", PNG, "image/png")},
+                        headers={"Connection": "close", **(headers or {})}).status
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["one process", "two workers"])
+def test_behind_nginx_two_clients_have_their_own_rate_limit_and_a_tls_proxy_gets_a_secure_cookie(
+        start_server, workers):
+    srv = start_server("--trusted-proxies", "1", "--rate-limit", "3/hour", *workers,
+                       env={"KERAS_SERVE_ADMIN_TOKEN": ADMIN_TOKEN})
+    alice, bob = from_address("127.0.0.2"), from_address("127.0.0.3")
+    with running_nginx([srv.port], scheme="https") as balancer:
+        # Alice spends her budget (with two workers counting in memory each, up to twice 3)...
+        alice_statuses = []
+        while 429 not in alice_statuses and len(alice_statuses) < 8:
+            alice_statuses.append(upload_from(alice, balancer))
+        assert alice_statuses[-1] == 429 and 3 <= alice_statuses.count(200) <= 3 * max(1, len(workers)), alice_statuses
+        # ...and Bob, another machine behind the same nginx, still has all of his.
+        assert [upload_from(bob, balancer) for _ in range(3)] == [200] * 3
+        # nginx says the client came over https: the session cookie is Secure.
+        login = alice.request("GET", balancer + "/review/login", headers={"Accept": "text/html"})
+        assert login.status == 200
+        cookie = login.headers["Set-Cookie"]
+        assert "Secure" in cookie and "HttpOnly" in cookie, cookie
+    # Straight to the server, over plain http, the cookie is not Secure.
+    assert "Secure" not in requests.get(srv.url + "/review/login", headers={"Accept": "text/html"},
+                                        timeout=10).headers["Set-Cookie"]
+
+
+def test_behind_nginx_one_clients_wrong_admin_tokens_and_feedback_spend_nobody_elses(start_server):
+    srv = start_server("--trusted-proxies", "1",
+                       env={"KERAS_SERVE_ADMIN_TOKEN": ADMIN_TOKEN, "KERAS_SERVE_FEEDBACK_PER_HOUR": "2"})
+    alice, bob = from_address("127.0.0.2"), from_address("127.0.0.3")
+    with running_nginx([srv.port]) as balancer:
+        wrong = [alice.request("GET", balancer + "/api/uploads",
+                               headers={"Authorization": "Bearer not-the-admin-token-at-all"}).status
+                 for _ in range(5)]
+        assert wrong == [401] * 5
+        right = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        assert alice.request("GET", balancer + "/api/uploads", headers=right).status == 429  # Alice waits
+        assert bob.request("GET", balancer + "/api/uploads", headers=right).status == 200  # Bob does not
+
+        upload_id = json.loads(alice.request("POST", balancer + "/file/",
+                                             fields={"file": ("red.png", PNG, "image/png")}).data)["id"]
+
+        def feedback(pool: urllib3.PoolManager) -> int:
+            return pool.request("POST", f"{balancer}/uploads/{upload_id}/feedback", json={"label": "CAT"}).status
+
+        assert [feedback(alice) for _ in range(3)] == [200, 200, 429]
+        assert feedback(bob) == 200
+
+
+def test_without_trusted_proxies_a_direct_clients_forwarded_headers_are_ignored(start_server):
+    srv = start_server("--rate-limit", "3/hour", env={"KERAS_SERVE_ADMIN_TOKEN": ADMIN_TOKEN})
+    statuses = [upload(srv.url, headers={"X-Forwarded-For": f"198.51.100.{i}", "X-Forwarded-Proto": "https"})
+                .status_code for i in range(5)]
+    assert statuses == [200] * 3 + [429] * 2, statuses
+    login = requests.get(srv.url + "/review/login", timeout=10,
+                         headers={"Accept": "text/html", "X-Forwarded-Proto": "https"})
+    assert "Secure" not in login.headers["Set-Cookie"]
