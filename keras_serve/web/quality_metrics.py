@@ -2,7 +2,8 @@
 
     keras_serve_quality_answered{model_version,window}              answered uploads in the window
     keras_serve_quality_unsure_share{model_version,window}          share answered "unsure"
-    keras_serve_quality_visitor_disagreement{model_version,window}  share of visitors' answers that disagree
+    keras_serve_quality_visitor_answers{model_version,window}       visitors' answers ("Was this right?")
+    keras_serve_quality_visitor_disagreement{model_version,window}  share of them that disagree
     keras_serve_quality_reviewed{model_version,window}              reviewed uploads
     keras_serve_quality_reviewed_accuracy{model_version,window}     and its Wilson 95% interval:
     keras_serve_quality_reviewed_accuracy_low / _high{model_version,window}
@@ -106,6 +107,8 @@ class QualityCollector:
                         s["answered"])
                     put("keras_serve_quality_unsure_share", "Share of the window's answers marked unsure.",
                         version_window, key, s["unsure_share"])
+                    put("keras_serve_quality_visitor_answers", "Visitors' answers on the window's uploads.",
+                        version_window, key, s["feedback"]["count"])
                     put("keras_serve_quality_visitor_disagreement",
                         "Share of visitors' answers in the window that disagree with the model.", version_window, key,
                         s["feedback"]["disagreement_rate"])
