@@ -27,8 +27,9 @@ def test_several_files_answer_in_the_order_sent_through_the_shared_batcher(clien
     results = r.get_json()["results"]
     assert [item["label"] for item in results] == ["DOG", "CAT", "DOG"]
     for item in results:
-        assert set(item) == SINGLE_ANSWER_KEYS  # each item is what a single upload answers
+        assert set(item) == SINGLE_ANSWER_KEYS | {"filename"}  # a single upload's answer, and which file
         assert is_upload_id(item["id"]) and client.get(item["image_url"]).status_code == 200
+    assert [item["filename"] for item in results] == ["a.jpg", "b.png", "c.jpg"]
     assert len({item["id"] for item in results}) == 3
     assert stored_ids(app) == {item["id"] for item in results}
     assert client.get(results[1]["image_url"]).data == image_bytes(BLUE, fmt="PNG")
@@ -42,6 +43,7 @@ def test_one_bad_file_does_not_fail_the_others(client, app):
     assert r.status_code == 200
     good, not_image, empty, blue = r.get_json()["results"]
     assert good["label"] == "DOG" and blue["label"] == "CAT"
+    assert good["filename"] == "good.jpg" and blue["filename"] == "blue.jpg"
     assert not_image == {"error": not_image["error"], "filename": "notes.txt"}
     assert not_image["error"]["code"] == "not_an_image" and not_image["error"]["status"] == 415
     assert not_image["error"]["message"] and not_image["error"]["hint"]

@@ -56,30 +56,47 @@ class Classification(Prediction):
                                                         "sha256; it changes when a version is promoted)")
 
 
+FILENAME_DESCRIPTION = "The client's file name (last segment, control characters removed; null if none was sent)"
+
+
+class ClassifiedItem(Classification):
+    """One image of several that was classified: its answer, and which file it was."""
+
+    filename: str | None = Field(description=FILENAME_DESCRIPTION)
+
+
 class ItemError(BaseModel):
     """One image of several that was not classified; the others are answered beside it."""
 
     error: ErrorDetail
-    filename: str | None = Field(description="The client's file name (last segment, control characters removed)")
+    filename: str | None = Field(description=FILENAME_DESCRIPTION)
 
 
 class ClassificationList(BaseModel):
     """The answer to several `file` parts in one request, in the order sent."""
 
-    results: list[Classification | ItemError]
+    results: list[ClassifiedItem | ItemError]
 
 
 # One `file` part answers a Classification (exactly as before several were possible); two or
 # more answer {"results": [...]}.
 CLASSIFY_ANSWER = (Classification, ClassificationList)
 
+# The most `file` parts the document allows: MAX_FILES_PER_REQUEST's default (a server set lower
+# answers 413 too_many_files past its own).
+DEFAULT_MAX_FILES = 20
+IMAGE_PART: dict[str, Any] = {"type": "string", "format": "binary", "contentMediaType": "image/*", "minLength": 1,
+                              "description": "An image: JPEG, PNG, GIF, WebP, BMP, TIFF, HEIC/HEIF or AVIF"}
 CLASSIFY_FORM: dict[str, Any] = {
     "type": "object",
     "required": ["file"],
-    "properties": {"file": {"type": "string", "format": "binary", "contentMediaType": "image/*",
-                            "minLength": 1,
-                            "description": "The image: JPEG, PNG, GIF, WebP, BMP, TIFF, HEIC/HEIF or AVIF"}},
+    "properties": {"file": {"type": "array", "items": IMAGE_PART, "minItems": 1, "maxItems": DEFAULT_MAX_FILES,
+                            "description": "One `file` part per image, all named `file`. One part answers a "
+                                           "Classification; two or more answer {\"results\": [...]} in the "
+                                           "order sent, each naming its file."}},
 }
+# Each `file` part: any image type, with the client's file name (echoed back, sanitized, in `results`).
+CLASSIFY_ENCODING: dict[str, Any] = {"file": {"contentType": "image/*, application/octet-stream"}}
 
 
 class UploadRecord(BaseModel):

@@ -18,7 +18,9 @@ by `undescribed_routes(app)` (a test fails on it). Views that are not ours (Flas
 files, the metrics scrape) are described by endpoint name with `describe_endpoint`.
 
 Added to every operation: the optional `X-Request-ID` request header, the `X-Request-ID`
-response header, and a 500 answer with the error body.
+response header, and a 500 answer with the error body. The document follows the configuration:
+the routes that need an API token (API_TOKENS set) or the admin token say so (`security`), and a
+path served with and without its trailing slash (`/file`, `/file/`) is listed once, with it.
 """
 from __future__ import annotations
 
@@ -40,6 +42,27 @@ RULE_VARIABLE = re.compile(r"<(?:[^<>:]+:)?([^<>:]+)>")
 # The admin's blueprints (review, model versions, dashboard): routed always, but 404 while no admin token
 # is set, so the document leaves them out then (it would advertise an admin surface that is off).
 ADMIN_BLUEPRINTS = frozenset({"review", "models", "dashboard"})
+# Admin routes anyone may call (the login form and its POST): no security requirement on them.
+ADMIN_PUBLIC_ENDPOINTS = frozenset({"review.login_form", "review.login"})
+# Security schemes, by name: what a client must send (keras_serve.web.access, admin_auth).
+API_TOKEN_SCHEME = "apiToken"
+ADMIN_BEARER_SCHEME = "adminToken"
+ADMIN_COOKIE_SCHEME = "adminSession"
+SECURITY_SCHEMES: dict[str, dict[str, Any]] = {
+    API_TOKEN_SCHEME: {"type": "http", "scheme": "bearer",
+                       "description": "One of the server's API tokens (API_TOKENS, API_TOKENS_FILE): "
+                                      "`Authorization: Bearer <token>`. Needed by POST /file/ and the "
+                                      "heatmap while tokens are on."},
+    ADMIN_BEARER_SCHEME: {"type": "http", "scheme": "bearer",
+                          "description": "The admin token (KERAS_SERVE_ADMIN_TOKEN): `Authorization: Bearer "
+                                         "<token>`, for programs; the reviewer's name may follow in X-Reviewer."},
+    # "name": the app's SESSION_COOKIE_NAME, filled in by build_spec
+    ADMIN_COOKIE_SCHEME: {"type": "apiKey", "in": "cookie",
+                          "description": "The session cookie of a reviewer logged in at /review/login; a "
+                                         "change sent with it also needs the page's CSRF token (X-CSRFToken)."},
+}
+# Verbs a view's name may start with; any other name gets the HTTP method put before it.
+VERB_PREFIXES = ("get", "list", "classify", "publish", "promote", "rollback", "review", "login", "logout")
 View = TypeVar("View", bound=Callable[..., Any])
 
 
@@ -96,6 +119,10 @@ class Operation:
     response_headers: Mapping[int, Mapping[str, dict[str, Any]]] = field(default_factory=dict)
     # OpenAPI links from one answer to other operations, by status (see POST /file/).
     links: Mapping[int, Mapping[str, dict[str, Any]]] = field(default_factory=dict)
+    # The operationId; default: from the view's name (`upload_record` -> `getUploadRecord`).
+    operation_id: str | None = None
+    # Per-part encodings of a multipart request body (OpenAPI's `encoding`, by field name).
+    encoding: Mapping[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def operation(summary: str, *, responses: Mapping[int, ResponseSpec], description: str = "",
@@ -103,15 +130,18 @@ def operation(summary: str, *, responses: Mapping[int, ResponseSpec], descriptio
               path: Mapping[str, dict[str, Any]] | None = None,
               response_headers: Mapping[int, Mapping[str, dict[str, Any]]] | None = None,
               links: Mapping[int, Mapping[str, dict[str, Any]]] | None = None,
-              methods: Iterable[str] | None = None) -> Callable[[View], View]:
+              methods: Iterable[str] | None = None, operation_id: str | None = None,
+              encoding: Mapping[str, dict[str, Any]] | None = None) -> Callable[[View], View]:
     """Declare the contract of a view (put it under the route decorators).
 
     `responses`: status -> `json_body(Model)`, `html_page()`, `binary("image/png")`, a list of
     these (content negotiation), or `ERROR`. `methods`: which of the view's methods this
     describes (default: all of them); stack several `@operation`s for a view with several.
+    `operation_id`: the operationId, when the one made from the view's name does not read well.
     """
     declared = Operation(summary, dict(responses), description, tuple(tags), request, request_required,
-                         dict(path or {}), dict(response_headers or {}), dict(links or {}))
+                         dict(path or {}), dict(response_headers or {}), dict(links or {}), operation_id,
+                         dict(encoding or {}))
 
     def attach(view: View) -> View:
         table = getattr(view, OPERATION_ATTRIBUTE, None)
@@ -221,9 +251,43 @@ def _responses(spec: APISpec, declared: Operation) -> dict[str, Any]:
     return out
 
 
-def _operation_id(rule: Rule, method: str) -> str:
-    suffix = "_slash" if rule.rule.endswith("/") and rule.rule != "/" else ""
-    return f"{rule.endpoint.replace('.', '_')}{suffix}_{method.lower()}"
+def _camel(words: list[str]) -> str:
+    return words[0].lower() + "".join(word[:1].upper() + word[1:] for word in words[1:])
+
+
+def operation_id(rule: Rule, method: str, declared: Operation) -> str:
+    """`web.upload_record` GET -> `getUploadRecord`; `web.classify` POST -> `classify` (a view
+    named by a verb keeps it); the declared `operation_id` wins."""
+    if declared.operation_id:
+        return declared.operation_id
+    words = [word for word in re.split(r"[^A-Za-z0-9]+", rule.endpoint.rpartition(".")[2]) if word]
+    if not words or words[0].lower() not in VERB_PREFIXES:
+        words.insert(0, method.lower())
+    return _camel(words)
+
+
+def canonical_rules(app: Flask) -> list[tuple[Rule, str]]:
+    """`served_operations`, less the aliases: a rule that is another rule of the same endpoint
+    and method without its trailing slash (`/file` beside `/file/`) is served, not listed."""
+    served = served_operations(app)
+    listed = {(rule.endpoint, rule.rule, method) for rule, method in served}
+    return [(rule, method) for rule, method in served
+            if (rule.endpoint, rule.rule + "/", method) not in listed]
+
+
+def _security(app: Flask, rule: Rule) -> list[dict[str, list[str]]] | None:
+    """Who may call this rule, as this app is configured: None when anyone may."""
+    blueprint = rule.endpoint.partition(".")[0]
+    if blueprint in ADMIN_BLUEPRINTS and rule.endpoint not in ADMIN_PUBLIC_ENDPOINTS:
+        return [{ADMIN_BEARER_SCHEME: []}, {ADMIN_COOKIE_SCHEME: []}]
+    from keras_serve.web.access import GUARDED_ENDPOINTS
+
+    access = app.extensions.get("access")
+    if rule.endpoint in GUARDED_ENDPOINTS and access is not None and access.tokens is not None:
+        if access.settings.allow_anonymous_uploads:
+            return [{API_TOKEN_SCHEME: []}, {}]  # {}: none at all is also accepted
+        return [{API_TOKEN_SCHEME: []}]
+    return None
 
 
 def build_spec(app: Flask, title: str = "keras-serve", version: str = "1") -> dict[str, Any]:
@@ -238,7 +302,9 @@ def build_spec(app: Flask, title: str = "keras-serve", version: str = "1") -> di
     _model_schema(spec, ErrorBody)
     admin_on = "admin_auth" in app.extensions
     paths: dict[str, dict[str, Any]] = {}
-    for rule, method in served_operations(app):
+    schemes_used: set[str] = set()
+    operation_ids: dict[str, str] = {}
+    for rule, method in canonical_rules(app):
         declared = declared_operation(app, rule, method)
         if declared is None or (not admin_on and rule.endpoint.partition(".")[0] in ADMIN_BLUEPRINTS):
             continue
@@ -249,9 +315,18 @@ def build_spec(app: Flask, title: str = "keras-serve", version: str = "1") -> di
                            "description": "Your id for this request, echoed back and logged; an id that is "
                                           "not 1-128 of A-Z a-z 0-9 . _ : - is replaced.",
                            "schema": {"type": "string"}})
-        entry: dict[str, Any] = {"operationId": _operation_id(rule, method), "summary": declared.summary,
+        name = operation_id(rule, method, declared)
+        where = f"{method} {rule.rule}"
+        if operation_ids.setdefault(name, where) != where:
+            raise ValueError(f"operationId {name!r} of {where} is also {operation_ids[name]}'s: "
+                             f"give one of them @operation(..., operation_id=...)")
+        entry: dict[str, Any] = {"operationId": name, "summary": declared.summary,
                                  "parameters": sorted(parameters, key=lambda p: (p["in"], p["name"])),
                                  "responses": _responses(spec, declared)}
+        security = _security(app, rule)
+        if security is not None:
+            entry["security"] = security
+            schemes_used.update(name for requirement in security for name in requirement)
         if declared.description:
             entry["description"] = declared.description
         if declared.tags:
@@ -259,7 +334,14 @@ def build_spec(app: Flask, title: str = "keras-serve", version: str = "1") -> di
         if declared.request is not None:
             entry["requestBody"] = {"required": declared.request_required,
                                     "content": _content(spec, [declared.request])}
+            if declared.encoding:
+                entry["requestBody"]["content"][declared.request.media_type]["encoding"] = dict(declared.encoding)
         paths.setdefault(openapi_path(rule), {})[method.lower()] = entry
+    for scheme in sorted(schemes_used):
+        described = dict(SECURITY_SCHEMES[scheme])
+        if described["type"] == "apiKey":
+            described["name"] = app.config["SESSION_COOKIE_NAME"]
+        spec.components.security_scheme(scheme, described)
     for path, operations in paths.items():
         spec.path(path=path, operations=operations)
     return spec.to_dict()
@@ -268,7 +350,7 @@ def build_spec(app: Flask, title: str = "keras-serve", version: str = "1") -> di
 def init_app(app: Flask) -> None:
     """GET /openapi.json (built once, on first use: every route is registered by then)."""
 
-    @operation("This API's OpenAPI 3.1 document", tags=["reference"],
+    @operation("This API's OpenAPI 3.1 document", tags=["reference"], operation_id="getOpenApiDocument",
                responses={200: json_body({"type": "object", "required": ["openapi", "info", "paths"]})})
     def openapi_document() -> Response:
         document = current_app.extensions.get("openapi")

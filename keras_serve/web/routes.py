@@ -13,8 +13,8 @@ from keras_serve.pipeline.service import ClassifiedUpload, ClassifierService
 from keras_serve.storage.records import NEITHER
 from keras_serve.storage.uploads import is_upload_id
 from keras_serve.web.admin_auth import same_origin
-from keras_serve.web.api_models import (CLASSIFY_FORM, CLASSIFY_ANSWER, Liveness, ModelDescription, Readiness,
-                                        UploadRecord)
+from keras_serve.web.api_models import (CLASSIFY_ENCODING, CLASSIFY_FORM, CLASSIFY_ANSWER, Liveness,
+                                        ModelDescription, Readiness, UploadRecord)
 from keras_serve.web.openapi import ERROR, binary, form_body, html_page, json_body, multipart, operation
 from keras_serve.web.proxies import client_address
 from keras_serve.web.responses import service_error_body, service_error_status, wants_html
@@ -67,16 +67,21 @@ def display_filename(name: str | None) -> str | None:
 @bp.post("/file/")
 @operation(
     "Classify an image", tags=["classify"],
-    description="Send the image as multipart/form-data in a field named `file`. The upload is stored "
-                "before it is answered. Browsers (Accept: text/html first) get the result page.",
-    request=multipart(CLASSIFY_FORM),
+    description="Send the image as multipart/form-data in a field named `file`; repeat the field to send "
+                "several. The upload is stored before it is answered. Browsers (Accept: text/html first) get "
+                "the result page. `POST /file` (no slash) is the same operation.\n\n"
+                "```sh\ncurl -F file=@cat.jpg http://localhost:8080/file/\n"
+                "curl -F file=@cat.jpg -F file=@dog.png http://localhost:8080/file/\n"
+                "curl -H \"Authorization: Bearer $TOKEN\" -F file=@cat.jpg http://localhost:8080/file/  "
+                "# with API tokens on\n```",
+    request=multipart(CLASSIFY_FORM), encoding=CLASSIFY_ENCODING, operation_id="classify",
     responses={200: [json_body(CLASSIFY_ANSWER), html_page()], 400: ERROR, 401: ERROR, 413: ERROR, 415: ERROR,
                422: ERROR, 429: ERROR, 503: ERROR},
     response_headers={401: {"WWW-Authenticate": {"type": "string"}},
                       429: {"Retry-After": {"type": "string", "pattern": "^[0-9]+$"}}},
-    links={200: {"UploadRecord": {"operationId": "web_upload_record_get",
+    links={200: {"UploadRecord": {"operationId": "getUploadRecord",
                                   "parameters": {"upload_id": "$response.body#/id"}},
-                 "UploadImage": {"operationId": "web_uploaded_image_get",
+                 "UploadImage": {"operationId": "getUploadedImage",
                                  "parameters": {"upload_id": "$response.body#/id"}}}},
 )
 def classify():
@@ -109,7 +114,7 @@ def classify_several(uploads) -> tuple[Response | str, int]:
         if isinstance(answer, ServiceError):
             items.append({"error": service_error_body(answer), "filename": display_filename(upload.filename)})
         else:
-            items.append(result_json(answer))
+            items.append({**result_json(answer), "filename": display_filename(upload.filename)})
     errors = [a for a in answers if isinstance(a, ServiceError)]
     status = 200 if len(errors) < len(answers) else service_error_status(errors[0])
     if wants_html():
