@@ -234,9 +234,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RATE_LIMIT_STORAGE_URI", "memory://", "where rate-limit counts live: memory:// counts in each "
             "process (--workers N allows N times the limit); redis://host:port/db is one count for every "
             "process and replica", flag="--rate-limit-storage", metavar="URI", group="access"),
-    Setting("TRUSTED_PROXIES", 0, "reverse proxies in front that append the client to X-Forwarded-For; the "
-            "client address is read that many entries from its right (0: the connection's address, "
-            "X-Forwarded-For ignored)", int, flag="--trusted-proxies", metavar="N", group="access"),
+    Setting("TRUSTED_PROXIES", 0, "reverse proxies in front that append the client to X-Forwarded-For and set "
+            "X-Forwarded-Proto; the client address (rate limit, admin login backoff, feedback quota) and the "
+            "scheme are read that many entries from their right (0: the connection's own, every forwarded "
+            "header ignored)", int, flag="--trusted-proxies", metavar="N", group="access"),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
