@@ -54,7 +54,12 @@ def confidence_bin(column: Any) -> Any:
 
 
 def latency_bucket(column: Any) -> Any:
-    return sa.case(*((column < bound, i) for i, bound in enumerate(LATENCY_BOUNDS_MS)), else_=len(LATENCY_BOUNDS_MS))
+    """The latency bucket 0-len(bounds) in SQL; NO_LATENCY where no time was stored."""
+    return sa.case((column.is_(None), NO_LATENCY), *((column < bound, i) for i, bound in enumerate(LATENCY_BOUNDS_MS)),
+                   else_=len(LATENCY_BOUNDS_MS))
+
+
+NO_LATENCY = -1
 
 
 def confidence_bin_of(value: float) -> int:
@@ -110,10 +115,12 @@ class QualityStats:
                 "from": iso(win.start or first_seen), "until": iso(now),
                 "first_seen": iso(first_seen), "last_seen": iso(last_seen), "unsure_below": unsure_below,
             }
-            result["traffic"] = self._traffic(conn, model_sha256, win, unsure_below)
+            traffic = self._traffic(conn, model_sha256, win, unsure_below)
+            mix = traffic.pop("_mix")
+            result["traffic"] = traffic
             result["reviewed"] = self._reviewed(conn, model_sha256, win, labels)
             result["feedback"] = self._feedback(conn, model_sha256, win)
-            result["drift"] = self._drift(conn, model_sha256, win, first_seen, now)
+            result["drift"] = self._drift(conn, model_sha256, win, first_seen, now, mix)
         return result
 
     def summary(self, model_sha256: str, window: str, unsure_below: float = 0.0) -> dict[str, Any]:
@@ -171,10 +178,12 @@ class QualityStats:
 
     @staticmethod
     def _seen(conn: sa.Connection, sha: str) -> tuple[datetime | None, datetime | None]:
+        # Two queries: each of min() and max() alone is one probe at the end of the index's
+        # range; together in one SELECT, SQLite reads the whole range.
         c = uploads.c
-        row = conn.execute(sa.select(sa.func.min(c.received), sa.func.max(c.received))
-                           .where(c.model_sha256 == sha)).first()
-        return (row[0], row[1]) if row else (None, None)
+        first = conn.execute(sa.select(sa.func.min(c.received)).where(c.model_sha256 == sha)).scalar()
+        last = conn.execute(sa.select(sa.func.max(c.received)).where(c.model_sha256 == sha)).scalar()
+        return first, last
 
     def _bucket(self, conn: sa.Connection, hours: int) -> Any:
         received = uploads.c.received
@@ -184,36 +193,52 @@ class QualityStats:
         return sa.func.strftime("%Y-%m-%d %H:00" if hours == 1 else "%Y-%m-%d", received)
 
     def _traffic(self, conn: sa.Connection, sha: str, win: Window, unsure_below: float) -> dict[str, Any]:
+        """Per time bucket, latency bucket, label, confidence bin and unsure or not: one scan of the
+        window's range of the covering index (three separate GROUP BYs sorted the range three times)."""
         c = uploads.c
         hours = 1 if win.name == "day" else 24
         bucket = self._bucket(conn, hours).label("bucket")
-        is_error = sa.case((c.predicted_label.is_(None), 1), else_=0)
-        is_unsure = sa.case((c.confidence < unsure_below, 1), else_=0)
-        rows = conn.execute(sa.select(bucket, sa.func.count(), sa.func.sum(is_error), sa.func.sum(is_unsure))
-                            .where(c.model_sha256 == sha, *win.conditions()).group_by(bucket).order_by(bucket)).all()
-        per_bucket = [{"start": b, "uploads": int(n), "per_hour": round(int(n) / hours, 3),
-                       "errors": int(e or 0), "unsure": int(u or 0)} for b, n, e, u in rows]
-        total = sum(b["uploads"] for b in per_bucket)
-        errors = sum(b["errors"] for b in per_bucket)
-        unsure = sum(b["unsure"] for b in per_bucket)
-        answered = total - errors
+        lat = latency_bucket(c.milliseconds).label("lat")
+        conf = confidence_bin(c.confidence).label("bin")
+        unsure = sa.case((c.confidence < unsure_below, 1), else_=0).label("unsure")
+        per_bucket: dict[str, dict[str, Any]] = {}
         latency = [0] * (len(LATENCY_BOUNDS_MS) + 1)
-        lat_bucket = latency_bucket(c.milliseconds).label("lat")
-        for i, n in conn.execute(sa.select(lat_bucket, sa.func.count())
-                                 .where(c.model_sha256 == sha, *win.conditions(), c.milliseconds.is_not(None))
-                                 .group_by(lat_bucket)):
-            latency[int(i)] = int(n)
+        by_bin = [0] * (len(CONFIDENCE_EDGES) + 1)
+        by_label: dict[str, int] = {}
+        for b, label, i, late, is_unsure, n in conn.execute(
+                sa.select(bucket, c.predicted_label, conf, lat, unsure, sa.func.count())
+                .where(c.model_sha256 == sha, *win.conditions())
+                .group_by(bucket, c.predicted_label, conf, lat, unsure)):
+            n = int(n)
+            entry = per_bucket.setdefault(b, {"start": b, "uploads": 0, "per_hour": 0.0, "errors": 0, "unsure": 0})
+            entry["uploads"] += n
+            if label is None:  # a failed answer: no label, no confidence
+                entry["errors"] += n
+                continue
+            entry["unsure"] += n if is_unsure else 0
+            by_bin[int(i)] += n
+            by_label[label] = by_label.get(label, 0) + n
+            if int(late) != NO_LATENCY:
+                latency[int(late)] += n
+        buckets = [per_bucket[b] for b in sorted(per_bucket)]
+        for entry in buckets:
+            entry["per_hour"] = round(entry["uploads"] / hours, 3)
+        total = sum(b["uploads"] for b in buckets)
+        errors = sum(b["errors"] for b in buckets)
+        answered = total - errors
+        unsure_total = sum(b["unsure"] for b in buckets)
         by_message = conn.execute(sa.select(c.error, sa.func.count().label("n"))
                                   .where(c.model_sha256 == sha, *win.conditions(), c.error.is_not(None))
                                   .group_by(c.error).order_by(sa.text("n DESC")).limit(MAX_ERROR_KINDS)).all()
         return {
-            "uploads": total, "answered": answered, "errors": errors, "unsure": unsure,
-            "unsure_share": unsure / answered if answered else None,
-            "bucket_hours": hours, "per_bucket": per_bucket[-MAX_BUCKETS:],
+            "uploads": total, "answered": answered, "errors": errors, "unsure": unsure_total,
+            "unsure_share": unsure_total / answered if answered else None,
+            "bucket_hours": hours, "per_bucket": buckets[-MAX_BUCKETS:],
             "latency_ms": {"p50": qm.percentile_from_histogram(LATENCY_BOUNDS_MS, latency, 0.5),
                            "p95": qm.percentile_from_histogram(LATENCY_BOUNDS_MS, latency, 0.95),
                            "bounds": list(LATENCY_BOUNDS_MS), "counts": latency},
             "errors_by_message": [{"message": m, "count": int(n)} for m, n in by_message],
+            "_mix": {"confidence": by_bin, "labels": by_label},  # for the drift, not shown
         }
 
     def _unsure(self, conn: sa.Connection, sha: str, win: Window, unsure_below: float) -> int:

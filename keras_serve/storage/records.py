@@ -126,17 +126,18 @@ REVIEW_INDEXES = (
 )
 # The dashboard's statistics (keras_serve/storage/quality_stats.py): per model version and time
 # range, each index holds every column its GROUP BY reads, so no statistic reads the table.
-# The partial ones hold only the few reviewed, answered-by-visitors or failed uploads.
+# The partial ones hold only the few reviewed, answered-by-visitors or failed uploads, and the
+# column of their condition too: without it SQLite reads the table row of each.
 STATS_INDEXES = (
     sa.Index("uploads_model_stats", uploads.c.model_sha256, uploads.c.received, uploads.c.predicted_label,
              uploads.c.confidence, uploads.c.milliseconds),
     sa.Index("uploads_model_reviewed", uploads.c.model_sha256, uploads.c.received, uploads.c.predicted_label,
-             uploads.c.review_label, uploads.c.confidence,
+             uploads.c.review_label, uploads.c.confidence, uploads.c.review_state,
              sqlite_where=sa.text("review_state != 0"), postgresql_where=sa.text("review_state != 0")),
     sa.Index("uploads_model_feedback", uploads.c.model_sha256, uploads.c.received, uploads.c.predicted_label,
-             uploads.c.feedback_label,
+             uploads.c.feedback_label, uploads.c.feedback_at,
              sqlite_where=sa.text("feedback_at IS NOT NULL"), postgresql_where=sa.text("feedback_at IS NOT NULL")),
-    sa.Index("uploads_model_errors", uploads.c.model_sha256, uploads.c.received,
+    sa.Index("uploads_model_errors", uploads.c.model_sha256, uploads.c.received, uploads.c.error,
              sqlite_where=sa.text("error IS NOT NULL"), postgresql_where=sa.text("error IS NOT NULL")),
 )
 

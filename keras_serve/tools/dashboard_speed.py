@@ -1,0 +1,188 @@
+"""How fast the model-quality dashboard's numbers are with many uploads: seeds N records, then
+times every statistic the dashboard and /api/stats show.
+
+    python -m keras_serve.tools.dashboard_speed --rows 1000000 --reviews 100000     # SQLite in a temp folder
+    python -m keras_serve.tools.dashboard_speed --database-url postgresql+psycopg://...
+    python -m keras_serve.tools.dashboard_speed --database-url sqlite:////tmp/d/uploads.db --keep  # seed once, rerun
+    python -m keras_serve.tools.dashboard_speed --versions 1    # the worst case: one version answered all of them
+
+The records are synthetic (no images: no statistic reads one), spread over 90 days and split
+evenly between `--versions` model versions (the newest answered the last days); `--reviews`
+of them are reviewed (a tenth corrected), 0.5% have a visitor's answer, 0.5% failed. Each
+scenario (a version and a window) runs `QualityStats.stats` uncached — every query of one
+page view — `--repeats` times, and p50 / p95 / max are printed; so are the version list, the
+promotion log and the Prometheus summary. This is a benchmark, not a test: it prints numbers
+and asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+END = datetime(2026, 12, 1)
+SPAN = timedelta(days=90)
+COLUMNS = ("id", "received", "bytes", "sha256", "format", "client_filename", "model", "model_sha256", "prediction",
+           "error", "milliseconds", "image_key", "predicted_label", "confidence", "review_state", "review_label",
+           "reviewed_at", "feedback_label", "feedback_at")
+
+
+def versions(count: int) -> list[tuple[str, str]]:
+    return [(f"cats_vs_dogs-v{i + 1}.h5", f"{i + 10:x}" * 32) for i in range(count)]
+
+
+def synthetic_rows(first: int, last: int, rows: int, review_share: float, models: list[tuple[str, str]],
+                   rng: random.Random):
+    from keras_serve.storage.records import CONFIRMED, CORRECTED, NOT_REVIEWED
+
+    start = END - SPAN
+    for n in range(first, last):
+        received = start + SPAN * (n / rows) + timedelta(microseconds=rng.randrange(1000))
+        model_file, model_sha = models[min(len(models) - 1, n * len(models) // rows)]
+        upload_id = f"{rng.getrandbits(128):032x}"
+        failed = rng.random() < 0.005
+        # later traffic is less sure (drift for the PSI to find)
+        confidence = None if failed else min(0.999999, 0.5 + rng.betavariate(5 - 2 * n / rows, 1.5) / 2)
+        label = None if failed else rng.choice(("CAT", "DOG", "DOG"))
+        state, review_label, reviewed_at = NOT_REVIEWED, None, None
+        if not failed and rng.random() < review_share:
+            state = CONFIRMED if rng.random() < 0.9 else CORRECTED
+            review_label = label if state == CONFIRMED else ("CAT" if label == "DOG" else "DOG")
+            reviewed_at = received + timedelta(hours=1)
+        feedback_label = feedback_at = None
+        if not failed and rng.random() < 0.005:
+            feedback_label = label if rng.random() < 0.8 else ("CAT" if label == "DOG" else "DOG")
+            feedback_at = received + timedelta(minutes=1)
+        prediction = None if failed else json.dumps({"label": label, "confidence": round(confidence, 6)})
+        yield (upload_id, received, 50_000, f"{rng.getrandbits(256):064x}", "JPEG", "photo.jpg", model_file,
+               model_sha, prediction, "The model failed." if failed else None,
+               None if failed else round(rng.lognormvariate(3.2, 0.5), 2), f"{received:%Y/%m/%d}/{upload_id}.jpg",
+               label, confidence, state, review_label, reviewed_at, feedback_label, feedback_at)
+
+
+def seed(url: str, rows: int, reviews: int, models: list[tuple[str, str]], batch: int = 50_000) -> None:
+    """Through the driver directly (executemany on SQLite, COPY on PostgreSQL), as listing_speed."""
+    from keras_serve.storage.records import RecordStore, model_promotions
+
+    store = RecordStore(url)  # the real schema, the dashboard's indexes included
+    rng = random.Random(1)
+    started = time.perf_counter()
+    postgres = store.url.get_backend_name() == "postgresql"
+    raw = store.engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        for first in range(0, rows, batch):
+            chunk = list(synthetic_rows(first, min(first + batch, rows), rows, reviews / rows, models, rng))
+            if postgres:
+                with cursor.copy(f"COPY uploads ({', '.join(COLUMNS)}) FROM STDIN") as copy:
+                    for row in chunk:
+                        copy.write_row(row)
+            else:
+                cursor.executemany(
+                    f"INSERT INTO uploads ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                    [tuple(v.strftime('%Y-%m-%d %H:%M:%S.%f') if isinstance(v, datetime) else v for v in row)
+                     for row in chunk])
+            raw.commit()
+            done = min(first + batch, rows)
+            if done % 200_000 == 0 or done == rows:
+                print(f"  seeded {done:,} rows ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+        if postgres:
+            raw.commit()
+            raw.driver_connection.autocommit = True
+            cursor.execute("VACUUM ANALYZE uploads")
+        else:
+            cursor.execute("ANALYZE")
+            raw.commit()
+    finally:
+        raw.close()
+    with store.engine.begin() as conn:
+        for i, (_, sha) in enumerate(models[1:], start=1):
+            conn.execute(model_promotions.insert().values(sha256=sha, action="promote", by="bench",
+                                                          created=END - SPAN + SPAN * (i / len(models))))
+    store.close()
+
+
+def timed(function, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--reviews", type=int, default=100_000, help="about this many reviewed uploads")
+    p.add_argument("--versions", type=int, default=3, help="model versions sharing the rows (default 3)")
+    p.add_argument("--database-url", help="default: SQLite in a new temp folder")
+    p.add_argument("--keep", action="store_true", help="seed only if the database is empty; keep it afterwards")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per scenario")
+    args = p.parse_args(argv)
+
+    import sqlalchemy as sa
+
+    from keras_serve.storage.quality_stats import WINDOWS, QualityStats
+    from keras_serve.storage.records import RecordStore
+
+    models = versions(args.versions)
+    folder = None
+    url = args.database_url
+    if url is None:
+        folder = tempfile.TemporaryDirectory(prefix="dashboard-speed-")
+        url = f"sqlite:///{Path(folder.name) / 'uploads.db'}"
+    records = RecordStore(url)
+    with records.engine.connect() as conn:
+        present = conn.execute(sa.text("SELECT count(*) FROM uploads")).scalar()
+    if not present:
+        print(f"seeding {args.rows:,} uploads, about {args.reviews:,} reviewed, {args.versions} version(s) ...",
+              file=sys.stderr)
+        seed(url, args.rows, args.reviews, models)
+        with records.engine.connect() as conn:
+            present = conn.execute(sa.text("SELECT count(*) FROM uploads")).scalar()
+    with records.engine.connect() as conn:
+        reviewed = conn.execute(sa.text("SELECT count(*) FROM uploads WHERE review_state != 0")).scalar()
+    stats = QualityStats(records, clock=lambda: END)
+    labels = ["CAT", "DOG"]
+    print(f"{records.description.split('://')[0]}: {present:,} uploads, {reviewed:,} reviewed, "
+          f"{len(models)} version(s); {args.repeats} runs each, uncached, ms")
+    print(f"{'scenario':44} {'uploads':>9} {'p50':>8} {'p95':>8} {'max':>8}")
+
+    def report(name: str, times: list[float], uploads: int | str = "") -> None:
+        print(f"{name:44} {uploads:>9} {statistics.median(times):8.1f} {percentile(times, 95):8.1f} {max(times):8.1f}")
+
+    newest = models[-1][1]
+    scenarios = [(f"newest version, {window}", newest, window) for window in WINDOWS]
+    if len(models) > 1:
+        scenarios.append(("oldest version, all", models[0][1], "all"))
+    for name, sha, window in scenarios:
+        result = stats.stats(sha, window, 0.85, labels)
+        report(f"stats: {name}", timed(lambda: stats.stats(sha, window, 0.85, labels), args.repeats),
+               result["traffic"]["uploads"])
+    report("versions (the version list)", timed(stats.versions, args.repeats))
+    report("timeline (promotions)", timed(stats.timeline, args.repeats))
+    report("Prometheus summary: newest, day + week",
+           timed(lambda: [stats.summary(newest, w, 0.85) for w in ("day", "week")], args.repeats))
+    records.close()
+    if folder is not None and not args.keep:
+        folder.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
