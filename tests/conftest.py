@@ -59,11 +59,41 @@ def inverted_colour_model_path(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture()
-def make_app(tmp_path):
-    """create_app with a private upload folder; every app made is closed after the test."""
-    from keras_serve import create_app
+# Model files read by Keras in this session, by file identity and load options: the suite creates
+# some 200 apps on a handful of tiny model files, and reading one again costs ~50 ms for nothing.
+_LOADED_MODELS: dict[tuple, object] = {}
 
+
+def _cached_model_loader(load):
+    """`keras_formats.load_keras_model` that reads each unchanged file once (a changed or replaced
+    file has another size, mtime or inode: it is read again). Failures are not cached."""
+    def cached(path, arch=None, max_weight_bytes=None, trust_model_code=False):
+        try:
+            st = Path(path).resolve().stat()
+        except OSError:
+            return load(path, arch=arch, max_weight_bytes=max_weight_bytes, trust_model_code=trust_model_code)
+        key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns, arch, max_weight_bytes,
+               trust_model_code)
+        if key not in _LOADED_MODELS:
+            if len(_LOADED_MODELS) >= 32:
+                _LOADED_MODELS.pop(next(iter(_LOADED_MODELS)))
+            _LOADED_MODELS[key] = load(path, arch=arch, max_weight_bytes=max_weight_bytes,
+                                       trust_model_code=trust_model_code)
+        return _LOADED_MODELS[key]
+    return cached
+
+
+@pytest.fixture()
+def make_app(tmp_path, monkeypatch):
+    """create_app with a private upload folder; every app made is closed after the test.
+
+    The apps share Keras models read from unchanged files (_cached_model_loader); what is built
+    from a model (its engine, its checks) is still made per app.
+    """
+    from keras_serve import create_app
+    from keras_serve.model import keras_formats
+
+    monkeypatch.setattr(keras_formats, "load_keras_model", _cached_model_loader(keras_formats.load_keras_model))
     apps = []
 
     def make(**config):
@@ -106,6 +136,31 @@ def seaweedfs():
         yield server
 
 
+@pytest.fixture(scope="session")
+def store_schema_database(postgres, tmp_path_factory) -> str:
+    """The name of a PostgreSQL database that holds the upload store's schema and no uploads.
+
+    Each postgresql+s3 store of a test is a copy (CREATE DATABASE ... TEMPLATE): a fresh store
+    without running every migration again (about 0.2 s a test). Each copy gets its own store id,
+    as a migration would make it.
+    """
+    from keras_serve.storage.uploads import UploadStore
+
+    url = postgres.create_database()
+    UploadStore.from_config({"UPLOAD_DIR": str(tmp_path_factory.mktemp("schema-uploads")),
+                             "DATABASE_URL": url}).close()
+    return url.rsplit("/", 1)[1]
+
+
+def fresh_store_database(postgres, template: str) -> str:
+    """A copy of `store_schema_database` with a store id of its own; its SQLAlchemy URL."""
+    import secrets
+
+    url = postgres.create_database(template=template)
+    postgres.execute(url, "UPDATE store_identity SET store_id = %s", (secrets.token_hex(16),))
+    return url
+
+
 def _storage_config(kind, request, tmp_path, monkeypatch):
     config = {"UPLOAD_DIR": str(tmp_path / "uploads")}
     if kind == "sqlite+files":
@@ -114,7 +169,7 @@ def _storage_config(kind, request, tmp_path, monkeypatch):
     postgres, s3 = request.getfixturevalue("postgres"), request.getfixturevalue("seaweedfs")
     for name, value in s3.env().items():
         monkeypatch.setenv(name, value)
-    database_url = postgres.create_database()
+    database_url = fresh_store_database(postgres, request.getfixturevalue("store_schema_database"))
     config.update(DATABASE_URL=database_url, IMAGE_STORE=f"s3://{s3.bucket}/{tmp_path.name}")
     yield config
     postgres.drop_database(database_url)

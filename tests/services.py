@@ -3,6 +3,7 @@ store); binaries from component_binaries.py, venv first.
 
     with running_postgres() as pg, running_seaweedfs() as s3:
         url = pg.create_database()                  # postgresql+psycopg://... of a fresh database
+        copy = pg.create_database(template=url.rsplit("/", 1)[1])  # a copy of it
         env = s3.env()                              # AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...
         image_store = f"s3://{s3.bucket}/some-prefix"
 
@@ -135,11 +136,20 @@ class Postgres:
                              autocommit=True) as conn:
             conn.execute(sql)
 
-    def create_database(self) -> str:
-        """A fresh, empty database; returns its SQLAlchemy URL."""
+    def create_database(self, template: str | None = None) -> str:
+        """A fresh database, empty or a copy of the database named `template` (which nobody may
+        be connected to); returns its SQLAlchemy URL."""
         name = "t_" + secrets.token_hex(6)
-        self._admin(f"CREATE DATABASE {name}")
+        self._admin(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
         return self.url(name)
+
+    def execute(self, url: str, sql: str, params: tuple = ()) -> None:
+        """Run one statement in the database of `url` (autocommit)."""
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=url.rsplit("/", 1)[1],
+                             autocommit=True) as conn:
+            conn.execute(sql, params)
 
     def drop_database(self, url: str) -> None:
         self._admin(f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1]} WITH (FORCE)")
