@@ -161,8 +161,10 @@ class _Walk:
         return where
 
     def function_reference(self, node: dict, layer: Where | None, key: str | None) -> None:
+        # Keras 3's reference to a function by name: one of its built-in activations, initializers,
+        # regularizers or constraints (what Keras's "builtins" lookup finds), nothing else.
         name, module = node.get("config"), node.get("module")
-        allowed = self.names.functions["activation"]
+        allowed = frozenset().union(*self.names.functions.values())
         if not isinstance(name, str) or name not in allowed or (
                 module is not None and module != "builtins" and not _is_keras_module(module)):
             self.refuse(layer, f"calls the Python function {_shown(_dotted(module, name))}"
