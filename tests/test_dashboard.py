@@ -285,6 +285,8 @@ def test_admin_is_off_without_a_token_and_needs_the_credential(make_app, colour_
 def test_api_stats_is_in_the_openapi_document(known):
     document = known.test_client().get("/openapi.json").get_json()
     operation = document["paths"]["/api/stats"]["get"]
+    assert operation["operationId"] == "getStats"
+    assert document["paths"]["/admin"]["get"]["operationId"] == "getDashboard"
     assert set(operation["responses"]) >= {"200", "400", "401", "404"}
     assert "window" in operation["description"]
     name = next(p for p in document["paths"]["/admin/charts/{name}.svg"]["get"]["parameters"] if p["name"] == "name")

@@ -124,7 +124,8 @@ def dashboard_stats(window: str, version: str | None) -> dict[str, Any]:
            "interval, confusion, calibration, visitor disagreement, drift (admin)", tags=["review"],
            description="Query: window = day | week | all (default week); model_version = a sha256 "
                        "(default: the version this server answers with). See docs/dashboard.md.",
-           responses={200: json_answer(STATS_SCHEMA), 400: ERROR, 401: ERROR, 404: ERROR, 503: ERROR})
+           responses={200: json_answer(STATS_SCHEMA), 400: ERROR, 401: ERROR, 404: ERROR, 503: ERROR},
+           operation_id="getStats")
 def stats_json():
     window, version = selection()
     return jsonify(dashboard_stats(window, version))
@@ -133,7 +134,8 @@ def stats_json():
 @bp.get("/admin/charts/<name>.svg")
 @operation("One chart of the dashboard, an SVG image (admin)", tags=["review"],
            path={"name": {"type": "string", "enum": sorted(charts.CHARTS)}},
-           responses={200: binary("image/svg+xml"), 400: ERROR, 401: ERROR, 404: ERROR, 503: ERROR})
+           responses={200: binary("image/svg+xml"), 400: ERROR, 401: ERROR, 404: ERROR, 503: ERROR},
+           operation_id="getDashboardChart")
 def chart(name: str):
     draw = charts.CHARTS.get(name)
     if draw is None:
@@ -147,7 +149,7 @@ def chart(name: str):
 @bp.get("/admin")
 @operation("The dashboard of live model quality (admin; browsers without a session are sent to the login form)",
            tags=["review"], responses={200: html_page(), 303: html_page(), 400: ERROR, 401: ERROR, 404: ERROR,
-                                      503: ERROR})
+                                      503: ERROR}, operation_id="getDashboard")
 def dashboard_page():
     window, version = selection()
     stats = dashboard_stats(window, version)
