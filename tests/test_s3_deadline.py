@@ -75,5 +75,5 @@ def test_a_silent_s3_gets_store_attempts_tries_and_answers_within_timeout_times_
     time.sleep(0.2)  # the last request's bytes reach the counting thread
     assert len(silent_s3.heads) == ATTEMPTS, silent_s3.heads  # botocore's max_attempts meant retries: 3 tries
     assert not any(b"100-continue" in head.lower() for head in silent_s3.heads)  # no second wait per try
-    # The documented bound (docs/storage-faults.md): the attempts' timeouts, plus under a second of backoff.
+    # The documented bound (docs/storage-faults.md, docs/security.md): the tries' timeouts plus under a second.
     assert took < TIMEOUT_S * ATTEMPTS + 1.0, took
