@@ -45,6 +45,7 @@ def test_one_bad_file_does_not_fail_the_others(client, app):
     assert good["label"] == "DOG" and blue["label"] == "CAT"
     assert good["filename"] == "good.jpg" and blue["filename"] == "blue.jpg"
     assert not_image == {"error": not_image["error"], "filename": "notes.txt"}
+    assert not_image["error"]["request_id"] == r.headers["X-Request-ID"]  # quoted per item, as a single error
     assert not_image["error"]["code"] == "not_an_image" and not_image["error"]["status"] == 415
     assert not_image["error"]["message"] and not_image["error"]["hint"]
     assert empty["error"]["code"] == "empty_image" and empty["filename"] == "empty.jpg"

@@ -85,7 +85,9 @@ CLASSIFY_ANSWER = (Classification, ClassificationList)
 # The most `file` parts the document allows: MAX_FILES_PER_REQUEST's default (a server set lower
 # answers 413 too_many_files past its own).
 DEFAULT_MAX_FILES = 20
-IMAGE_PART: dict[str, Any] = {"type": "string", "format": "binary", "contentMediaType": "image/*", "minLength": 1,
+# No minLength: among several files an empty one is answered as its own item (400 empty_image),
+# beside the others'.
+IMAGE_PART: dict[str, Any] = {"type": "string", "format": "binary", "contentMediaType": "image/*",
                               "description": "An image: JPEG, PNG, GIF, WebP, BMP, TIFF, HEIC/HEIF or AVIF"}
 CLASSIFY_FORM: dict[str, Any] = {
     "type": "object",

@@ -78,8 +78,17 @@ class Body:
 class _ErrorMarker:
     """`ERROR` in a `responses` map: the app's error body (JSON, or the HTML page for browsers)."""
 
+    def __init__(self, *alternatives: type[BaseModel]) -> None:
+        self.alternatives = alternatives  # other JSON bodies an error status may carry
+
 
 ERROR = _ErrorMarker()
+
+
+def error_or(*alternatives: type[BaseModel]) -> _ErrorMarker:
+    """The error body, or one of `alternatives` (POST /file/'s several files, all refused: their
+    {"results": [...]} under the first one's status)."""
+    return _ErrorMarker(*alternatives)
 ResponseSpec = Body | list[Body] | _ErrorMarker
 
 
@@ -237,7 +246,7 @@ def _responses(spec: APISpec, declared: Operation) -> dict[str, Any]:
     out = {}
     for status, answer in sorted(answers.items()):
         if isinstance(answer, _ErrorMarker):
-            bodies = [json_body(ErrorBody), html_page()]
+            bodies = [json_body((ErrorBody, *answer.alternatives) if answer.alternatives else ErrorBody), html_page()]
             description = f"{HTTP_STATUS_CODES.get(status, 'Error')}: the error body says what was wrong and what to do"
         else:
             bodies = answer if isinstance(answer, list) else [answer]

@@ -13,7 +13,11 @@ Log lines are JSON by default (python-json-logger), one object per line:
 
 `route` is the URL rule (`/uploads/<upload_id>`), never the path the client sent; nothing from
 the request's headers or body is logged (no tokens, cookies, Authorization), and the upload id
-only when it has the form of one. LOG_FORMAT=text writes the same lines for people.
+only when it has the form of one. A request that matched no rule (404, 405) has route
+"unmatched" and its `path`, with anything that looks like an id masked (`/uploads/{id}/x`),
+unprintable characters replaced, at most 200 characters, never the query string. An error
+answer's line has its `error_code` (the body's `error.code`). LOG_FORMAT=text writes the same
+lines for people.
 """
 from __future__ import annotations
 
@@ -35,7 +39,22 @@ SANE_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 UNMATCHED_ROUTE = "unmatched"  # as the metrics label it: 404s and 405s have no rule
 ACCESS_LOG = logging.getLogger("keras_serve.access")
 # Fields of an access line, besides time, level, logger and message.
-ACCESS_FIELDS = ("request_id", "method", "route", "status", "latency_ms", "upload_id")
+ACCESS_FIELDS = ("request_id", "method", "route", "status", "latency_ms", "upload_id", "error_code", "path")
+MASKED_ID = "{id}"
+LONGEST_LOGGED_PATH = 200
+# What an id looks like inside a path segment: upload ids and sha256s (hex), UUIDs, numbers;
+# a whole segment of 24+ token characters (a guessed key, a base64 id) too.
+ID_IN_SEGMENT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+                           r"|[0-9a-fA-F]{16,}|(?<![A-Za-z0-9])[0-9]+(?![A-Za-z0-9])")
+TOKEN_SEGMENT = re.compile(r"[A-Za-z0-9_=+~-]{24,}")
+
+
+def masked_path(path: str) -> str:
+    """A client's path fit for a log line: ids masked, only printable ASCII, bounded."""
+    segments = [MASKED_ID if TOKEN_SEGMENT.fullmatch(segment) else ID_IN_SEGMENT.sub(MASKED_ID, segment)
+                for segment in path[:4 * LONGEST_LOGGED_PATH].split("/")]
+    text = "".join(c if " " < c < "\x7f" else "?" for c in "/".join(segments))
+    return text[:LONGEST_LOGGED_PATH]
 
 
 def request_id_from(sent: str | None) -> str:
@@ -54,14 +73,19 @@ def current_request_id() -> str:
 
 
 def log_request(request_id: str, method: str | None, route: str | None, status: int, latency_ms: float,
-                upload_id: str | None = None) -> None:
-    """The one line per request (also written for the answers waitress gives itself)."""
+                upload_id: str | None = None, error_code: str | None = None, path: str | None = None) -> None:
+    """The one line per request (also written for the answers waitress gives itself). `path`:
+    the client's, for a request that matched no route (masked here)."""
     if not ACCESS_LOG.isEnabledFor(logging.INFO):
         return
     fields: dict[str, Any] = {"request_id": request_id, "method": method, "route": route, "status": status,
                               "latency_ms": round(latency_ms, 2)}
     if upload_id is not None and is_upload_id(upload_id):
         fields["upload_id"] = upload_id
+    if error_code is not None:
+        fields["error_code"] = error_code
+    if path is not None:
+        fields["path"] = masked_path(path)
     ACCESS_LOG.info("%s %s %d", method or "-", route or "-", status, extra=fields)
 
 
@@ -79,9 +103,11 @@ def init_app(app: Flask) -> None:
         response.headers[REQUEST_ID_HEADER] = request_id
         started = g.get("request_started")
         latency_ms = (time.perf_counter() - started) * 1000 if started is not None else 0.0
-        route = request.url_rule.rule if request.url_rule is not None else UNMATCHED_ROUTE
+        matched = request.url_rule is not None
+        route = request.url_rule.rule if matched else UNMATCHED_ROUTE
         upload_id = g.get("upload_id") or (request.view_args or {}).get("upload_id")
-        log_request(request_id, request.method, route, response.status_code, latency_ms, upload_id)
+        log_request(request_id, request.method, route, response.status_code, latency_ms, upload_id,
+                    error_code=g.get("error_code"), path=None if matched else request.path)
         return response
 
 

@@ -20,7 +20,7 @@ from keras_serve.errors import (AuthenticationError, CandidateRefused, CorruptIm
                                 ServiceError, StorageError, TooManyAttemptsError, TooManyFilesError, TooManyFormPartsError,
                                 UploadNotFound,
                                 error_code)
-from keras_serve.web.request_log import current_request_id
+from keras_serve.web.request_log import current_request_id, masked_path
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ def service_error_body(exc: ServiceError) -> dict:
 def error_response(status: int, code: str, message: str, hint: str, **extra) -> Response:
     """The error answer of every route (body: openapi's ErrorBody), with the request's id."""
     request_id = current_request_id()
+    g.error_code = code  # for the request's log line
     if wants_html():
         page = render_template("error.html", status=status, message=message, hint=hint, request_id=request_id,
                                **extra)
@@ -124,7 +125,7 @@ def service_error_response(exc: ServiceError) -> Response:
     """A typed error as its answer: status, body, and the protocol headers its status needs."""
     status = service_error_status(exc)
     if status >= 500:
-        log.error("%s: %s", type(exc).__name__, exc.message)
+        log.error("%s: %s", type(exc).__name__, exc.message, extra={"error_code": error_code(type(exc).__name__)})
     extra = {"id": exc.upload_id} if getattr(exc, "upload_id", None) else {}
     if extra:
         g.upload_id = exc.upload_id  # for the request's log line
@@ -156,5 +157,6 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def handle_unexpected(exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %s", request.method, masked_path(request.path),
+                      extra={"error_code": "internal_error"})
         return error_response(500, "internal_error", "Something went wrong on the server.", HINT_BY_STATUS[500])

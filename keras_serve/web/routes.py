@@ -13,10 +13,12 @@ from keras_serve.pipeline.service import ClassifiedUpload, ClassifierService
 from keras_serve.storage.records import NEITHER
 from keras_serve.storage.uploads import is_upload_id
 from keras_serve.web.admin_auth import same_origin
-from keras_serve.web.api_models import (CLASSIFY_ENCODING, CLASSIFY_FORM, CLASSIFY_ANSWER, Liveness,
-                                        ModelDescription, Readiness, UploadRecord)
-from keras_serve.web.openapi import ERROR, binary, form_body, html_page, json_body, multipart, operation
+from keras_serve.web.api_models import (CLASSIFY_ENCODING, CLASSIFY_FORM, CLASSIFY_ANSWER, ClassificationList,
+                                        Liveness, ModelDescription, Readiness, UploadRecord)
+from keras_serve.web.openapi import (ERROR, binary, error_or, form_body, html_page, json_body, multipart,
+                                     operation)
 from keras_serve.web.proxies import client_address
+from keras_serve.web.request_log import current_request_id
 from keras_serve.web.responses import service_error_body, service_error_status, wants_html
 
 bp = Blueprint("web", __name__)
@@ -61,6 +63,9 @@ def display_filename(name: str | None) -> str | None:
     return name[:255] or None
 
 
+SEVERAL_OR_ERROR = error_or(ClassificationList)
+
+
 # "/file" is its own rule, not a redirect to "/file/" (curl would drop the POST body), and not
 # strict_slashes=False either, with which GET /file is a 404 instead of a 405.
 @bp.post("/file")
@@ -75,8 +80,10 @@ def display_filename(name: str | None) -> str | None:
                 "curl -H \"Authorization: Bearer $TOKEN\" -F file=@cat.jpg http://localhost:8080/file/  "
                 "# with API tokens on\n```",
     request=multipart(CLASSIFY_FORM), encoding=CLASSIFY_ENCODING, operation_id="classify",
-    responses={200: [json_body(CLASSIFY_ANSWER), html_page()], 400: ERROR, 401: ERROR, 413: ERROR, 415: ERROR,
-               422: ERROR, 429: ERROR, 503: ERROR},
+    # Several files, all refused: {"results": [...]} under the first one's status.
+    responses={200: [json_body(CLASSIFY_ANSWER), html_page()], 400: SEVERAL_OR_ERROR, 401: ERROR,
+               413: SEVERAL_OR_ERROR, 415: SEVERAL_OR_ERROR, 422: SEVERAL_OR_ERROR, 429: ERROR,
+               503: SEVERAL_OR_ERROR},
     response_headers={401: {"WWW-Authenticate": {"type": "string"}},
                       429: {"Retry-After": {"type": "string", "pattern": "^[0-9]+$"}}},
     links={200: {"UploadRecord": {"operationId": "getUploadRecord",
@@ -112,11 +119,14 @@ def classify_several(uploads) -> tuple[Response | str, int]:
     items = []
     for upload, answer in zip(uploads, answers):
         if isinstance(answer, ServiceError):
-            items.append({"error": service_error_body(answer), "filename": display_filename(upload.filename)})
+            error = {**service_error_body(answer), "request_id": current_request_id()}
+            items.append({"error": error, "filename": display_filename(upload.filename)})
         else:
             items.append({**result_json(answer), "filename": display_filename(upload.filename)})
     errors = [a for a in answers if isinstance(a, ServiceError)]
     status = 200 if len(errors) < len(answers) else service_error_status(errors[0])
+    if status != 200:
+        g.error_code = items[0]["error"]["code"]  # for the request's log line, as a single error's
     if wants_html():
         return render_template("results.html", items=items), status
     return jsonify({"results": items}), status

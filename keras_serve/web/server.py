@@ -187,7 +187,7 @@ class AppErrorTask(ErrorTask):
         # No route: the request never reached the app. A request that failed to parse may have
         # no method yet. Latency: from its first byte to now.
         log_request(request_id, getattr(self.request, "command", None), None, status,
-                    (time.monotonic() - self.channel.request_started) * 1000)
+                    (time.monotonic() - self.channel.request_started) * 1000, error_code=code)
 
 
 class DrainAwareTask(WSGITask):
