@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (promote, publish):
         command.add_argument("--force", action="store_true",
                              help="accept it even if it is slower or takes more memory than the served model "
-                                  "allows (CANDIDATE_MAX_SLOWDOWN, CANDIDATE_MAX_MEMORY_GROWTH); every other "
+                                  "allows (CANDIDATE_MAX_SLOWDOWN, CANDIDATE_MAX_MEMORY_GROWTH), or its card "
+                                  "marks it not promotable (an int8 variant that lost accuracy); every other "
                                   "check still applies")
         command.add_argument("--trust-model-code", action="store_true",
                              help="check it without refusing Lambda bytecode or classes and functions outside "
@@ -79,7 +80,7 @@ def main(argv: Iterable[str] | None = None) -> int:
 
         return optimize_main(args)
 
-    from keras_serve.model.versions import promote_version, publish_candidate
+    from keras_serve.model.versions import promote_version, publish_candidate, refuse_unpromotable
     from keras_serve.storage.model_registry import ModelRegistry, is_sha256
     from keras_serve.storage.uploads import UploadStore
 
@@ -114,6 +115,7 @@ def main(argv: Iterable[str] | None = None) -> int:
                 version = publish_candidate(registry, path, config, by, force=args.force)
                 print(f"published {version.file} ({version.sha256})", file=sys.stderr)
                 if args.command == "promote":
+                    refuse_unpromotable(path, version.file, args.force)
                     registry.promote(version.sha256, by)  # checked just now, as it was published
             if args.command == "promote":
                 print(f"promoted {version.file} ({version.sha256[:12]}): every server swaps to it within "

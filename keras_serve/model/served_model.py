@@ -123,6 +123,11 @@ class ServedModel:
         from keras_serve.model.tf_runtime import import_tensorflow_quietly
 
         path = Path(path)
+        if path.suffix.lower() == ".onnx":  # an int8 variant from `optimize`: its card is the contract
+            from keras_serve.model.engine_file import load_engine_file
+
+            return load_engine_file(cls, path, parse_labels(labels), scaling, max_pixels, max_decode_bytes,
+                                    engine, engine_threads, max_weight_bytes)
         card = ModelCard.read(path)
         if path.is_file():
             import_tensorflow_quietly()
@@ -287,8 +292,12 @@ class ServedModel:
         i = d["input"]
         decision = (f"sigmoid: {self.labels[0]} < {self.threshold} <= {self.labels[1]}"
                     if self.output_kind == "sigmoid" else f"softmax over {len(self.labels)} labels")
-        return (f"model {d['file']} (saved by Keras {d['saved_by_keras'] or 'unknown'}, "
-                f"loaded with {d['loaded_with']}, {d['parameters']:,} parameters): "
+        variant_of = d.get("variant_of")  # an engine file from `optimize` (engine_file.py)
+        origin = (f"{d.get('variant')} variant of {variant_of['file']} ({variant_of['sha256'][:12]})" if variant_of
+                  else f"saved by Keras {d['saved_by_keras'] or 'unknown'}")
+        parameters = f"{d['parameters']:,}" if isinstance(d.get("parameters"), int) else "unknown"
+        return (f"model {d['file']} ({origin}, "
+                f"loaded with {d['loaded_with']}, {parameters} parameters): "
                 f"input {i['height']}x{i['width']}x{i['channels']} {i['layout']}, scaling {d['preprocessing']['scaling']}; "
                 f"output {decision}; labels {','.join(self.labels)}; "
                 f"engine {self.engine.name} {self.engine.version}")

@@ -121,10 +121,25 @@ def promote_version(registry: ModelRegistry, sha256: str, config: Mapping[str, A
         except ModelFileDamaged as exc:
             raise CandidateRefused(f"{exc.message} It changed after it was published, so it is not promoted; "
                                    "publishing the original file again restores it") from None
+        refuse_unpromotable(path, version.file, force)
         check_candidate(path, config, expected_labels(registry, config), name=version.file,
                         baseline=None if force else served_file(registry, config, Path(folder) / "served"),
                         guard_ratios=not force)
     return registry.promote(version.sha256, by)
+
+
+def refuse_unpromotable(path: Path, name: str, force: bool) -> None:
+    """A variant whose card says it loses too much accuracy against its float model (`"promotable":
+    false`, written by `python -m keras_serve.model optimize`) is promoted only with --force."""
+    if force:
+        return
+    try:
+        card = ModelCard.read(path)
+    except ModelLoadError as exc:
+        raise CandidateRefused(f"{name}: {exc.message}") from None
+    if card.extra.get("promotable") is False:
+        reason = " ".join(str(card.extra.get("not_promotable_because") or "its card says so").split())[:300]
+        raise CandidateRefused(f"{name} is not promotable: {reason}; --force promotes it anyway")
 
 
 def served_file(registry: ModelRegistry, config: Mapping[str, Any], folder: Path) -> Path | None:

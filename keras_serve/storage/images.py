@@ -41,7 +41,7 @@ QUARANTINE = "quarantine"
 CHECK_PREFIX = ".keras-serve-check-"
 MODEL_FOLDER = "models"
 # A published model file and its card: named by the file's sha256, never by anyone's text.
-MODEL_FILE_NAME = re.compile(r"^[0-9a-f]{64}\.(?:h5|keras|json)$")
+MODEL_FILE_NAME = re.compile(r"^[0-9a-f]{64}\.(?:h5|keras|onnx|json)$")
 
 
 def owner_marker(store_id: str) -> bytes:

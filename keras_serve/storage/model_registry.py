@@ -27,7 +27,8 @@ from keras_serve.errors import ModelFileDamaged, ModelVersionNotFound, NothingTo
 from keras_serve.storage.images import ImageStore
 from keras_serve.storage.records import RecordStore, model_promotions, model_versions
 
-MODEL_SUFFIXES = (".h5", ".keras")
+# .onnx: an engine file with its card, the int8 variant `python -m keras_serve.model optimize` writes.
+MODEL_SUFFIXES = (".h5", ".keras", ".onnx")
 # The name a version is shown with: the published file's own, reduced to plain characters.
 SHOWN_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 SHA256 = re.compile(r"[0-9a-f]{64}")

@@ -59,7 +59,8 @@ def list_versions():
 
 MODEL_UPLOAD: dict = {"type": "object", "required": ["model"],
                       "properties": {"model": {"type": "string", "format": "binary",
-                                               "description": "The model file, .h5 or .keras"},
+                                               "description": "The model file: .h5, .keras, or an .onnx "
+                                                              "engine file (needs its card)"},
                                      "card": {"type": "string", "format": "binary",
                                               "description": "Its model card (JSON), optional"}}}
 
@@ -73,7 +74,7 @@ def publish():
     upload = request.files.get("model")
     suffix = Path(upload.filename or "").suffix.lower() if upload is not None else ""
     if upload is None or suffix not in MODEL_SUFFIXES:
-        raise ModelRequestError("The request has no model file (.h5 or .keras) in the field 'model'.")
+        raise ModelRequestError("The request has no model file (.h5, .keras or .onnx) in the field 'model'.")
     with tempfile.TemporaryDirectory(prefix="keras-serve-candidate-") as folder:
         # The client's file name is shown, never used as a path: the file is saved as candidate<suffix>.
         path = Path(folder) / f"candidate{suffix}"
