@@ -508,7 +508,7 @@ def test_export_dataset_command_line(review_app, api, storage_config, tmp_path, 
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
 def test_a_database_of_the_previous_version_is_migrated_keeping_its_rows(engine, tmp_path, request):
-    from keras_serve.storage.records import _UPLOADS_V1, RecordStore, schema_migrations
+    from keras_serve.storage.records import _UPLOADS_V1, SCHEMA_VERSION, RecordStore, schema_migrations
 
     if engine == "sqlite":
         url = f"sqlite:///{tmp_path / 'uploads.db'}"
@@ -531,7 +531,7 @@ def test_a_database_of_the_previous_version_is_migrated_keeping_its_rows(engine,
         assert row["prediction"] == {"label": "CAT", "confidence": 0.75}
         store.close()
     with old.connect() as conn:
-        assert conn.execute(sa.text("SELECT version FROM schema_migrations ORDER BY version")).all() == [(1,), (2,), (3,), (4,), (5,)]
+        assert conn.execute(sa.text("SELECT version FROM schema_migrations ORDER BY version")).all() == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
         assert conn.execute(sa.text("SELECT count(*) FROM uploads")).scalar() == 1
         assert conn.execute(sa.text("SELECT count(*) FROM reviews")).scalar() == 0
     old.dispose()
