@@ -1,6 +1,7 @@
 """Maintenance of the upload store, with the same settings as the server.
 
     python -m keras_serve.storage export --format csv > uploads.csv
+    python -m keras_serve.storage export --format flat-csv --out table.csv   # a column per fact
     python -m keras_serve.storage export --format jsonl --images exported/
     python -m keras_serve.storage import-dayfiles uploads/      # the files of earlier versions
     python -m keras_serve.storage copy-to --to-database-url postgresql+psycopg://... --to-image-store s3://b/p
@@ -233,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     export_cmd = sub.add_parser("export", help="every record, oldest first, as CSV or JSON lines")
-    export_cmd.add_argument("--format", choices=["csv", "jsonl"], default="jsonl")
+    export_cmd.add_argument("--format", choices=["csv", "jsonl", "flat-csv"], default="jsonl",
+                            help="flat-csv: a column per fact (prediction, confidence, unsure, model_version, "
+                                 "review_label, ...) for spreadsheets")
     export_cmd.add_argument("--out", type=Path, help="file to write (default: standard output)")
     export_cmd.add_argument("--images", type=Path, help="also write each image as <id>.<ext> into this folder")
     import_cmd = sub.add_parser("import-dayfiles", help="import the YYYY-MM-DD.uploads files of earlier versions")
@@ -274,7 +277,12 @@ def run_command(args: argparse.Namespace, config: Mapping[str, Any], store: Uplo
     """The chosen command on the opened store; its report goes to stderr. Raises StorageError."""
     if args.command == "export":
         with open(args.out, "w", newline="") if args.out else contextlib.nullcontext(sys.stdout) as out:
-            count = export(store, out, args.format, args.images)
+            if args.format == "flat-csv":
+                from keras_serve.storage.flat_export import export_flat
+
+                count = export_flat(store, out)
+            else:
+                count = export(store, out, args.format, args.images)
         print(f"exported {count} uploads", file=sys.stderr)
     elif args.command == "import-dayfiles":
         if not args.folder.is_dir():
