@@ -17,7 +17,8 @@ the side of keeping `make check` fast.
 
 Under pytest-xdist with `--dist loadfile --no-loadscope-reorder` (the Makefile), files go to
 workers in collection order; this plugin puts the files with the most starting tests first, so
-the longest ones do not start last and leave one worker idle at the end.
+the longest ones do not start last and leave one worker idle at the end: by what each file
+took in the last run here (pytest's cache), else by a guess from its markers.
 """
 from __future__ import annotations
 
@@ -122,13 +123,41 @@ def kinds_of(item: pytest.Item, reader: _Reader) -> set[str]:
     return kinds
 
 
+CACHE_KEY = "suite_kinds/file_seconds"
+_seconds: Counter[str] = Counter()
+
+
+def _file(nodeid: str) -> str:
+    return nodeid.split("::")[0]
+
+
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     reader = _Reader()
-    cost: Counter[str] = Counter()
+    guess: Counter[str] = Counter()
     for item in items:
         kinds = kinds_of(item, reader)
         for kind in kinds:
             item.add_marker(kind)
-        cost[item.nodeid.split("::")[0]] += 0.1 + sum(COST[kind] for kind in kinds)
+        guess[_file(item.nodeid)] += 0.1 + sum(COST[kind] for kind in kinds)
+    # What each file took last time (pytest's cache, written below), else the guess. Every
+    # xdist worker reads the same cache, so all collect the same order, as xdist requires.
+    measured = config.cache.get(CACHE_KEY, {}) if config.cache is not None else {}
+    cost = {name: measured.get(name, seconds) for name, seconds in guess.items()}
     # Stable: tests keep their order inside a file; files go costliest first.
-    items.sort(key=lambda item: -cost[item.nodeid.split("::")[0]])
+    items.sort(key=lambda item: -cost[_file(item.nodeid)])
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _seconds[_file(report.nodeid)] += report.duration  # setup, call and teardown
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    if config.cache is None or hasattr(config, "workerinput"):
+        return  # xdist's controller sees every report and writes for the workers
+    partial = (config.option.keyword or config.option.markexpr or config.option.maxfail
+               or any("::" in arg for arg in config.args))
+    if partial or exitstatus not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) or not _seconds:
+        return  # only whole files, run to the end, say how long a file takes
+    known = config.cache.get(CACHE_KEY, {})
+    config.cache.set(CACHE_KEY, {**known, **{name: round(s, 1) for name, s in _seconds.items()}})
