@@ -13,11 +13,11 @@ SLOW := engines or processes or browser or training
 
 .PHONY: serve test check bench train evaluate
 
+# A venv made before requirements.txt named tensorflow-cpu holds tensorflow (the same module
+# with GPU kernels): it is uninstalled first, or both would own the same files.
 $(RUNTIME): requirements.txt requirements-no-deps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	@# A venv made before requirements.txt named tensorflow-cpu has tensorflow (same module, GPU
-	@# kernels): it goes first, or both would own the same files.
 	if $(VENV)/bin/pip show --quiet tensorflow >/dev/null 2>&1; then $(VENV)/bin/pip uninstall --quiet --yes tensorflow; fi
 	$(VENV)/bin/pip install --quiet -r requirements.txt
 	$(VENV)/bin/pip install --quiet --no-deps -r requirements-no-deps.txt
