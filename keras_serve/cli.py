@@ -48,9 +48,9 @@ def bind(config: dict[str, Any]) -> socket.socket | None:
     host, port = config["HOST"], int(config["PORT"])
     try:
         return bind_listening_socket(host, port)
-    except ValueError:
-        print(f"error: cannot listen on {host}:{port}: not an address of this machine; "
-              f"check --host (KERAS_SERVE_HOST)", file=sys.stderr)
+    except ValueError as exc:
+        print(f"error: cannot listen on {host}:{port}: {exc}; check --host and --port (KERAS_SERVE_HOST, "
+              f"KERAS_SERVE_PORT)", file=sys.stderr)
     except OSError as exc:
         hint = ("another process is listening there: stop it or choose another port with --port"
                 if exc.errno == errno.EADDRINUSE else "check --host and --port")

@@ -36,11 +36,15 @@ def test_a_port_in_use_fails_the_start_before_the_model_loads(workers, colour_mo
     assert not uploads.exists()
 
 
-def test_a_host_that_is_not_an_address_fails_the_same_way(colour_model_path, tmp_path):
+@pytest.mark.parametrize("host, port, why", [
+    ("no-such-host.invalid", "8080", "no-such-host.invalid is not a host name or address of this machine"),
+    ("127.0.0.1", "99999", "port 99999 is not between 0 and 65535"),  # the resolver would take 34463
+])
+def test_an_address_that_cannot_be_had_fails_the_same_way(host, port, why, colour_model_path, tmp_path):
     done = subprocess.run([sys.executable, "app.py", "--model", str(colour_model_path), "--upload-dir",
-                           str(tmp_path / "uploads"), "--host", "no-such-host.invalid", "--port", "8080"],
+                           str(tmp_path / "uploads"), "--host", host, "--port", port],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "error: cannot listen on no-such-host.invalid:8080" in done.stderr
+    assert done.returncode == 2 and done.stderr.startswith(f"error: cannot listen on {host}:{port}: {why}; ")
     assert "serving on" not in done.stdout and not (tmp_path / "uploads").exists()
 
 
