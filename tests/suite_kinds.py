@@ -51,11 +51,13 @@ KINDS = tuple(STARTS)
 COST = {"engines": 3.0, "processes": 4.0, "browser": 6.0, "training": 8.0}
 
 
-def _ours(obj) -> bool:
+def _ours(obj, roots: frozenset[Path] = frozenset({TESTS})) -> bool:
+    """Defined in a test folder (tests/, or the folder of a collected test file)."""
     try:
-        return Path(inspect.getsourcefile(obj) or "").resolve().is_relative_to(TESTS)
-    except TypeError:
+        source = inspect.getsourcefile(obj)
+    except TypeError:  # built in
         return False
+    return bool(source) and any(Path(source).resolve().is_relative_to(root) for root in roots)
 
 
 def _names(code: types.CodeType) -> set[str]:
@@ -72,8 +74,12 @@ def _names(code: types.CodeType) -> set[str]:
 class _Reader:
     """The names reachable from a function through helpers defined under tests/, memoised."""
 
-    def __init__(self) -> None:
+    def __init__(self, roots: frozenset[Path]) -> None:
         self.cache: dict[types.CodeType, frozenset[str]] = {}
+        self.roots = roots
+
+    def ours(self, obj) -> bool:
+        return _ours(obj, self.roots)
 
     def names(self, func, depth: int = 0) -> frozenset[str]:
         func = inspect.unwrap(func)
@@ -86,20 +92,20 @@ class _Reader:
         found = set(_names(code))
         scope = getattr(func, "__globals__", {})
         # `from test_uploads import helper` inside the function: the helper is no global here.
-        ours = [module for module in map(sys.modules.get, found) if module is not None and _ours(module)]
+        ours = [module for module in map(sys.modules.get, found) if module is not None and self.ours(module)]
         for name in list(found):
             target = scope.get(name)
             if target is None:
                 target = next((getattr(m, name) for m in ours if hasattr(m, name)), None)
             if isinstance(target, types.ModuleType):
-                if _ours(target):
+                if self.ours(target):
                     found.add(target.__name__)
                 continue
-            if inspect.isclass(target) and _ours(target):
+            if inspect.isclass(target) and self.ours(target):
                 for member in vars(target).values():
                     if inspect.isfunction(member):
                         found |= self.names(member, depth + 1)
-            elif inspect.isfunction(target) and _ours(target):
+            elif inspect.isfunction(target) and self.ours(target):
                 found |= self.names(target, depth + 1)
         self.cache[code] = frozenset(found)
         return self.cache[code]
@@ -117,7 +123,7 @@ def kinds_of(item: pytest.Item, reader: _Reader) -> set[str]:
     info = getattr(item, "_fixtureinfo", None)
     for name in fixtures:
         for fixturedef in (info.name2fixturedefs.get(name, ()) if info else ()):
-            if _ours(fixturedef.func):
+            if reader.ours(fixturedef.func):
                 names |= reader.names(fixturedef.func)
     kinds |= {kind for kind, starters in STARTS.items() if starters & names}
     return kinds
@@ -132,7 +138,7 @@ def _file(nodeid: str) -> str:
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    reader = _Reader()
+    reader = _Reader(frozenset({TESTS, *(Path(str(item.path)).resolve().parent for item in items)}))
     guess: Counter[str] = Counter()
     for item in items:
         kinds = kinds_of(item, reader)
@@ -141,7 +147,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         guess[_file(item.nodeid)] += 0.1 + sum(COST[kind] for kind in kinds)
     # What each file took last time (pytest's cache, written below), else the guess. Every
     # xdist worker reads the same cache, so all collect the same order, as xdist requires.
-    measured = config.cache.get(CACHE_KEY, {}) if config.cache is not None else {}
+    cache = getattr(config, "cache", None)
+    measured = cache.get(CACHE_KEY, {}) if cache is not None else {}
     cost = {name: measured.get(name, seconds) for name, seconds in guess.items()}
     # Stable: tests keep their order inside a file; files go costliest first.
     items.sort(key=lambda item: -cost[_file(item.nodeid)])
@@ -153,11 +160,12 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
-    if config.cache is None or hasattr(config, "workerinput"):
+    cache = getattr(config, "cache", None)
+    if cache is None or hasattr(config, "workerinput"):
         return  # xdist's controller sees every report and writes for the workers
     partial = (config.option.keyword or config.option.markexpr or config.option.maxfail
                or any("::" in arg for arg in config.args))
     if partial or exitstatus not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) or not _seconds:
         return  # only whole files, run to the end, say how long a file takes
-    known = config.cache.get(CACHE_KEY, {})
-    config.cache.set(CACHE_KEY, {**known, **{name: round(s, 1) for name, s in _seconds.items()}})
+    known = cache.get(CACHE_KEY, {})
+    cache.set(CACHE_KEY, {**known, **{name: round(s, 1) for name, s in _seconds.items()}})

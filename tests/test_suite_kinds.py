@@ -1,0 +1,73 @@
+"""tests/suite_kinds.py marks tests by what they start, so `make check` can leave those out."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+
+SUITE = '''
+import subprocess
+
+import pytest
+
+
+@pytest.fixture(params=["sqlite+files", "postgresql+s3"])
+def storage_config(request):
+    return request.param
+
+
+@pytest.fixture()
+def browser():
+    return None
+
+
+def run_a_command():
+    return subprocess.run(["true"])
+
+
+def test_pure_arithmetic():
+    assert 1 + 1 == 2
+
+
+def test_runs_a_command_through_a_helper():
+    run_a_command()
+
+
+def test_on_each_back_end(storage_config):
+    pass
+
+
+def test_in_a_browser(browser):
+    pass
+
+
+def test_asks_for_an_engine_by_name(request):
+    request.getfixturevalue("postgres")
+
+
+@pytest.mark.training
+def test_marked_by_hand():
+    pass
+'''
+
+
+def selected(folder: Path, expression: str) -> list[str]:
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "suite_kinds", "-p", "no:cacheprovider",
+                           "--collect-only", "-q", "-m", expression, "-c", os.devnull, "-W", "ignore",
+                           str(folder)], cwd=folder, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode in (0, 5), done.stdout + done.stderr  # 5: nothing selected
+    return sorted(line.split("::", 1)[1] for line in done.stdout.splitlines() if "::" in line)
+
+
+def test_each_test_is_marked_with_what_it_starts_and_check_keeps_the_rest(tmp_path):
+    (tmp_path / "test_kinds.py").write_text(SUITE)
+    assert selected(tmp_path, "not (engines or processes or browser or training)") == [
+        "test_on_each_back_end[sqlite+files]", "test_pure_arithmetic"]
+    assert selected(tmp_path, "engines") == ["test_asks_for_an_engine_by_name", "test_on_each_back_end[postgresql+s3]"]
+    assert selected(tmp_path, "processes") == ["test_runs_a_command_through_a_helper"]
+    assert selected(tmp_path, "browser") == ["test_in_a_browser"]
+    assert selected(tmp_path, "training") == ["test_marked_by_hand"]
