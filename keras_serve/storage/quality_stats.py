@@ -15,6 +15,9 @@ Every number comes from a few GROUP BY queries, each a range scan of an index th
 columns it reads (records.STATS_INDEXES: model version, then time), so no query reads the
 table or the rows one by one; the arithmetic on the counts is in `quality_math`. A window
 holds the uploads *received* in it: an upload reviewed today counts in the week it arrived.
+The counts of whole past days and of a finished first week are kept for an hour (uploads'
+times, labels, confidences and latencies never change), so a week or "all" reads its two
+partial days only; reviews and feedback are always read.
 """
 from __future__ import annotations
 
@@ -37,11 +40,19 @@ CONFIDENCE_EDGES = tuple(round(0.1 * i, 1) for i in range(1, 10))
 LATENCY_BOUNDS_MS = (1, 2, 3, 5, 7.5, 10, 15, 20, 30, 40, 50, 65, 80, 100, 125, 150, 200, 250, 300, 400, 500,
                      750, 1000, 1500, 2000, 3000, 5000, 10000)
 MAX_ERROR_KINDS = 10
+# A day counts as over (and its counts are kept) this long after midnight: an upload is
+# recorded within the store timeouts of its arrival, never later.
+SETTLE_S = 300
+DAY_CACHE_S = 3600.0
 MAX_BUCKETS = 400  # the traffic table's rows: a year of days; older ones are summed in the totals only
 
 
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _midnight(value: datetime) -> datetime:
+    return value.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 def iso(value: datetime | None) -> str | None:
@@ -96,9 +107,17 @@ HAS_FEEDBACK = sa.text("uploads.feedback_at IS NOT NULL")
 class QualityStats:
     """The dashboard's queries, on the record store's engine and with its errors (503)."""
 
-    def __init__(self, records: RecordStore, clock: Callable[[], datetime] = _utc_now) -> None:
+    def __init__(self, records: RecordStore, clock: Callable[[], datetime] = _utc_now,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.records = records
         self.clock = clock
+        self.monotonic = monotonic
+        # Running aggregates of the past: an upload's time, label, confidence and latency never
+        # change, so the counts of a whole day that is over (and of a first week that is over)
+        # are kept, and a week or "all" scans only its two partial days. Kept DAY_CACHE_S, so
+        # rows that retention deletes (or an import adds) show within that time.
+        self._days: dict[tuple[str | None, float], dict[str, tuple[float, list[tuple]]]] = {}
+        self._baselines: dict[str | None, tuple[float, dict[str, Any]]] = {}
 
     # -- one version, one window -------------------------------------------------------------
 
@@ -115,7 +134,7 @@ class QualityStats:
                 "from": iso(win.start or first_seen), "until": iso(now),
                 "first_seen": iso(first_seen), "last_seen": iso(last_seen), "unsure_below": unsure_below,
             }
-            traffic = self._traffic(conn, model_sha256, win, unsure_below)
+            traffic = self._traffic(conn, model_sha256, win, unsure_below, first_seen)
             mix = traffic.pop("_mix")
             result["traffic"] = traffic
             result["reviewed"] = self._reviewed(conn, model_sha256, win, labels)
@@ -124,19 +143,17 @@ class QualityStats:
         return result
 
     def summary(self, model_sha256: str, window: str, unsure_below: float = 0.0) -> dict[str, Any]:
-        """What the Prometheus series need, a few index scans cheaper than `stats`."""
+        """What the Prometheus series need: `stats` less the version list and the per-bucket rows."""
         now = self.clock()
         span = WINDOWS[window]
         win = Window(window, now - span if span is not None else None, now)
         with self.records._errors("read", read=True), self.records._connect() as conn:
             first_seen, _ = self._seen(conn, model_sha256)
-            mix = self._mix(conn, model_sha256, win)
-            answered = sum(mix["confidence"])
-            unsure = self._unsure(conn, model_sha256, win, unsure_below)
+            traffic = self._traffic(conn, model_sha256, win, unsure_below, first_seen)
             reviewed = self._reviewed(conn, model_sha256, win, ())
             feedback = self._feedback(conn, model_sha256, win)
-            drift = self._drift(conn, model_sha256, win, first_seen, now, mix)
-        return {"answered": answered, "unsure_share": unsure / answered if answered else None,
+            drift = self._drift(conn, model_sha256, win, first_seen, now, traffic.pop("_mix"))
+        return {"answered": traffic["answered"], "unsure_share": traffic["unsure_share"],
                 "reviewed": reviewed, "feedback": feedback, "drift": drift}
 
     # -- versions and their history ------------------------------------------------------------
@@ -192,23 +209,18 @@ class QualityStats:
                                    "YYYY-MM-DD HH24:00" if hours == 1 else "YYYY-MM-DD")
         return sa.func.strftime("%Y-%m-%d %H:00" if hours == 1 else "%Y-%m-%d", received)
 
-    def _traffic(self, conn: sa.Connection, sha: str, win: Window, unsure_below: float) -> dict[str, Any]:
-        """Per time bucket, latency bucket, label, confidence bin and unsure or not: one scan of the
-        window's range of the covering index (three separate GROUP BYs sorted the range three times)."""
-        c = uploads.c
+    def _traffic(self, conn: sa.Connection, sha: str, win: Window, unsure_below: float,
+                 first_seen: datetime | None = None) -> dict[str, Any]:
+        """Per time bucket, latency bucket, label, confidence bin and unsure or not: one GROUP BY
+        over the window's range of the covering index; for a week or more, whole past days come
+        from the day cache and only the two partial days at the ends are read."""
         hours = 1 if win.name == "day" else 24
-        bucket = self._bucket(conn, hours).label("bucket")
-        lat = latency_bucket(c.milliseconds).label("lat")
-        conf = confidence_bin(c.confidence).label("bin")
-        unsure = sa.case((c.confidence < unsure_below, 1), else_=0).label("unsure")
+        groups = self._groups(conn, sha, win, unsure_below, hours, first_seen)
         per_bucket: dict[str, dict[str, Any]] = {}
         latency = [0] * (len(LATENCY_BOUNDS_MS) + 1)
         by_bin = [0] * (len(CONFIDENCE_EDGES) + 1)
         by_label: dict[str, int] = {}
-        for b, label, i, late, is_unsure, n in conn.execute(
-                sa.select(bucket, c.predicted_label, conf, lat, unsure, sa.func.count())
-                .where(c.model_sha256 == sha, *win.conditions())
-                .group_by(bucket, c.predicted_label, conf, lat, unsure)):
+        for b, label, i, late, is_unsure, n in groups:
             n = int(n)
             entry = per_bucket.setdefault(b, {"start": b, "uploads": 0, "per_hour": 0.0, "errors": 0, "unsure": 0})
             entry["uploads"] += n
@@ -227,6 +239,7 @@ class QualityStats:
         errors = sum(b["errors"] for b in buckets)
         answered = total - errors
         unsure_total = sum(b["unsure"] for b in buckets)
+        c = uploads.c
         by_message = conn.execute(sa.select(c.error, sa.func.count().label("n"))
                                   .where(c.model_sha256 == sha, *win.conditions(), c.error.is_not(None))
                                   .group_by(c.error).order_by(sa.text("n DESC")).limit(MAX_ERROR_KINDS)).all()
@@ -241,10 +254,51 @@ class QualityStats:
             "_mix": {"confidence": by_bin, "labels": by_label},  # for the drift, not shown
         }
 
-    def _unsure(self, conn: sa.Connection, sha: str, win: Window, unsure_below: float) -> int:
+    def _scan(self, conn: sa.Connection, sha: str, where: list[Any], unsure_below: float,
+              hours: int) -> list[tuple]:
         c = uploads.c
-        return int(conn.execute(sa.select(sa.func.count()).where(
-            c.model_sha256 == sha, *win.conditions(), c.confidence < unsure_below)).scalar() or 0)
+        bucket = self._bucket(conn, hours).label("bucket")
+        lat = latency_bucket(c.milliseconds).label("lat")
+        conf = confidence_bin(c.confidence).label("bin")
+        unsure = sa.case((c.confidence < unsure_below, 1), else_=0).label("unsure")
+        return [tuple(row) for row in conn.execute(
+            sa.select(bucket, c.predicted_label, conf, lat, unsure, sa.func.count())
+            .where(c.model_sha256 == sha, *where).group_by(bucket, c.predicted_label, conf, lat, unsure))]
+
+    def _groups(self, conn: sa.Connection, sha: str, win: Window, unsure_below: float, hours: int,
+                first_seen: datetime | None) -> list[tuple]:
+        c = uploads.c
+        start = win.start or first_seen
+        if hours != 24 or start is None:
+            return self._scan(conn, sha, win.conditions(), unsure_below, hours)
+        # Whole days in the window that ended SETTLE_S ago: from the cache (read once).
+        first_day = _midnight(start) if _midnight(start) == start else _midnight(start) + timedelta(days=1)
+        past_end = _midnight(win.end - timedelta(seconds=SETTLE_S))
+        if past_end <= first_day:
+            return self._scan(conn, sha, win.conditions(), unsure_below, hours)
+        groups = self._scan(conn, sha, [c.received >= start, c.received < first_day], unsure_below, hours)
+        groups += self._past_days(conn, sha, first_day, past_end, unsure_below)
+        groups += self._scan(conn, sha, [c.received >= past_end, c.received <= win.end], unsure_below, hours)
+        return groups
+
+    def _past_days(self, conn: sa.Connection, sha: str, first_day: datetime, end: datetime,
+                   unsure_below: float) -> list[tuple]:
+        c = uploads.c
+        cache = self._days.setdefault((sha, unsure_below), {})
+        now = self.monotonic()
+        days = [first_day + timedelta(days=i) for i in range((end - first_day).days)]
+        missing = [d for d in days if (hit := cache.get(d.strftime("%Y-%m-%d"))) is None or now - hit[0] > DAY_CACHE_S]
+        if missing:
+            fresh: dict[str, list[tuple]] = {d.strftime("%Y-%m-%d"): [] for d in missing}
+            for group in self._scan(conn, sha, [c.received >= missing[0], c.received < missing[-1] + timedelta(days=1)],
+                                    unsure_below, 24):
+                if group[0] in fresh:
+                    fresh[group[0]].append(group)
+            for day, rows in fresh.items():
+                cache[day] = (now, rows)
+        if len(self._days) > 64:  # versions x settings: a handful; never grows without bound
+            self._days.clear()
+        return [group for d in days for group in cache[d.strftime("%Y-%m-%d")][1]]
 
     def _mix(self, conn: sa.Connection, sha: str, win: Window) -> dict[str, Any]:
         """Counts per confidence bin and per predicted label (answered uploads only)."""
@@ -297,6 +351,18 @@ class QualityStats:
         n, d = int(n or 0), int(d or 0)
         return {"count": n, "disagree": d, "disagreement_rate": d / n if n else None}
 
+    def _baseline(self, conn: sa.Connection, sha: str, win: Window, complete: bool) -> dict[str, Any]:
+        """The first week's mix; once the week is over it cannot change, so it is kept."""
+        hit = self._baselines.get(sha)
+        if complete and hit is not None and self.monotonic() - hit[0] <= DAY_CACHE_S:
+            return hit[1]
+        mix = self._mix(conn, sha, win)
+        if complete:
+            if len(self._baselines) > 64:
+                self._baselines.clear()
+            self._baselines[sha] = (self.monotonic(), mix)
+        return mix
+
     def _drift(self, conn: sa.Connection, sha: str, win: Window, first_seen: datetime | None, now: datetime,
                mix: dict[str, Any] | None = None) -> dict[str, Any]:
         mix = mix or self._mix(conn, sha, win)
@@ -305,7 +371,7 @@ class QualityStats:
             base = {"confidence": [0] * len(mix["confidence"]), "labels": {}}
         else:
             baseline_win = Window("baseline", first_seen, min(first_seen + BASELINE, now))
-            base = self._mix(conn, sha, baseline_win)
+            base = self._baseline(conn, sha, baseline_win, now >= first_seen + BASELINE)
         label_names = sorted(set(base["labels"]) | set(mix["labels"]))
         base_labels = [base["labels"].get(name, 0) for name in label_names]
         win_labels = [mix["labels"].get(name, 0) for name in label_names]
