@@ -44,6 +44,7 @@ MAX_ERROR_KINDS = 10
 # recorded within the store timeouts of its arrival, never later.
 SETTLE_S = 300
 DAY_CACHE_S = 3600.0
+DAYS_PER_SCAN = 7
 MAX_BUCKETS = 400  # the traffic table's rows: a year of days; older ones are summed in the totals only
 
 
@@ -288,9 +289,12 @@ class QualityStats:
         now = self.monotonic()
         days = [first_day + timedelta(days=i) for i in range((end - first_day).days)]
         missing = [d for d in days if (hit := cache.get(d.strftime("%Y-%m-%d"))) is None or now - hit[0] > DAY_CACHE_S]
-        if missing:
-            fresh: dict[str, list[tuple]] = {d.strftime("%Y-%m-%d"): [] for d in missing}
-            for group in self._scan(conn, sha, [c.received >= missing[0], c.received < missing[-1] + timedelta(days=1)],
+        # A week of days per statement: each stays well inside the store's statement timeout,
+        # however long the version has served.
+        for chunk in range(0, len(missing), DAYS_PER_SCAN):
+            part = missing[chunk:chunk + DAYS_PER_SCAN]
+            fresh: dict[str, list[tuple]] = {d.strftime("%Y-%m-%d"): [] for d in part}
+            for group in self._scan(conn, sha, [c.received >= part[0], c.received < part[-1] + timedelta(days=1)],
                                     unsure_below, 24):
                 if group[0] in fresh:
                     fresh[group[0]].append(group)
