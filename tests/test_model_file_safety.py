@@ -291,6 +291,13 @@ def test_built_in_layers_activations_and_tensorflow_math_pass(tmp_path):
     assert np.asarray(loaded.model(np.zeros((1, SIZE, SIZE, 3), "float32"))).shape == (1, 1)
 
 
+def test_a_bfloat16_model_passes_its_weights_are_opaque_two_byte_numbers(tmp_path):
+    import keras
+
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, dtype="bfloat16")]).save(tmp_path / "bf16.keras")
+    assert load_keras_model(tmp_path / "bf16.keras").loader == "keras"
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "models").rglob("*.h5")), ids=lambda p: p.name)
 def test_the_shipped_models_pass_the_inspection(path):
     check_model_file(path, "hdf5")  # (tests elsewhere load and serve them)

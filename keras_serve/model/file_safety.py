@@ -43,6 +43,7 @@ ARCHIVE_EXTRA_BYTES = 2 * MAX_CONFIG_BYTES  # what a .keras may unpack to beyond
 # would load a plugin library found on the machine.
 _BUILTIN_FILTERS = frozenset({1, 2, 3, 4, 5, 6, 32000})
 _NUMERIC_KINDS = frozenset("biuf")
+_MAX_OPAQUE_ITEM_BYTES = 8
 _WEIGHTS_MEMBER = "model.weights.h5"
 _MB = 1024 * 1024
 TRUST_WARNING = ("--trust-model-code is on: model files are loaded without refusing Lambda bytecode or classes and "
@@ -132,7 +133,10 @@ def _dataset_bytes(ds: Any, where: str) -> int:
             raise ModelFileRefused(f"the HDF5 dataset {where!r} uses the filter {code}, which is not built into "
                                    f"HDF5 or h5py")
     dtype = ds.dtype
-    if dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+    # Keras 3 stores bfloat16 and float8 as opaque 1-2 byte items ("|V2"): plain bytes, no objects.
+    opaque_number = dtype.kind == "V" and dtype.itemsize <= _MAX_OPAQUE_ITEM_BYTES
+    if (dtype.kind not in _NUMERIC_KINDS and not opaque_number) or dtype.fields is not None \
+            or dtype.subdtype is not None:
         raise ModelFileRefused(f"the HDF5 dataset {where!r} holds {dtype}, not numbers")
     shape = ds.shape or ()  # None: an empty dataspace
     if len(shape) > MAX_DATASET_DIMENSIONS:
