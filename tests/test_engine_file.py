@@ -89,6 +89,8 @@ def test_an_engine_file_needs_its_own_card_and_valid_bytes(variant, tmp_path):
 
     with pytest.raises(ModelLoadError, match="runs with --engine onnxruntime"):
         ServedModel.load(copy_variant(variant, tmp_path / "d"), engine="tensorflow")
+    with pytest.raises(ModelLoadError, match="MODEL_MAX_WEIGHT_BYTES"):
+        ServedModel.load(copy_variant(variant, tmp_path / "f"), max_weight_bytes=1000)
 
 
 def test_an_engine_file_with_external_weights_is_refused(variant, tmp_path):

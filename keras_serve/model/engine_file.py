@@ -4,14 +4,15 @@
 from, so the card beside the file (`x.int8.json`, written by keras_serve.model.quantize) is
 required and is the contract: input size, layout, scaling, output kind, labels, threshold.
 The card must name this very file (its `engine.sha256`), so a card copied beside another file
-is refused instead of describing it. The engine is ONNX Runtime, loaded from the bytes (an
-ONNX file can name external weight files; from bytes ONNX Runtime reads none of them).
+is refused instead of describing it. The engine is ONNX Runtime, loaded from the bytes that
+were hashed; a file whose weights live in other files (ONNX external data) is refused.
 
 Not checked against TensorFlow (an int8 variant differs from its float model by design); the
 checks are the card's own: the comparison `optimize` made, and `promotable`.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,10 @@ from keras_serve.model.card import ModelCard, card_path
 from keras_serve.model.engines import EngineUnavailable, LoneInputSplit, OnnxRuntimeEngine, usable_cores
 from keras_serve.pipeline.preprocessing import SCALINGS, PreprocessSpec
 
-ENGINE_FILE_SUFFIXES = (".onnx",)
 ENGINES_FOR_FILE = ("auto", "onnxruntime")
 LOADED_WITH = "onnxruntime (engine file)"
 SHA256 = re.compile(r"[0-9a-f]{64}")
 SHOWN_NAME = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def is_engine_file(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in ENGINE_FILE_SUFFIXES
 
 
 def load_engine_file(cls: type, path: Path, labels: list[str] | None = None, scaling: str | None = None,
@@ -37,8 +33,6 @@ def load_engine_file(cls: type, path: Path, labels: list[str] | None = None, sca
                      engine_threads: int | None = None, max_weight_bytes: int | None = None) -> Any:
     """A `cls` (ServedModel) answering through the ONNX file at `path`, with its card's contract;
     raises ModelLoadError with a one-line reason."""
-    from keras_serve.model.engines import file_sha256
-
     path = Path(path)
     if engine not in ENGINES_FOR_FILE:
         raise ModelLoadError(f"{path.name} is an ONNX engine file: it runs with --engine onnxruntime "
@@ -54,7 +48,9 @@ def load_engine_file(cls: type, path: Path, labels: list[str] | None = None, sca
         raise ModelLoadError(f"{path.name} is an ONNX engine file without its card {card_path(path).name}; "
                              "`python -m keras_serve.model optimize` writes both")
     data = path.read_bytes()
-    sha256 = file_sha256(path)
+    if max_weight_bytes is not None and len(data) > max_weight_bytes:  # grown since the look above
+        raise ModelLoadError(f"{path.name} is larger than the limit for model weights (MODEL_MAX_WEIGHT_BYTES)")
+    sha256 = hashlib.sha256(data).hexdigest()  # of the very bytes that will run
     named = (card.extra.get("engine") or {}).get("sha256") if isinstance(card.extra.get("engine"), dict) else None
     if named != sha256:
         raise ModelLoadError(f"the card {card_path(path).name} describes another file "
