@@ -21,7 +21,8 @@ from test_model_versions import BEARER, TOKEN, classify, cli, store_args
 from uploading import post_file
 
 # Small budgets keep each check to seconds; the models below need far more, or far longer.
-SMALL_BUDGET = {"CANDIDATE_MEMORY_MB": 400.0, "ENGINE": "tensorflow", "MODEL_CHECK_INTERVAL_S": 0}
+# BATCHING off: a swap to the slow model would otherwise warm it for every batch size up to 32.
+SMALL_BUDGET = {"CANDIDATE_MEMORY_MB": 400.0, "ENGINE": "tensorflow", "MODEL_CHECK_INTERVAL_S": 0, "BATCHING": "off"}
 
 
 @pytest.fixture()
@@ -70,6 +71,11 @@ def models(tmp_path_factory):
     for _ in range(3):
         x = keras.layers.Conv2D(64, 3, padding="same")(x)
     made["slow"] = save(keras.Model(inputs, head(x)), folder / "slow.h5")
+
+    # A 512x512 input: about 300 MB of activations for a batch of 8, against tens for the colour model.
+    inputs = keras.Input((512, 512, 3))
+    made["big_input"] = save(keras.Model(inputs, head(keras.layers.Conv2D(32, 3, padding="same")(inputs))),
+                             folder / "big_input.h5")
 
     # Wider and bigger still: seconds for the probe images alone.
     inputs = keras.Input((256, 256, 3))
@@ -162,6 +168,20 @@ def test_a_slow_model_is_refused_with_both_numbers_and_published_with_force_on_t
     assert checked_app.extensions["classifier"].follower.check() == "swapped"
 
 
+def test_a_model_taking_more_memory_than_the_ratio_allows_is_refused_with_both_numbers(make_app, colour_model_path,
+                                                                                       models):
+    # The ratio is of whole processes (TensorFlow alone takes hundreds of MB): 1.2 keeps the model small.
+    app = make_app(MODEL_PATH=str(colour_model_path), ADMIN_TOKEN=TOKEN,
+                   **{**SMALL_BUDGET, "CANDIDATE_MEMORY_MB": 2048.0, "CANDIDATE_MAX_MEMORY_GROWTH": 1.2})
+    r = publish_over_http(app.test_client(), models["big_input"])
+    assert r.status_code == 422, r.get_data(as_text=True)
+    message = r.get_json()["error"]["message"]
+    assert "big_input.h5 would make every server worse" in message
+    candidate_mb = float(message.split("a process serving it takes ")[1].split(" MB")[0])
+    served_mb = float(message.split("times the served model's ")[-1].split(" MB")[0])
+    assert candidate_mb > 1.2 * served_mb and "(CANDIDATE_MAX_MEMORY_GROWTH: 1.2)" in message
+
+
 def test_a_model_that_takes_too_long_is_stopped_and_refused(make_app, colour_model_path, models):
     app = make_app(MODEL_PATH=str(colour_model_path), ADMIN_TOKEN=TOKEN, CANDIDATE_TIMEOUT_S=1.0, **SMALL_BUDGET)
     client = app.test_client()
@@ -175,10 +195,19 @@ def test_a_model_that_takes_too_long_is_stopped_and_refused(make_app, colour_mod
 @pytest.mark.parametrize("name, answer", [("exponential", "not finite"), ("relu", "out of range")])
 def test_a_model_answering_a_white_photo_with_no_probability_is_refused_naming_the_probe(
         checked_app, models, name, answer):
-    r = publish_over_http(checked_app.test_client(), models[name])
+    client = checked_app.test_client()
+    r = publish_over_http(client, models[name])
     assert r.status_code == 422, r.get_data(as_text=True)
     message = r.get_json()["error"]["message"]
     assert f"{name}.h5 answers the probe image 'white' with [" in message and answer in message
+    # Put in the store without any check (an older server, a hand-edited database) and promoted:
+    # a server process following it checks it before loading it, and refuses it.
+    registry = checked_app.extensions["model_registry"]
+    registry.promote(registry.publish(models[name], ["CAT", "DOG"], "ana").sha256, "ana")
+    follower = checked_app.extensions["classifier"].follower
+    assert follower.check() == "refused"
+    assert "answers the probe image 'white'" in next(iter(follower.refused.values()))
+    assert classify(client, RED)["label"] == "DOG"  # still the start-up model
 
 
 def test_the_probe_images_include_the_extremes_and_photos_from_the_probe_folder(tmp_path):

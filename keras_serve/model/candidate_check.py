@@ -3,8 +3,8 @@
 `check_candidate(path, config, ...)` runs keras_serve/model/candidate_child.py in a new Python
 process that loads the file with the server's settings, answers the probe images
 (keras_serve/model/probe_images.py: every score finite and in [0, 1], a softmax summing to 1),
-and measures the model: the median time to answer one image, and the peak memory growth to
-load it and answer a batch. The child may take CANDIDATE_MEMORY_MB on top of TensorFlow and
+and measures the model: the median time to answer one image, and the peak memory of a process
+that imports TensorFlow, loads the model and answers a batch (what a server process needs). The child may take CANDIDATE_MEMORY_MB on top of TensorFlow and
 CANDIDATE_TIMEOUT_S after TensorFlow is imported; past either it is killed or fails, and the
 candidate is refused. A model file that allocates 22 GB or never finishes costs that child,
 never the process that serves: with one server process, serving continues throughout.
@@ -16,11 +16,16 @@ caller passes `guard_ratios=False` (the CLI's --force; never HTTP). Differences 
 MIN_SLOWER_MS / MIN_MORE_MB never refuse: on a busy machine a 1 ms model can time at 3 ms.
 
 Refusals raise CandidateRefused and name the file as published, never a temporary path.
+A version that passed is noted in the shared store under `settings_digest(config)`
+(ModelRegistry.record_check), so every server process and replica with the same settings loads
+it without checking it again: with the default settings a promotion is checked once, where it
+is published or promoted, not once more in each process while it serves.
 Results are kept per file content and settings, so a version checked at publish is not
 measured again at promote, nor a served model at every candidate.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -61,7 +66,7 @@ _results: OrderedDict[tuple, "Measurement"] = OrderedDict()
 class Measurement:
     labels: list[str]
     latency_ms: float   # median time to answer one image
-    memory_mb: float    # peak memory growth to load the model and answer a batch of MEASURED_BATCH
+    memory_mb: float    # peak memory of a process that loads the model and answers a batch of MEASURED_BATCH
     engine: str
 
 
@@ -78,6 +83,15 @@ class Budget:
         return cls(float(config.get("CANDIDATE_MEMORY_MB") or 4096), float(config.get("CANDIDATE_TIMEOUT_S") or 120),
                    float(config.get("CANDIDATE_MAX_SLOWDOWN") or 3.0),
                    float(config.get("CANDIDATE_MAX_MEMORY_GROWTH") or 3.0), config.get("CANDIDATE_PROBE_DIR"))
+
+
+def settings_digest(config: Mapping[str, Any]) -> str:
+    """16 hex digits naming what a check's outcome depends on: the loading settings and the
+    budgets (not the engine, which each process builds and compares with TensorFlow itself)."""
+    budget = Budget.from_config(config)
+    named = {key: config.get(key) for key in LOAD_SETTINGS if key not in ("ENGINE", "WORKERS")}
+    named.update(memory_mb=budget.memory_mb, timeout_s=budget.timeout_s, probe_dir=budget.probe_dir)
+    return hashlib.sha256(json.dumps(named, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def check_candidate(path: str | Path, config: Mapping[str, Any], served_labels: Sequence[str] | None, *,
@@ -104,12 +118,13 @@ def _compare(name: str, candidate: Measurement, served: Measurement, budget: Bud
     problems = []
     if candidate.latency_ms > budget.max_slowdown * served.latency_ms and \
             candidate.latency_ms - served.latency_ms > MIN_SLOWER_MS:
-        problems.append(f"it answers one image in {candidate.latency_ms:.1f} ms, "
+        problems.append(f"it answers one image in {candidate.latency_ms:.3g} ms, "
                         f"{candidate.latency_ms / max(served.latency_ms, 1e-3):.1f} times the served model's "
-                        f"{served.latency_ms:.1f} ms (CANDIDATE_MAX_SLOWDOWN: {budget.max_slowdown:g})")
+                        f"{served.latency_ms:.3g} ms (CANDIDATE_MAX_SLOWDOWN: {budget.max_slowdown:g})")
     if candidate.memory_mb > budget.max_memory_growth * served.memory_mb and \
             candidate.memory_mb - served.memory_mb > MIN_MORE_MB:
-        problems.append(f"it takes {candidate.memory_mb:.0f} MB to load and answer {MEASURED_BATCH} images, "
+        problems.append(f"a process serving it takes {candidate.memory_mb:.0f} MB to load it and answer "
+                        f"{MEASURED_BATCH} images, "
                         f"{candidate.memory_mb / max(served.memory_mb, 1.0):.1f} times the served model's "
                         f"{served.memory_mb:.0f} MB (CANDIDATE_MAX_MEMORY_GROWTH: {budget.max_memory_growth:g})")
     if problems:
@@ -134,9 +149,9 @@ def _measure(path: Path, config: Mapping[str, Any], budget: Budget, name: str,
         answer = _run_child(request, budget, name)
         if "ok" not in answer:
             raise CandidateRefused(_scrub(answer.get("refused", "refused"), path, name))
-        measurement = Measurement(answer["labels"], float(answer["latency_ms"]), float(answer["memory_mb"]),
+        measurement = Measurement(answer["labels"], float(answer["latency_ms"]), float(answer["peak_mb"]),
                                   str(answer["engine"]))
-        log.info("model %s checked in a child process in %.1f s: %.1f ms per image, %.0f MB, engine %s",
+        log.info("model %s checked in a child process in %.1f s: %.3g ms per image, %.0f MB, engine %s",
                  name, time.perf_counter() - started, measurement.latency_ms, measurement.memory_mb,
                  measurement.engine)
         _results[key] = measurement

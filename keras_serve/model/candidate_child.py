@@ -3,7 +3,7 @@
 Started by keras_serve/model/candidate_check.py, never by hand. It reads one JSON request on
 stdin, and writes JSON lines on its own copy of stdout (the model's code and TensorFlow print
 to stderr instead): {"ready": true} once TensorFlow is imported, {"stage": ...} as it goes,
-and one last line: {"ok": true, "labels", "latency_ms", "memory_mb", ...} or
+and one last line: {"ok": true, "labels", "latency_ms", "peak_mb", ...} or
 {"refused": "why"}.
 
 Its memory is capped once TensorFlow is imported: RLIMIT_DATA (private writable memory, what
@@ -33,6 +33,11 @@ def _status_kb(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def _peak_mb() -> float:
+    """The process's peak resident memory, in MB: what a server process holding the model needs."""
+    return _status_kb("VmHWM") / 1024
 
 
 def _reset_peak() -> Callable[[], float]:
@@ -114,7 +119,7 @@ def check(request: dict[str, Any], say: Callable[[dict[str, Any]], None]) -> dic
         raise CandidateRefused(f"{name} answers a batch of the probe images with scores that are "
                                f"{problem.replace('_', ' ')}; every served score must be a probability")
     return {"ok": True, "labels": list(model.labels), "latency_ms": statistics.median(times),
-            "memory_mb": grown(), "engine": model.engine_name}
+            "peak_mb": _peak_mb(), "engine": model.engine_name}
 
 
 def main() -> int:

@@ -105,7 +105,9 @@ def publish_candidate(registry: ModelRegistry, path: Path, config: Mapping[str, 
         checked = check_candidate(path, config, expected_labels(registry, config), name=shown,
                                   baseline=None if force else served_file(registry, config, Path(folder)),
                                   guard_ratios=not force)
-    return registry.publish(path, checked.labels, by, name)
+    version = registry.publish(path, checked.labels, by, name)
+    _record_check(registry, version, config, checked)
+    return version
 
 
 def promote_version(registry: ModelRegistry, sha256: str, config: Mapping[str, Any], by: str,
@@ -122,10 +124,21 @@ def promote_version(registry: ModelRegistry, sha256: str, config: Mapping[str, A
             raise CandidateRefused(f"{exc.message} It changed after it was published, so it is not promoted; "
                                    "publishing the original file again restores it") from None
         refuse_unpromotable(path, version.file, force)
-        check_candidate(path, config, expected_labels(registry, config), name=version.file,
-                        baseline=None if force else served_file(registry, config, Path(folder) / "served"),
-                        guard_ratios=not force)
+        checked = check_candidate(path, config, expected_labels(registry, config), name=version.file,
+                                  baseline=None if force else served_file(registry, config, Path(folder) / "served"),
+                                  guard_ratios=not force)
+    _record_check(registry, version, config, checked)
     return registry.promote(version.sha256, by)
+
+
+def _record_check(registry: ModelRegistry, version: ModelVersion, config: Mapping[str, Any], checked: Any) -> None:
+    from keras_serve.model.candidate_check import settings_digest
+
+    try:
+        registry.record_check(version.sha256, settings_digest(config), {
+            "file": version.file, "latency_ms": checked.latency_ms, "memory_mb": checked.memory_mb})
+    except ServiceError as exc:  # the servers then check it themselves: slower, never less safe
+        log.warning("the check of %s could not be noted in the store: %s", version.file, exc.message)
 
 
 def refuse_unpromotable(path: Path, name: str, force: bool) -> None:

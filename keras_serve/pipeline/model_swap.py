@@ -5,7 +5,8 @@ Every MODEL_CHECK_INTERVAL_S a background thread reads which version the log end
 file from the shared image store, checks it in a child process within the candidate's memory
 and time budget (keras_serve/model/candidate_check.py: it loads, answers the probe images with
 probabilities), so a file that would exhaust memory or never load costs that child, not this
-serving process; then loads it beside the old model with every check a candidate must pass
+serving process (skipped when the store notes that the version passed that check with the
+same settings where it was published or promoted); then loads it beside the old model with every check a candidate must pass
 (keras_serve/model/versions.py: loads, converted engine faithful to TensorFlow, same
 labels), measures and warms it (`Generation.build`), and only then swaps it in between
 batches (`ModelSlot.swap`); requests in flight finish on the model they started with.
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from keras_serve.errors import CandidateRefused, ModelFileDamaged, ServiceError
-from keras_serve.model.candidate_check import check_candidate
+from keras_serve.model.candidate_check import check_candidate, settings_digest
 from keras_serve.model.versions import load_candidate
 from keras_serve.pipeline.model_slot import Generation, ModelSlot
 from keras_serve.storage.model_registry import ModelRegistry, ModelVersion
@@ -110,7 +111,7 @@ class ModelFollower:
                     path = self.registry.fetch(wanted, self._cache)
                 except ModelFileDamaged as exc:  # fetching again cannot help: refused, logged once
                     raise CandidateRefused(exc.message) from None
-                check_candidate(path, self._config, current.model.labels, name=wanted.file, guard_ratios=False)
+                self._check_in_a_child(wanted, path, current.model.labels)
             model = load_candidate(path, self._config, current.model.labels, self._max_decode_bytes)
             try:
                 generation = self._build(model)
@@ -135,6 +136,19 @@ class ModelFollower:
                  self._name(current), self._name(generation), seconds)
         self._on_swap("swapped", generation)
         return "swapped"
+
+    def _check_in_a_child(self, wanted: ModelVersion, path: Path, labels: list[str]) -> None:
+        """The candidate check (CandidateRefused), unless the version passed it already under
+        these settings where it was published or promoted (candidate_check.settings_digest)."""
+        digest = settings_digest(self._config)
+        if self.registry.was_checked(wanted.sha256, digest):
+            return
+        # TensorFlow only: the converted engine is built, and compared with it, by the load that
+        # follows; converting twice would double the time every process takes to follow a promotion.
+        checked = check_candidate(path, {**self._config, "ENGINE": "tensorflow"}, labels, name=wanted.file,
+                                  guard_ratios=False)
+        self.registry.record_check(wanted.sha256, digest, {"file": wanted.file, "latency_ms": checked.latency_ms,
+                                                           "memory_mb": checked.memory_mb})
 
     @staticmethod
     def _name(generation: Generation) -> str:

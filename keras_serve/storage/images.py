@@ -41,7 +41,8 @@ QUARANTINE = "quarantine"
 CHECK_PREFIX = ".keras-serve-check-"
 MODEL_FOLDER = "models"
 # A published model file and its card: named by the file's sha256, never by anyone's text.
-MODEL_FILE_NAME = re.compile(r"^[0-9a-f]{64}\.(?:h5|keras|onnx|json)$")
+# <sha256>.checked-<settings digest>.json: that version passed the candidate check with those settings.
+MODEL_FILE_NAME = re.compile(r"^[0-9a-f]{64}\.(?:h5|keras|onnx|json|checked-[0-9a-f]{16}\.json)$")
 
 
 def owner_marker(store_id: str) -> bytes:

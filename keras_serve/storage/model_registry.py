@@ -15,6 +15,7 @@ store), which is what lets them all follow one promotion.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -136,6 +137,17 @@ class ModelRegistry:
             target.with_suffix(".json").write_bytes(card)
         target.write_bytes(data)
         return target
+
+    # -- candidate checks passed -----------------------------------------------------------
+
+    def record_check(self, sha256: str, settings_digest: str, result: dict[str, Any]) -> None:
+        """Note that the version passed the candidate check under settings with this digest
+        (keras_serve/model/candidate_check.py), so processes with the same settings need not
+        check it again before they load it."""
+        self.images.put_model_file(f"{sha256}.checked-{settings_digest}.json", json.dumps(result).encode())
+
+    def was_checked(self, sha256: str, settings_digest: str) -> bool:
+        return self.images.get_model_file(f"{sha256}.checked-{settings_digest}.json") is not None
 
     # -- the promotion log -----------------------------------------------------------------
 
