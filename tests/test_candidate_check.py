@@ -253,3 +253,13 @@ def test_a_stored_file_changed_after_publishing_is_refused_at_promote_and_logged
     registry.publish(inverted_colour_model_path, ["CAT", "DOG"], "ana")
     assert registry.fetch(version, Path(checked_app.config["UPLOAD_DIR"]) / "fetched").read_bytes() == \
         inverted_colour_model_path.read_bytes()
+
+
+def test_a_refusal_names_the_published_file_never_the_folder_it_was_checked_in(checked_app):
+    client = checked_app.test_client()
+    r = client.post("/api/models", headers=BEARER, content_type="multipart/form-data",
+                    data={"model": (io.BytesIO(b"\x89HDF\r\n\x1a\n" + b"\0" * 64), "../my model.h5")})
+    assert r.status_code == 422, r.get_data(as_text=True)
+    message = r.get_json()["error"]["message"]
+    assert message.startswith("my_model.h5 does not load: ")
+    assert "candidate" not in message and "/tmp" not in message and "keras-serve-" not in message

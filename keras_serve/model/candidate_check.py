@@ -246,5 +246,5 @@ def _scrub(message: str, path: Path, name: str) -> str:
     message = message.replace(str(path), name).replace(str(path.parent) + os.sep, "")
     if path.name != name:
         message = re.sub(rf"\b{re.escape(path.name)}\b", name, message)
-    temporary = re.escape(tempfile.gettempdir().rstrip(os.sep))
-    return re.sub(rf"{temporary}{re.escape(os.sep)}\S*?([^{re.escape(os.sep)}\s'\"]+)", r"\1", message)
+    temporary, sep = re.escape(tempfile.gettempdir().rstrip(os.sep)), re.escape(os.sep)
+    return re.sub(rf"{temporary}{sep}(?:[^\s'\"]*{sep})?([^{sep}\s'\"]+)", r"\1", message)
