@@ -61,6 +61,8 @@ SECURITY_SCHEMES: dict[str, dict[str, Any]] = {
                           "description": "The session cookie of a reviewer logged in at /review/login; a "
                                          "change sent with it also needs the page's CSRF token (X-CSRFToken)."},
 }
+# The order of the tags in the document (and so on /docs): what a programmer needs first.
+TAG_ORDER = ("classify", "uploads", "model", "operations", "reference", "pages", "review", "models", "dashboard")
 # Verbs a view's name may start with; any other name gets the HTTP method put before it.
 VERB_PREFIXES = ("get", "list", "classify", "publish", "promote", "rollback", "review", "login", "logout")
 View = TypeVar("View", bound=Callable[..., Any])
@@ -346,6 +348,9 @@ def build_spec(app: Flask, title: str = "keras-serve", version: str = "1") -> di
             if declared.encoding:
                 entry["requestBody"]["content"][declared.request.media_type]["encoding"] = dict(declared.encoding)
         paths.setdefault(openapi_path(rule), {})[method.lower()] = entry
+    used_tags = {tag for operations in paths.values() for entry in operations.values() for tag in entry.get("tags", ())}
+    for tag in sorted(used_tags, key=lambda t: (TAG_ORDER.index(t) if t in TAG_ORDER else len(TAG_ORDER), t)):
+        spec.tag({"name": tag})
     for scheme in sorted(schemes_used):
         described = dict(SECURITY_SCHEMES[scheme])
         if described["type"] == "apiKey":

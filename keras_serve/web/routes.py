@@ -15,7 +15,8 @@ from keras_serve.storage.uploads import is_upload_id
 from keras_serve.web.admin_auth import same_origin
 from keras_serve.web.api_models import (CLASSIFY_ENCODING, CLASSIFY_FORM, CLASSIFY_ANSWER, ClassificationList,
                                         Liveness, ModelDescription, Readiness, UploadRecord)
-from keras_serve.web.openapi import (ERROR, binary, error_or, form_body, html_page, json_body, multipart,
+from keras_serve.web.api_reference import API_REFERENCE_CSP, send_asset
+from keras_serve.web.openapi import (ERROR, Body, binary, error_or, form_body, html_page, json_body, multipart,
                                      operation)
 from keras_serve.web.proxies import client_address
 from keras_serve.web.request_log import current_request_id
@@ -41,9 +42,31 @@ def service() -> ClassifierService:
 @operation("The upload form (a page for people)", tags=["pages"], responses={200: html_page()})
 def index():
     # The page's limits reach its script as data- attributes (the CSP allows no inline script).
-    return render_template("index.html", model=service().model.describe(), neither=NEITHER,
+    model = service().model.describe()
+    return render_template("index.html", model=model, neither=NEITHER,
                            max_files=current_app.config["MAX_FILES_PER_REQUEST"],
-                           max_upload_bytes=current_app.config["MAX_CONTENT_LENGTH"])
+                           max_upload_bytes=current_app.config["MAX_CONTENT_LENGTH"],
+                           public_url=display_url_root(), examples=examples_for(model["labels"]))
+
+
+# Drawings in static/examples/ (keras_serve/tools/example_photos.py) for a first try; offered
+# only to a model that tells cats from dogs, where they make sense.
+EXAMPLES = [("cat.jpg", "Example: a drawing of a cat"), ("dog.jpg", "Example: a drawing of a dog"),
+            ("mug.jpg", "Example: a drawing of a mug")]
+
+
+def examples_for(labels: list[str]) -> list[tuple[str, str]]:
+    return EXAMPLES if {"cat", "dog"} <= {str(label).lower() for label in labels} else []
+
+
+def display_url_root() -> str:
+    """This request's scheme and host, for the page's curl example. The Host header is the
+    client's text: shown only, never used for a link or a redirect. Werkzeug empties a host with
+    characters no host has; the template escapes what is left all the same."""
+    if not request.host:
+        return "http://YOUR-SERVER"
+    root = request.host_url.rstrip("/")
+    return "".join(c for c in root if c.isprintable())[:200]
 
 
 def result_json(result: ClassifiedUpload) -> dict:
@@ -159,6 +182,16 @@ def upload_heatmap(upload_id: str):
     return Response(service().heatmap(upload_id), mimetype="image/png", headers=headers)
 
 
+@bp.get("/uploads/<upload_id>/thumbnail.webp")
+@operation("A small preview of an upload (WebP, at most 256 px), for formats a browser cannot draw such as HEIC",
+           tags=["uploads"], responses={200: binary("image/webp"), 404: ERROR, 503: ERROR},
+           response_headers={200: {"Cache-Control": {"type": "string"}}})
+def upload_thumbnail(upload_id: str):
+    # Made once per upload, at most two at a time (storage/thumbnails.py); an undecodable one is a 404.
+    data = current_app.extensions["thumbnails"].get(upload_id)
+    return Response(data, mimetype="image/webp", headers={"Cache-Control": IMMUTABLE_PRIVATE})
+
+
 @bp.get("/uploads/<upload_id>/record")
 @operation("The stored record of an upload: what arrived, when, and the answer", tags=["uploads"],
            responses={200: json_body(UploadRecord), 404: ERROR, 503: ERROR})
@@ -231,14 +264,18 @@ def readyz():
 
 
 @bp.get("/docs")
-@operation("The API reference, a page that renders /openapi.json", tags=["reference"],
+@operation("The API reference: Swagger UI rendering /openapi.json, with try-it and curl", tags=["reference"],
            responses={200: html_page()})
 def api_reference():
     response = current_app.send_static_file("api-reference.html")
-    # The one page with a script (its own, from /static): the default policy allows none.
     response.headers["Content-Security-Policy"] = API_REFERENCE_CSP
     return response
 
 
-API_REFERENCE_CSP = ("default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self'; "
-                     "img-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+@bp.get("/docs/assets/<name>")
+@operation("A file of the API reference's renderer (Swagger UI's script and style sheet)", tags=["reference"],
+           path={"name": {"type": "string", "minLength": 1, "examples": ["swagger-ui-bundle.js", "swagger-ui.css"]}},
+           responses={200: [Body("text/javascript", {"type": "string"}), Body("text/css", {"type": "string"})],
+                      404: ERROR})
+def api_reference_asset(name: str):
+    return send_asset(name)
