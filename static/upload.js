@@ -23,6 +23,7 @@
   const progress = document.getElementById("progress");
   const announcer = document.getElementById("announcer");
   const template = document.getElementById("tile-template");
+  const lightbox = document.getElementById("lightbox");
   const labels = parseLabels(list.dataset.labels);
   const neither = list.dataset.neither || "neither";
 
@@ -117,8 +118,10 @@
     const name = file.name || `pasted image ${index + 1}`;
     $(".filename").textContent = name;
     const preview = $(".preview");
+    const tile = { file: file, name: name, element: element, $: $ };
     // Tried for every file: Safari draws HEIC, most other browsers cannot and say so with an
-    // error event, which swaps in the placeholder (the server decodes HEIC all the same).
+    // error event, which swaps in the placeholder until the server's thumbnail of the stored
+    // image can take its place (the server decodes HEIC).
     preview.alt = `Your photo ${name}`;
     preview.addEventListener("error", function () { noPreview(); }, { once: true });
     preview.src = objectUrl(file);
@@ -127,8 +130,13 @@
       preview.removeAttribute("src");
       $(".no-preview").hidden = false;
       element.classList.add("without-preview");
+      tile.previewFromServer = true;
+      if (tile.answer) { serverPreview(tile); }
     }
-    const tile = { file: file, name: name, element: element, $: $ };
+    const opener = $(".photo");
+    opener.setAttribute("aria-label", `Show ${name} large`);
+    opener.addEventListener("click", function () { openLightbox(tile); });
+    $(".opacity").addEventListener("input", function (event) { setOpacity(tile, event.target.value); });
     $(".retry").addEventListener("click", function () {
       $(".failure").hidden = true;
       $(".retry").hidden = true;
@@ -207,6 +215,8 @@
     setState(tile, "", answer.unsure ? "unsure" : "done");
     $(".not-sure").hidden = !answer.unsure;
     $(".answer").hidden = false;
+    $(".tile-foot").hidden = false;
+    if (tile.previewFromServer) { serverPreview(tile); }
     $(".label").textContent = answer.label;
     $(".confidence").textContent = percent(answer.confidence);
     const bars = $(".bars");
@@ -248,6 +258,56 @@
     announce(`${tile.name}: ${answer.unsure ? "not sure, maybe " : ""}${answer.label}, ${percent(answer.confidence)}.`);
   }
 
+  // A photo this browser cannot draw (HEIC outside Safari): the server's thumbnail of the
+  // stored image instead, once there is one. If even that fails the placeholder stays.
+  function serverPreview(tile) {
+    const preview = tile.$(".preview");
+    if (preview.dataset.fromServer) { return; }
+    preview.dataset.fromServer = "true";
+    preview.addEventListener("load", function () {
+      preview.hidden = false;
+      tile.$(".no-preview").hidden = true;
+      tile.element.classList.remove("without-preview");
+    }, { once: true });
+    preview.src = `/uploads/${encodeURIComponent(tile.answer.id)}/thumbnail.webp`;
+  }
+
+  // --- the photo, large ------------------------------------------------------------------
+  // A modal <dialog>: Escape and the Close button close it, the focus goes back to the tile's
+  // photo, a click beside the picture (on the backdrop) closes it too.
+
+  function openLightbox(tile) {
+    const preview = tile.$(".preview");
+    if (!lightbox || typeof lightbox.showModal !== "function" || preview.hidden || !preview.getAttribute("src")) {
+      return;
+    }
+    document.getElementById("lightbox-title").textContent = tile.name;
+    const image = document.getElementById("lightbox-image");
+    image.src = preview.src;
+    image.alt = `Your photo ${tile.name}`;
+    if (preview.naturalWidth && preview.naturalHeight) { // the CSS sizes the picture by its shape
+      image.parentElement.style.setProperty("--aspect", String(preview.naturalWidth / preview.naturalHeight));
+    }
+    const heat = document.getElementById("lightbox-heatmap");
+    const overlay = tile.$(".heatmap");
+    const heatOn = !overlay.hidden && overlay.getAttribute("src");
+    heat.hidden = !heatOn;
+    if (heatOn) {
+      heat.src = overlay.src;
+      heat.alt = overlay.alt;
+      heat.style.opacity = overlay.style.opacity || "1"; // CSSOM: allowed by the CSP
+    } else {
+      heat.removeAttribute("src");
+    }
+    lightbox.showModal();
+    document.getElementById("lightbox-close").focus();
+  }
+
+  function setOpacity(tile, percentValue) {
+    const value = Math.max(0, Math.min(100, Number(percentValue) || 100)) / 100;
+    tile.$(".heatmap").style.opacity = String(value); // CSSOM: allowed by the CSP
+  }
+
   // --- "Was this right?" ------------------------------------------------------------------
   // One answer per tile: the buttons go once the server has stored it. While a request is out
   // the buttons are aria-disabled (not disabled: a disabled button drops the keyboard focus).
@@ -262,17 +322,20 @@
     }
     $(".feedback-about").textContent = ` (${tile.name})`;
     const predicted = tile.answer.label;
-    const options = [[predicted, `Yes, it is ${predicted}`]];
+    // One row of short buttons ("Yes", "CAT", "Neither"); each one's full meaning is its
+    // accessible name, which contains what it shows (as speech input needs).
+    const options = [[predicted, "Yes", `Yes, it is ${predicted}`]];
     labels.forEach(function (label) {
-      if (label !== predicted) { options.push([label, `No, it is ${label}`]); }
+      if (label !== predicted) { options.push([label, label, `No, it is ${label}`]); }
     });
-    options.push([neither, "No, neither"]);
-    options.forEach(function ([label, text]) {
+    options.push([neither, "Neither", "No, neither"]);
+    options.forEach(function ([label, text, name]) {
       const button = document.createElement("button");
       button.type = "button";
       button.className = "feedback-choice";
       button.dataset.label = label;
       button.textContent = text;
+      button.setAttribute("aria-label", name);
       button.addEventListener("click", function () { sendFeedback(tile, label); });
       choices.append(button);
     });
@@ -379,6 +442,7 @@
     if (pressed) {
       button.setAttribute("aria-pressed", "false");
       overlay.hidden = true;
+      tile.$(".heatmap-controls").hidden = true;
       return;
     }
     if (!overlay.getAttribute("src")) {
@@ -409,6 +473,7 @@
     }
     tile.$(".heatmap-error").hidden = true;
     overlay.hidden = false;
+    tile.$(".heatmap-controls").hidden = false;
     button.setAttribute("aria-pressed", "true");
   }
 
@@ -432,6 +497,30 @@
   }
 
   // --- every way a photo arrives --------------------------------------------------------
+  if (lightbox) {
+    document.getElementById("lightbox-close").addEventListener("click", function () { lightbox.close(); });
+    lightbox.addEventListener("click", function (event) {
+      if (event.target === lightbox) { lightbox.close(); } // the backdrop, not the picture
+    });
+  }
+
+  // The example pictures: fetched from /static and sent exactly as a chosen file would be.
+  const examples = form.querySelector(".examples");
+  if (examples) {
+    examples.hidden = false;
+    examples.querySelectorAll("button.example").forEach(function (button) {
+      button.addEventListener("click", async function () {
+        try {
+          const response = await fetch(button.dataset.src);
+          if (!response.ok) { throw new Error(String(response.status)); }
+          const blob = await response.blob();
+          addFiles([new File([blob], button.dataset.name, { type: blob.type || "image/jpeg" })]);
+        } catch (err) {
+          showNotice("Could not load the example picture. Choose a photo of your own instead.");
+        }
+      });
+    });
+  }
   dropzone.addEventListener("click", function () { chooser.click(); });
   document.getElementById("camera-button").addEventListener("click", function () { camera.click(); });
   document.getElementById("clear").addEventListener("click", clearResults);

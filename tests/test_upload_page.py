@@ -231,17 +231,22 @@ def test_a_lost_connection_offers_try_again_and_clear_empties_the_list(open_page
     assert page.evaluate("() => document.activeElement.id") == "dropzone"
 
 
-def test_heic_gets_a_placeholder_and_is_still_classified(open_page):
+def test_heic_is_classified_and_previewed_with_the_servers_thumbnail(open_page):
     import pillow_heif
+    from playwright.sync_api import expect
 
     pillow_heif.register_heif_opener()
     page = open_page()
     page.set_input_files("#file", [photo("IMG_0001.HEIC", RED, fmt="HEIF", mime="image/heic")])
     wait_finished(page, 1)
     heic = tile(page, "IMG_0001.HEIC")
-    assert heic.locator(".no-preview").is_visible()
-    assert "No preview" in heic.locator(".no-preview").inner_text()
     assert heic.locator(".label").inner_text() == "DOG"
+    # Chromium cannot draw HEIC: the preview is the server's WebP thumbnail of the stored image.
+    preview = heic.locator("img.preview")
+    expect(preview).to_be_visible(timeout=30_000)
+    assert re.search(r"/uploads/[A-Za-z0-9_-]+/thumbnail\.webp$", preview.get_attribute("src"))
+    assert preview.evaluate("img => img.naturalWidth") == 96
+    assert heic.locator(".no-preview").is_hidden()
 
 
 def test_more_photos_than_one_go_takes_get_a_message(open_page):
@@ -276,7 +281,9 @@ def test_an_unclear_photo_says_not_sure_with_both_scores(open_page):
     assert "not sure" in advice
     assert re.search(r"DOG \d+\.\d %", advice) and re.search(r"CAT \d+\.\d %", advice)  # both scores
     assert "say which it is below" in advice
-    assert grey.locator(".feedback-choice").all_inner_texts() == ["Yes, it is CAT", "No, it is DOG", "No, neither"]
+    assert grey.locator(".feedback-choice").all_inner_texts() == ["Yes", "DOG", "Neither"]
+    assert grey.locator(".feedback-choice").evaluate_all("bs => bs.map(b => b.getAttribute('aria-label'))") == [
+        "Yes, it is CAT", "No, it is DOG", "No, neither"]
     assert red.get_attribute("data-state") == "done" and red.locator(".not-sure").is_hidden()
     assert red.locator(".unsure").is_hidden()
 
@@ -299,9 +306,22 @@ def test_heatmap_toggle_lays_grad_cam_over_the_photo(open_page, page_server):
     # Over the photo, exactly: the same box.
     boxes = [red.locator(sel).bounding_box() for sel in ("img.preview", "img.heatmap")]
     assert boxes[0] == boxes[1]
+    # Its key (a colour scale from "less" to "more") and an opacity control, from the keyboard.
+    controls = red.locator(".heatmap-controls")
+    expect(controls).to_be_visible()
+    assert re.fullmatch(r"less\s*more", red.locator(".heat-legend").inner_text().strip())
+    assert red.get_by_role("img", name=re.compile("Colour scale")).is_visible()
+    opacity = red.get_by_role("slider", name="Opacity")
+    assert overlay.evaluate("img => getComputedStyle(img).opacity") == "1"
+    opacity.focus()
+    page.keyboard.press("ArrowLeft")
+    page.keyboard.press("ArrowLeft")
+    assert opacity.input_value() == "80"
+    assert overlay.evaluate("img => getComputedStyle(img).opacity") == "0.8"
     button.click()
     expect(button).to_have_attribute("aria-pressed", "false")
     expect(overlay).to_be_hidden()
+    expect(controls).to_be_hidden()
     # From the keyboard too: Space on the focused button.
     button.focus()
     page.keyboard.press("Space")
@@ -373,6 +393,139 @@ def test_no_horizontal_overflow_with_results(open_page, viewport):
     assert heights and min(heights) >= 44
 
 
+# --- tile geometry, the photo large, the example pictures ------------------------------------
+
+def boxes(locator) -> list[dict]:
+    return locator.evaluate_all("els => els.map(e => { const r = e.getBoundingClientRect(); "
+                                "return {top: r.top, bottom: r.bottom, height: r.height}; })")
+
+
+@pytest.mark.parametrize("viewport", [{"width": 390, "height": 844}, {"width": 1280, "height": 1024}],
+                         ids=["phone", "desktop"])
+def test_result_tiles_are_short_and_feedback_is_one_row_of_small_buttons(open_page, viewport):
+    phone = viewport["width"] < 500
+    page = open_page(viewport=viewport, is_mobile=phone, has_touch=phone)
+    page.set_input_files("#file", [photo(f"p{i}.jpg", RED if i % 2 else BLUE) for i in range(MAX_FILES)])
+    wait_finished(page, MAX_FILES)
+    for element in page.locator(".tile").all():
+        tile_height = boxes(element)[0]["height"]
+        feedback = boxes(element.locator(".tile-feedback"))[0]
+        buttons = boxes(element.locator("button.feedback-choice"))
+        assert len(buttons) == 3 and len({round(b["top"]) for b in buttons}) == 1  # one row
+        assert feedback["height"] <= 0.2 * tile_height
+        if phone:
+            # The photo beside the answer, the question on the buttons' row: a phone shows a
+            # tile in well under half of its screen (it took 600 px of 844 before).
+            assert tile_height <= 300
+            legend = boxes(element.locator(".tile-feedback legend"))[0]
+            assert legend["top"] < buttons[0]["bottom"] and legend["bottom"] > buttons[0]["top"]
+        else:
+            assert tile_height <= 0.6 * viewport["height"]
+
+
+def test_a_tile_opens_its_photo_large_and_escape_closes_it(open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page.set_input_files("#file", [photo("red.jpg", RED, size=(320, 240))])
+    wait_finished(page, 1)
+    opener = tile(page, "red.jpg").get_by_role("button", name="Show red.jpg large")
+    dialog = page.locator("#lightbox")
+    opener.click()
+    expect(dialog).to_have_attribute("open", "")
+    large = page.locator("#lightbox-image")
+    assert large.get_attribute("src") == tile(page, "red.jpg").locator("img.preview").get_attribute("src")
+    assert large.get_attribute("alt") == "Your photo red.jpg"
+    # Large: as wide as the phone allows, far wider than the tile's square.
+    assert large.bounding_box()["width"] > 2.5 * opener.bounding_box()["width"]
+    assert page.locator("#lightbox-title").inner_text() == "red.jpg"
+    assert serious_violations(page) == []
+    page.keyboard.press("Escape")
+    expect(dialog).not_to_have_attribute("open", "")
+    assert page.evaluate("() => document.activeElement.getAttribute('aria-label')") == "Show red.jpg large"
+    # From the keyboard: Enter on the photo opens it, the Close button closes it.
+    page.keyboard.press("Enter")
+    expect(dialog).to_have_attribute("open", "")
+    page.get_by_role("button", name="Close").click()
+    expect(dialog).not_to_have_attribute("open", "")
+
+
+def test_an_example_picture_is_classified_as_if_chosen(open_page, page_server):
+    from keras_serve.settings import PROJECT_ROOT
+
+    page = open_page()
+    examples = page.locator("button.example")
+    assert examples.count() == 3
+    page.get_by_role("button", name="Example: a drawing of a dog").click()
+    wait_finished(page, 1)
+    example = tile(page, "example dog.jpg")
+    assert example.locator(".label").inner_text() in ("CAT", "DOG")
+    href = example.locator("a.stored").get_attribute("href")
+    stored = page.request.get(page_server.url + href)
+    assert stored.ok and stored.body() == (PROJECT_ROOT / "static" / "examples" / "dog.jpg").read_bytes()
+
+
+def page_html(app, **headers) -> str:
+    response = app.test_client().get("/", headers=headers)
+    assert response.status_code == 200
+    return response.get_data(as_text=True)
+
+
+def test_the_page_names_its_labels_links_the_docs_and_shows_the_hosts_curl(make_app, colour_model_path):
+    app = make_app(MODEL_PATH=str(colour_model_path))
+    html = page_html(app, Host="photos.example.org")
+    assert "<title>CAT or DOG? · keras-serve</title>" in html
+    assert '<a href="/docs">API reference</a>' in html
+    assert "curl -F file=@photo.jpg http://photos.example.org/file/" in html
+    assert "this-host" not in html
+    assert html.count('class="example"') == 3  # a cat/dog model gets the example pictures
+
+
+@pytest.mark.parametrize("host", ['evil.example"><script>alert(1)</script>', "a'onmouseover='x", "a\tb"])
+def test_a_hostile_host_header_never_reaches_the_curl_hint(make_app, colour_model_path, host):
+    app = make_app(MODEL_PATH=str(colour_model_path))
+    html = page_html(app, Host=host)
+    hint = html[html.index('id="curl-hint"'):html.index("</p>", html.index('id="curl-hint"'))]
+    assert "<script>alert(1)" not in html and "onmouseover" not in html and "evil.example" not in html
+    assert "curl -F file=@photo.jpg http://YOUR-SERVER/file/" in hint  # a host no host could be
+
+
+def test_the_curl_hint_escapes_what_it_shows(make_app, colour_model_path):
+    # Belt and braces under Werkzeug's check: the value is autoescaped, not marked safe.
+    from flask import render_template_string
+
+    app = make_app(MODEL_PATH=str(colour_model_path))
+    with app.test_request_context("/"):
+        html = render_template_string('{% include "index.html" %}', model={"labels": ["CAT", "DOG"]},
+                                      neither="neither", max_files=4, max_upload_bytes=1,
+                                      public_url='http://x"><script>', examples=[])
+    assert "http://x&#34;&gt;&lt;script&gt;/file/" in html and '"><script>' not in html
+
+
+def test_other_labels_get_no_cat_and_dog_examples(make_app, colour_model_path):
+    html = page_html(make_app(MODEL_PATH=str(colour_model_path), LABELS="apple,pear"))
+    assert 'class="example"' not in html
+    assert "<title>apple or pear? · keras-serve</title>" in html
+
+
+def test_the_thumbnail_of_a_heic_upload_is_a_small_webp(make_app, colour_model_path):
+    import io
+
+    import pillow_heif
+    from PIL import Image
+
+    pillow_heif.register_heif_opener()
+    client = make_app(MODEL_PATH=str(colour_model_path)).test_client()
+    answer = client.post("/file/", data={"file": (io.BytesIO(image_bytes(RED, (600, 400), "HEIF")), "a.heic")},
+                         headers={"Accept": "application/json"})
+    assert answer.status_code == 200
+    thumbnail = client.get(f"/uploads/{answer.get_json()['id']}/thumbnail.webp")
+    assert thumbnail.status_code == 200 and thumbnail.mimetype == "image/webp"
+    assert Image.open(io.BytesIO(thumbnail.data)).size == (256, 171)
+    missing = client.get("/uploads/not-an-upload/thumbnail.webp")
+    assert missing.status_code == 404 and missing.get_json()["error"]["status"] == 404
+
+
 # --- "Was this right?" on the tiles ---------------------------------------------------------
 
 COUNT_FEEDBACK_POSTS = """() => {
@@ -432,7 +585,8 @@ def test_a_tile_takes_one_answer_is_stored_and_the_limit_shows_its_hint(browser,
     red_id = red.locator("a.stored").get_attribute("href").rsplit("/", 1)[1]
     # A labelled group per tile, one button per answer: yes, every other label, neither.
     assert page.get_by_role("group", name=re.compile(r"^Was this right\? \(red\.jpg\)$")).count() == 1
-    assert red.locator("button.feedback-choice").all_inner_texts() == ["Yes, it is DOG", "No, it is CAT", "No, neither"]
+    assert [red.get_by_role("button", name=name, exact=True).inner_text()
+            for name in ("Yes, it is DOG", "No, it is CAT", "No, neither")] == ["Yes", "CAT", "Neither"]
 
     # Two quick clicks on "No, it is CAT": one answer sent, stored, thanked for, and the buttons gone.
     red.get_by_role("button", name="No, it is CAT").dblclick()
@@ -459,7 +613,7 @@ def test_a_tile_takes_one_answer_is_stored_and_the_limit_shows_its_hint(browser,
     # The buttons stay (pressing again later makes sense), usable, with the focus where it was.
     buttons = blue.locator("button.feedback-choice")
     assert buttons.count() == 3 and buttons.evaluate_all("bs => bs.every(b => !b.hasAttribute('aria-disabled'))")
-    assert page.evaluate("() => document.activeElement.textContent") == "No, neither"
+    assert page.evaluate("() => document.activeElement.getAttribute('aria-label')") == "No, neither"
     assert blue.locator(".feedback-thanks").is_hidden()
     assert feedback_rows(one_feedback_server.uploads) == [(red_id, "CAT", 0)]
     assert serious_violations(page) == []

@@ -352,12 +352,13 @@ def init_app(app, store) -> None:
     token = admin_token(app.config)
     app.register_blueprint(bp)
     app.extensions["review_store"] = ReviewStore(store.records)
-    if token is None:
-        return
-    AdminAuth(token).init_app(app, token, float(app.config["ADMIN_SESSION_HOURS"]))
+    # Made with review off too: the upload page shows the server's thumbnail of a HEIC photo.
     thumbnails = ThumbnailCache(store, store_thumbnail_folder(app.config))
     store.on_deleted.append(thumbnails.forget)
     app.extensions["thumbnails"] = thumbnails
+    if token is None:
+        return
+    AdminAuth(token).init_app(app, token, float(app.config["ADMIN_SESSION_HOURS"]))
 
 
 def store_thumbnail_folder(config) -> str:
