@@ -1,6 +1,7 @@
 """`python app.py [options]`: load the model once, then serve HTTP (keras_serve.web.server).
 
-    python app.py                          # default cat/dog model on http://0.0.0.0:8080/
+    python app.py                          # default cat/dog model on http://0.0.0.0:8080/, a process per CPU
+    python app.py --workers 1              # one process
     python app.py --model my.h5 --labels a,b,c --port 9000
 
 Every option is a row of `keras_serve.settings.SETTINGS`.
@@ -16,6 +17,7 @@ import textwrap
 from typing import IO, TYPE_CHECKING, Any
 
 from keras_serve import settings
+from keras_serve.worker_count import decide_workers
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -81,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         from keras_serve.model.file_safety import TRUST_WARNING
 
         logging.getLogger("keras_serve.model").warning(TRUST_WARNING)
+    # auto: one process per usable CPU as memory allows, said in one log line (keras_serve/worker_count.py)
+    workers = decide_workers(effective)
+    effective["WORKERS"] = given["WORKERS"] = workers
     with listening:  # closed on every way out (serving closes it first, when it drains)
         try:
-            if int(effective["WORKERS"]) > 1:  # several processes: gunicorn forks them (keras_serve/workers.py)
+            if workers > 1:  # several processes: gunicorn forks them (keras_serve/workers.py)
                 from keras_serve.web.access import AccessSettings
                 from keras_serve.workers import serve_workers
 

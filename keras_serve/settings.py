@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 from keras_serve.model.engines import ENGINE_CHOICES
 from keras_serve.model.file_safety import DEFAULT_MAX_WEIGHT_BYTES
 from keras_serve.pipeline.preprocessing import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, SCALINGS
+from keras_serve.worker_count import parse_workers
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "KERAS_SERVE"
@@ -215,9 +216,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ADMIN_SESSION_HOURS", 12.0, "a reviewer's browser login lasts this long", float, group="review"),
     Setting("FEEDBACK_PER_HOUR", 30, "most \"Was this right?\" answers one client address may send in an hour",
             int, group="review"),
-    Setting("WORKERS", 1, "server processes, each with its own model and batcher, sharing the port "
-            "(1: one process; more: gunicorn forks them, each serving as one process does; see docs/performance.md)",
-            int, flag="--workers", group="serving"),
+    Setting("WORKERS", "auto", "server processes, each with its own model and batcher, sharing the port "
+            "(auto: one per usable CPU, affinity and cgroup CPU quota respected, fewer if the memory available "
+            "would not hold them at about 750 MiB plus the decode budget each, said at start-up; 1: one "
+            "process; more: gunicorn forks them, each serving as one process does; see docs/performance.md)",
+            parse_workers, flag="--workers", metavar="N|auto", group="serving"),
     # Access control for programs (keras_serve/web/access.py, docs/access-control.md); all off by default.
     # No flag for API_TOKENS: a command line is readable by every user of the machine (ps).
     Setting("API_TOKENS", None, "API tokens that POST /file/ accepts, comma-separated (environment only; "

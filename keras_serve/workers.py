@@ -1,4 +1,5 @@
-"""`--workers N` (N > 1): N server processes on one port, each with its own model and batcher.
+"""`--workers N` (N > 1, or auto on more than one usable CPU; keras_serve/worker_count.py): N
+server processes on one port, each with its own model and batcher.
 
 Gunicorn's arbiter binds the port, forks the workers and restarts any that die. It forks
 before anything heavy is imported (thread pools of TensorFlow and ONNX Runtime do not
@@ -7,8 +8,8 @@ serves with the same hardened waitress server as a single process (`HardenedWork
 `keras_serve.web.server`), so slow and idle clients, body limits, the error answers and the
 graceful stop behave the same with one process or many. The workers share the listening
 socket: each connection goes to whichever worker's event loop accepts it first, and a
-keep-alive connection stays with it. One worker process (the default) is served by
-`keras_serve.cli` with no arbiter in between.
+keep-alive connection stays with it. One worker process (`--workers 1`, or auto with one
+usable CPU) is served by `keras_serve.cli` with no arbiter in between.
 
 Sizing (docs/performance.md): each worker's converted engine runs batches on cores / workers
 threads and a lone input on every core (`keras_serve.model.engines.LoneInputSplit`).

@@ -5,6 +5,10 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Every server a test starts (ServerProcess, `subprocess.run(["app.py", ...])`, gunicorn) is one
+# process unless the test says --workers N: the tests count in memory, drain on SIGTERM and read
+# /metrics as one process does. Tests of `--workers auto` unset it (tests/test_workers.py).
+os.environ["KERAS_SERVE_WORKERS"] = "1"
 ROOT = Path(__file__).resolve().parent.parent
 
 import numpy as np

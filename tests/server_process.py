@@ -51,19 +51,22 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 class ServerProcess:
     """`python app.py` on a free port, ready (GET /readyz) when the constructor returns.
 
-    `env` adds to (not replaces) this process's environment; `wrapper` goes before the command
-    (a program that sets something up, then execs the server, so signals still reach it);
-    `script` replaces app.py (a path from the project root).
+    `env` adds to (not replaces) this process's environment, `unset` names variables taken out
+    of it; one process unless KERAS_SERVE_WORKERS or --workers says otherwise (as tests/conftest.py
+    sets for the tests, so for the scripts here too). `wrapper` goes before the command (a program
+    that sets something up, then execs the server, so signals still reach it); `script` replaces
+    app.py (a path from the project root).
     """
 
     def __init__(self, *args: str, startup_timeout: float = 120.0, env: dict[str, str] | None = None,
-                 wrapper: tuple[str, ...] = (), script: str = "app.py") -> None:
+                 wrapper: tuple[str, ...] = (), script: str = "app.py", unset: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        environment = {"KERAS_SERVE_WORKERS": "1", **os.environ, **(env or {})}
         self.proc = subprocess.Popen(
             [*wrapper, sys.executable, script, "--host", "127.0.0.1", "--port", str(self.port), *args],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, **(env or {})})
+            env={name: value for name, value in environment.items() if name not in unset})
         # Read the output as it comes: a server that logs more than a pipe holds (64 KB; libtiff
         # alone prints a line per damaged strip) would otherwise block in its next write.
         self._lines: list[str] = []

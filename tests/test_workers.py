@@ -10,11 +10,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from images import BLUE, RED, image_bytes
-from server_process import ROOT, ServerProcess, ready_pids
+from server_process import ROOT, ServerProcess, ready_pids, stop_process
 
 
 def test_two_workers_share_the_port_and_both_answer(colour_model_path, tmp_path):
@@ -78,3 +79,38 @@ def test_a_model_that_cannot_load_stops_every_worker_with_one_line(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "error: model file not found" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("cpu_count", [1, 2], ids=["taskset 1 CPU", "taskset 2 CPUs"])
+def test_with_no_workers_setting_the_server_starts_one_worker_per_usable_cpu(cpu_count, colour_model_path,
+                                                                             tmp_path):
+    """`python app.py` with no --workers and no KERAS_SERVE_WORKERS (the suite sets it to 1 for
+    every other server, tests/conftest.py): auto, one worker per CPU of its affinity."""
+    from keras_serve.worker_count import MIB, plan_workers
+
+    cpus = sorted(os.sched_getaffinity(0))[:cpu_count]
+    budget_mb = 64  # 814 MiB per worker: memory is not what this test is about (tests/test_worker_count.py)
+    # As many as this machine's CPU quota and memory allow too (a machine with one CPU gets 1 twice).
+    expected = min(len(cpus), plan_workers(budget_mb * MIB).workers)
+    srv = ServerProcess("--model", str(colour_model_path), "--upload-dir", str(tmp_path), "--threads", "4",
+                        "--decode-budget-mb", str(budget_mb), unset=("KERAS_SERVE_WORKERS",),
+                        wrapper=("taskset", "-c", ",".join(map(str, cpus))))
+    try:
+        if expected == 1:  # one process, no arbiter: the pid that answers is the one started
+            assert requests.get(srv.url + "/readyz", timeout=10).json()["pid"] == srv.proc.pid
+        else:
+            pids = ready_pids(srv.url)
+            assert len(pids) == expected and srv.proc.pid not in pids
+        answer = requests.post(srv.url + "/file/", files={"file": ("x.png", image_bytes(RED), "image/png")},
+                               timeout=60)
+        assert answer.status_code == 200 and answer.json()["class"] == "DOG"
+    finally:
+        stop_process(srv.proc, timeout=60)  # a loaded machine takes a while to unload every worker's TensorFlow
+        output = srv.stop()
+    assert srv.proc.returncode == 0, output
+    [line] = [line for line in output.splitlines() if "workers auto:" in line]
+    plural = "es" if expected > 1 else ""
+    assert f"{expected} worker process{plural} for {len(cpus)} usable CPU" in line, line
+    assert "814 MiB per worker" in line, line
+    assert output.count(" ready: model colour.h5") == (expected if expected > 1 else 0), output
+    assert (f"{expected} worker processes under gunicorn" in output) == (expected > 1), output

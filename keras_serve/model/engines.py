@@ -33,11 +33,73 @@ class EngineUnavailable(Exception):
     """This engine cannot run this model; the message says why in one line."""
 
 
-def usable_cores() -> int:
+def usable_cores(root: str | Path = "/") -> int:
+    """The CPUs this process may run on: its affinity (taskset, a cpuset), capped by the CPU
+    quota of its cgroup (a container's `--cpus`, a pod's CPU limit), rounded down, at least 1.
+    A quota of 1.5 CPUs on a 64-core host is 1: one thread per core of host would only be
+    throttled. `root`: where /proc and /sys are read from (tests give a fake tree)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(root)
+    if quota is not None:
+        cores = min(cores, int(quota))
+    return max(1, cores)
+
+
+def cgroup_cpu_quota(root: str | Path = "/") -> float | None:
+    """The smallest CPU quota (in CPUs) of this process's cgroup and its parents, cgroup v2
+    (cpu.max) or v1 (cpu.cfs_quota_us / cpu.cfs_period_us); None where there is none."""
+    quotas = []
+    for folder in cgroup_folders(root, "cpu"):
+        try:
+            if (folder / "cpu.max").is_file():  # v2: "max 100000" or "200000 100000"
+                quota, period = (folder / "cpu.max").read_text().split()[:2]
+            else:  # v1: -1 for no quota
+                quota = (folder / "cpu.cfs_quota_us").read_text().strip()
+                period = (folder / "cpu.cfs_period_us").read_text().strip()
+            if quota != "max" and int(quota) > 0 and int(period) > 0:
+                quotas.append(int(quota) / int(period))
+        except (OSError, ValueError):  # no such file at this level, or a format not known: no limit read there
+            continue
+    return min(quotas, default=None)
+
+
+def cgroup_folders(root: str | Path, controller: str) -> list[Path]:
+    """The cgroup folders whose `controller` limits apply to this process: its own and each
+    parent up to the mount point (a limit on a parent binds too), as /proc/self/cgroup names
+    them; only the mount point where that path is not visible (a container's own cgroup
+    namespace mounts its cgroup there). cgroup v2 first, then v1."""
+    base = Path(root) / "sys" / "fs" / "cgroup"
+    try:
+        lines = (Path(root) / "proc" / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    folders: list[Path] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # v2, one hierarchy for every controller
+            mount = base
+            if not (mount / "cgroup.controllers").is_file():
+                continue  # hybrid: v2 holds no controllers here, v1 does
+        elif controller in controllers.split(","):
+            mount = next((base / name for name in (controllers, controller) if (base / name).is_dir()), None)
+            if mount is None:
+                continue
+        else:
+            continue
+        own = mount / path.strip("/")
+        # "/..": a cgroup outside this namespace's view; a path not mounted here: a private namespace
+        visible = ".." not in Path(path).parts and own.is_dir()
+        chain = [own, *own.parents] if visible else [mount]
+        folders += [folder for folder in chain if folder.is_relative_to(mount) and folder not in folders]
+    if not folders and (base / "cgroup.controllers").is_file():
+        folders.append(base)
+    return folders
 
 
 class TensorFlowEngine:

@@ -28,6 +28,7 @@ from keras_serve.model.card import ModelCard
 from keras_serve.model.engines import usable_cores
 from keras_serve.model.served_model import ServedModel, parse_labels
 from keras_serve.storage.model_registry import SHOWN_NAME, ModelRegistry, ModelVersion
+from keras_serve.worker_count import processes_in
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def load_for_serving(path: str | Path, config: Mapping[str, Any], max_decode_byt
         max_pixels=int(config["MAX_PIXELS"]), max_decode_bytes=max_decode_bytes,
         engine=config.get("ENGINE", "auto"),
         # Worker processes share the cores rather than each starting one thread per core.
-        engine_threads=max(1, usable_cores() // max(1, int(config.get("WORKERS") or 1))),
+        engine_threads=max(1, usable_cores() // processes_in(config)),
         **file_limits(config))
 
 

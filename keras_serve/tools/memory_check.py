@@ -70,7 +70,9 @@ class RssSampler:
 
 def start_server(port: int, server_args: list[str], env: dict[str, str]) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port), *server_args],
-                            cwd=PROJECT_ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            # one process: its RSS is what is sampled (auto would fork workers it does not see)
+                            cwd=PROJECT_ROOT, env={"KERAS_SERVE_WORKERS": "1", **os.environ, **env},
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:

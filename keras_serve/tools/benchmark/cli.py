@@ -98,6 +98,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def expected_workers(app: Path, server_args: list[str]) -> int:
+    """How many processes the server starts, so that the benchmark waits for each to be ready:
+    `--workers auto` (the default) as app.py decides it (keras_serve/worker_count.py), from the
+    same CPUs and memory; another script (floor_server) serves one process."""
+    from keras_serve import settings
+    from keras_serve.worker_count import AUTO, MIB, parse_workers, plan_workers
+
+    setting = parse_workers(flag_value(server_args, "--workers") or os.environ.get("KERAS_SERVE_WORKERS") or AUTO)
+    if setting != AUTO:
+        return int(setting)
+    if app.resolve() != (PROJECT_ROOT / "app.py").resolve():
+        return 1
+    budget_mb = flag_value(server_args, "--decode-budget-mb")
+    budget = float(budget_mb) * MIB if budget_mb else settings.resolve()["DECODE_BUDGET_BYTES"]
+    return plan_workers(int(budget)).workers
+
+
 def flag_value(args: list[str], flag: str) -> str | None:
     """The value given to `flag` in a server command line (`--flag V` or `--flag=V`), else None."""
     for i, arg in enumerate(args):
@@ -188,7 +205,7 @@ def benchmark(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 
     port = args.port or free_port(args.host)
     log_path = args.server_log or Path(tempfile.mkstemp(prefix="benchmark-server-", suffix=".log")[1])
-    workers = int(flag_value(server_args, "--workers") or os.environ.get("KERAS_SERVE_WORKERS", "1"))
+    workers = expected_workers(args.app, server_args)
     upload_scratch: Path | None = None
     if not any(a == "--upload-dir" or a.startswith("--upload-dir=") for a in server_args):
         # The server keeps every upload; a soak would leave 10,000 of them (250 MB) in

@@ -8,8 +8,8 @@
     --stub pipeline  nothing after the multipart parse runs: every upload gets one canned answer
                      (HTTP, waitress, Flask, the multipart parse and the JSON answer remain)
 
-Every other option is app.py's. One process only: `--workers` would fork servers this script
-does not reach. For measuring (docs/performance.md); never for serving, every answer is the same.
+Every other option is app.py's. One process only, whatever the CPUs: `--workers` would fork
+servers this script does not reach. For measuring (docs/performance.md); never for serving, every answer is the same.
 """
 from __future__ import annotations
 
@@ -60,9 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stub", choices=STUBS, required=True)
     args, app_argv = parser.parse_known_args(argv)
     given = cli.settings.from_arguments(cli.parse_args(app_argv))
-    if int(cli.settings.resolve(given)["WORKERS"]) > 1:
+    workers = cli.settings.resolve(given)["WORKERS"]
+    if workers not in ("auto", 1):
         print("error: floor_server runs one process; leave out --workers", file=sys.stderr)
         return 2
+    app_argv = [*app_argv, "--workers", "1"]  # auto would fork servers that this stub does not reach
     cli.create_app = stubbed(args.stub)  # main() builds its app through this name
     return cli.main(app_argv)
 
