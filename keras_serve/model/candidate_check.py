@@ -3,7 +3,7 @@
 `check_candidate(path, config, ...)` runs keras_serve/model/candidate_child.py in a new Python
 process that loads the file with the server's settings, answers the probe images
 (keras_serve/model/probe_images.py: every score finite and in [0, 1], a softmax summing to 1),
-and measures the model: the median time to answer one image, and the peak memory of a process
+and measures the model: the fastest of 7 passes over one image, and the peak memory of a process
 that imports TensorFlow, loads the model and answers a batch (what a server process needs). The child may take CANDIDATE_MEMORY_MB on top of TensorFlow and
 CANDIDATE_TIMEOUT_S after TensorFlow is imported; past either it is killed or fails, and the
 candidate is refused. A model file that allocates 22 GB or never finishes costs that child,
@@ -65,7 +65,7 @@ _results: OrderedDict[tuple, "Measurement"] = OrderedDict()
 @dataclass(frozen=True)
 class Measurement:
     labels: list[str]
-    latency_ms: float   # median time to answer one image
+    latency_ms: float   # the fastest of a few passes over one image
     memory_mb: float    # peak memory of a process that loads the model and answers a batch of MEASURED_BATCH
     engine: str
 
