@@ -42,6 +42,21 @@ def serious_violations(page) -> list[str]:
             for v in results.response["violations"] if v["impact"] in ("serious", "critical")]
 
 
+# Each filter's text and every field of its label share a line: the boxes overlap vertically.
+FILTERS_APART = """labels => labels.flatMap(label => {
+    const range = document.createRange();
+    range.selectNodeContents(label.firstChild);
+    const text = range.getBoundingClientRect();
+    return Array.from(label.querySelectorAll("select, input")).map(field => field.getBoundingClientRect())
+        .filter(field => !(field.top < text.bottom && field.bottom > text.top))
+        .map(() => label.firstChild.textContent.trim());
+})"""
+
+
+def overflow(page) -> int:
+    return page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
+
+
 def gradient_png(colour, size=(320, 240)) -> bytes:
     from PIL import Image, ImageDraw
 
@@ -96,6 +111,14 @@ def test_review_page_filter_correct_with_the_keyboard_counts_change(colour_model
 
             page.goto(server.url + "/review")
             assert page.url.endswith("/review/login")
+            # The login is a styled card (not a bare form on the page's background), phone-wide too.
+            card = page.locator(".login-card")
+            assert card.evaluate("c => getComputedStyle(c).backgroundColor") != page.evaluate(
+                "() => getComputedStyle(document.body).backgroundColor")
+            assert page.locator("#token").evaluate("i => i.getBoundingClientRect().height") >= 44
+            page.set_viewport_size({"width": 390, "height": 844})
+            assert overflow(page) == 0 and serious_violations(page) == []
+            page.set_viewport_size({"width": 1280, "height": 900})
             page.fill("#name", "ana")
             page.fill("#token", TOKEN)
             page.click("button[type=submit]")
@@ -104,6 +127,13 @@ def test_review_page_filter_correct_with_the_keyboard_counts_change(colour_model
             # every thumbnail really rendered (made by the server, WebP, at most 256 px)
             wait_until(page, "#grid img", "imgs => imgs.every(i => i.complete && i.naturalWidth > 0)")
             assert page.eval_on_selector("#grid img", "i => i.naturalWidth") == 256
+
+            # The filter bar wraps between filters, never between a label and its field.
+            for width in (1280, 390):
+                page.set_viewport_size({"width": width, "height": 900})
+                assert page.eval_on_selector_all(".filters label", FILTERS_APART) == [], width
+                assert overflow(page) == 0, width
+            page.set_viewport_size({"width": 1280, "height": 900})
 
             # filter: predicted CAT only
             page.select_option("#filter-label", "CAT")
