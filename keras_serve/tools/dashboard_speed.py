@@ -73,9 +73,12 @@ def synthetic_rows(first: int, last: int, rows: int, review_share: float, models
 
 def seed(url: str, rows: int, reviews: int, models: list[tuple[str, str]], batch: int = 50_000) -> None:
     """Through the driver directly (executemany on SQLite, COPY on PostgreSQL), as listing_speed."""
+    from keras_serve.storage.faults import StoreTimeouts
     from keras_serve.storage.records import RecordStore, model_promotions
 
-    store = RecordStore(url)  # the real schema, the dashboard's indexes included
+    # the real schema, the dashboard's indexes included; loading 50,000 rows per statement takes
+    # longer than the server's 3 s statement limit on a busy machine
+    store = RecordStore(url, timeouts=StoreTimeouts(timeout_s=600.0))
     rng = random.Random(1)
     started = time.perf_counter()
     postgres = store.url.get_backend_name() == "postgresql"
