@@ -59,8 +59,9 @@ def test_population_stability_index_and_its_words():
     assert qm.population_stability_index([50, 50], [80, 20]) == pytest.approx(0.415888, abs=1e-6)
     assert qm.population_stability_index([1, 1], [3, 3]) == 0.0  # shares, not counts, are compared
     # an empty bin on one side is taken as 1e-4 of it, not as infinitely far
+    # [1, 0] against [1, 1]: shares (1, 1e-4) against (0.5, 0.5)
     assert qm.population_stability_index([1, 0], [1, 1]) == pytest.approx(
-        (1e-4 - 1) * math.log(1e-4) * 0 + (0.5 - 1) * math.log(0.5) + (0.5 - 1e-4) * math.log(0.5 / 1e-4))
+        (0.5 - 1) * math.log(0.5 / 1) + (0.5 - 1e-4) * math.log(0.5 / 1e-4))
     assert qm.population_stability_index([0, 0], [1, 1]) is None
     assert [qm.psi_words(v) for v in (0.05, 0.1, 0.31, None)] == ["like", "somewhat unlike", "unlike",
                                                                    "not comparable"]
