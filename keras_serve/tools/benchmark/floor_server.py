@@ -26,6 +26,7 @@ if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).reso
 import numpy as np
 from flask import Flask
 
+import keras_serve
 from keras_serve import cli, create_app
 from keras_serve.pipeline.service import ClassifiedUpload
 
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: floor_server runs one process; leave out --workers", file=sys.stderr)
         return 2
     app_argv = [*app_argv, "--workers", "1"]  # auto would fork servers that this stub does not reach
-    cli.create_app = stubbed(args.stub)  # main() builds its app through this name
+    # main() imports create_app from the package when it builds the app (after binding the port)
+    keras_serve.create_app = stubbed(args.stub)
     return cli.main(app_argv)
 
 
