@@ -328,6 +328,14 @@ def test_a_1_gib_declared_kernel_is_refused_quickly_with_the_sizes_in_the_messag
     assert "MODEL_MAX_WEIGHT_BYTES" in info.value.hint
 
 
+def test_at_the_default_budget_a_1_gib_declared_kernel_is_refused(keras3_files, tmp_path):
+    """The attack as found: a small file declaring a 1 GiB kernel, checked with no budget given."""
+    bomb = declare_huge_kernel(keras3_files / "colour.h5", tmp_path / "bomb.h5")
+    with pytest.raises(ModelTooLarge) as info:
+        load_keras_model(bomb)
+    assert "over the budget of 768.0 MB" in info.value.message
+
+
 def test_the_weight_budget_setting_reaches_the_server_and_the_http_check(keras3_files, make_app, colour_model_path,
                                                                           tmp_path):
     from keras_serve.model.versions import load_for_serving

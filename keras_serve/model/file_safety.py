@@ -30,7 +30,7 @@ from keras_serve.errors import ModelFileRefused, ModelTooLarge
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_WEIGHT_BYTES = 2048 * 1024 * 1024  # a real image model is tens to hundreds of MB
+DEFAULT_MAX_WEIGHT_BYTES = 768 * 1024 * 1024  # VGG16, among the largest image classifiers, declares 528 MB
 MAX_HDF5_OBJECTS = 100_000      # links walked in one file (a ResNet-152 has a few thousand)
 MAX_HDF5_DEPTH = 64
 MAX_DATASET_DIMENSIONS = 32
