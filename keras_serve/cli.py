@@ -86,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     # auto: one process per usable CPU as memory allows, said in one log line (keras_serve/worker_count.py)
     workers = decide_workers(effective)
     effective["WORKERS"] = given["WORKERS"] = workers
+    if workers > 1 and effective.get("RATE_LIMIT") and str(effective["RATE_LIMIT_STORAGE_URI"]).startswith("memory:"):
+        # Each worker counts alone (docs/access-control.md); with auto the count of workers may surprise.
+        logging.getLogger("keras_serve.web.access").warning(
+            "rate limit %s is counted in memory:// by each of %d worker processes, so a client may get up to %d "
+            "times it; share one count with --rate-limit-storage redis://host:port/db, or use --workers 1",
+            effective["RATE_LIMIT"], workers, workers)
     with listening:  # closed on every way out (serving closes it first, when it drains)
         try:
             if workers > 1:  # several processes: gunicorn forks them (keras_serve/workers.py)

@@ -95,6 +95,8 @@ def test_two_workers_with_memory_storage_each_count_alone(start_server, tokens_f
         statuses.append(upload(srv.url, TOKEN_A).status_code)
     assert statuses.count(200) == 4 and set(statuses) <= {200, 429}, statuses  # twice the limit of 2
     assert {upload(srv.url, TOKEN_A).status_code for _ in range(10)} == {429}
+    # said at start-up, once (by the launcher, not by each worker)
+    assert srv.output().count("counted in memory:// by each of 2 worker processes") == 1, srv.output()
 
 
 def test_two_workers_share_one_limit_in_redis_and_keep_limiting_per_process_while_it_is_down(
