@@ -250,10 +250,10 @@
     offerFeedback(tile);
     const stored = $(".stored");
     stored.href = answer.image_url || `/uploads/${encodeURIComponent(answer.id)}`;
-    stored.textContent = "Stored upload";
+    stored.textContent = "Original"; // short: it shares a row with "Where it looked" in a desktop column
     const hidden = document.createElement("span");
     hidden.className = "visually-hidden";
-    hidden.textContent = ` of ${tile.name} (opens in a new tab)`;
+    hidden.textContent = ` of ${tile.name}, as stored (opens in a new tab)`;
     stored.append(hidden);
     announce(`${tile.name}: ${answer.unsure ? "not sure, maybe " : ""}${answer.label}, ${percent(answer.confidence)}.`);
   }

@@ -60,6 +60,10 @@ def capture(url: str, photos: list[Path], out: Path, chromium: str) -> list[Path
             first.locator("button.feedback-choice").first.click()  # "Yes, it is <its label>"
             expect(first.locator(".feedback-thanks")).to_be_visible(timeout=30_000)
             page.evaluate("() => { document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0); }")
+            # What a person scrolls through: each tile's height and the whole page's (docs/page.md).
+            tiles = page.locator(".tile").evaluate_all("ts => ts.map(t => Math.round(t.getBoundingClientRect().height))")
+            height = page.evaluate("() => document.documentElement.scrollHeight")
+            print(f"{name}: {len(tiles)} tiles of {sorted(tiles)} px (two with the heatmap on), page {height} px")
             path = out / f"page-{name}.png"
             small_png(page.screenshot(), path)
             saved.append(path)
