@@ -15,7 +15,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from images import BLUE, RED, image_bytes
-from server_process import ROOT, ServerProcess, ready_pids, stop_process
+from server_process import ROOT, ServerProcess, ready_pids
 
 
 def test_two_workers_share_the_port_and_both_answer(colour_model_path, tmp_path):
@@ -105,7 +105,6 @@ def test_with_no_workers_setting_the_server_starts_one_worker_per_usable_cpu(cpu
                                timeout=60)
         assert answer.status_code == 200 and answer.json()["class"] == "DOG"
     finally:
-        stop_process(srv.proc, timeout=60)  # a loaded machine takes a while to unload every worker's TensorFlow
         output = srv.stop()
     assert srv.proc.returncode == 0, output
     [line] = [line for line in output.splitlines() if "workers auto:" in line]
