@@ -371,3 +371,142 @@ def test_past_days_are_kept_for_an_hour_and_today_is_always_read(known):
     assert traffic["uploads"] == 11 + 1  # today's is counted at once; the past day is the kept count
     ticks[0] = DAY_CACHE_S + 1
     assert quality.stats(known.sha, "week", 0.85)["traffic"]["uploads"] == 11  # an hour on: read again
+
+
+# --- "all" from the running review totals, against a count from scratch -----------------------
+
+def _scratch_reviewed(stats, sha, labels):
+    """The reviewed numbers of everything up to NOW, read from the reviewed uploads themselves."""
+    from keras_serve.storage.quality_stats import Window
+
+    with stats.records._connect() as conn:
+        return stats._reviewed(conn, sha, Window("all", datetime(2000, 1, 1), NOW), labels)
+
+
+def _assert_same_numbers(got, want, where="reviewed"):
+    """Equal in every count, label and bin; floats equal but for rounding in the last digits (a
+    running sum adds the same confidences in another order than SUM() does)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for key in want:
+            _assert_same_numbers(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want)):
+            _assert_same_numbers(a, b, f"{where}[{i}]")
+    elif isinstance(want, float) and not isinstance(got, int):
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-15), where
+    else:
+        assert got == want and type(got) is type(want), where
+
+
+def _totals_rows(records):
+    import sqlalchemy as sa
+
+    from keras_serve.storage.records import review_totals
+    t = review_totals.c
+    with records._connect() as conn:
+        return {(r.model_sha256, r.confidence_bin, r.predicted_label, r.review_label): (r.reviewed, r.confidence_sum)
+                for r in conn.execute(sa.select(review_totals))}
+
+
+def _rebuilt_totals(records):
+    """What the migration's backfill makes of the same rows (in a transaction rolled back)."""
+    from keras_serve.storage.records import rebuild_review_totals
+
+    with records.engine.connect() as conn:
+        trans = conn.begin()
+        rebuild_review_totals(conn)
+        import sqlalchemy as sa
+
+        from keras_serve.storage.records import review_totals
+        rows = {(r.model_sha256, r.confidence_bin, r.predicted_label, r.review_label): (r.reviewed, r.confidence_sum)
+                for r in conn.execute(sa.select(review_totals))}
+        trans.rollback()
+    return rows
+
+
+def _assert_totals_match(records):
+    kept, rebuilt = _totals_rows(records), _rebuilt_totals(records)
+    assert kept.keys() == rebuilt.keys()
+    for key, (count, total) in rebuilt.items():
+        assert kept[key][0] == count and kept[key][1] == pytest.approx(total, rel=1e-12, abs=1e-12), key
+
+
+def test_all_window_from_review_totals_equals_a_count_from_scratch_after_random_changes(make_store):
+    import random
+
+    from keras_serve.storage.quality_stats import QualityStats
+    from keras_serve.storage.reviewing import ReviewStore
+
+    store = make_store()
+    records = store.records
+    reviews = ReviewStore(records, clock=lambda: NOW)
+    rng = random.Random(33)
+    versions = ("a" * 64, OTHER_VERSION)
+    labels = ["CAT", "DOG"]
+    # confidences on and beside the bins' edges, and one upload received after NOW (a clock
+    # ahead): "all" then counts it from the uploads, as the window's end excludes it
+    edges = [0.0, 0.0999, 0.1, 0.5, 0.8999999, 0.9, 0.95, 1.0]
+    ids = []
+    for n in range(120):
+        failed = n % 17 == 0
+        received = NOW - timedelta(hours=rng.randrange(1, 24 * 40)) if n != 7 else NOW + timedelta(minutes=5)
+        upload_id = f"{n:032x}"
+        ids.append(upload_id)
+        records.insert({"id": upload_id, "received": received, "bytes": 10, "sha256": "0" * 64, "format": "PNG",
+                        "image_key": f"x/{upload_id}.png", "model": "m.h5", "model_sha256": versions[n % 2],
+                        "predicted_label": None if failed else rng.choice(labels),
+                        "confidence": None if failed else (rng.choice(edges) if n % 3 == 0 else rng.random()),
+                        "error": "The model failed." if failed else None})
+    stats = QualityStats(records, clock=lambda: NOW)
+    copied = 0
+    for step in range(60):
+        action = rng.choice(("review", "review", "rereview", "bulk", "delete", "copy"))
+        if action in ("review", "rereview"):
+            chosen = rng.sample(ids, rng.randrange(1, 6))
+            reviews.review([(i, rng.choice(labels + ["neither", None])) for i in chosen], "alice")
+        elif action == "bulk":
+            reviews.review([(i, None) for i in rng.sample(ids, 10)], "bulk", confirm_unreviewed_only=True)
+        elif action == "delete":  # what retention does
+            gone = rng.sample(ids, 3)
+            records.delete(gone)
+            ids = [i for i in ids if i not in gone]
+        else:  # an imported (copied) upload that was reviewed in its first store
+            copied += 1
+            upload_id = f"c{copied:031x}"
+            records.insert_if_absent({"id": upload_id, "received": NOW - timedelta(days=2), "bytes": 10,
+                                      "sha256": "0" * 64, "format": "PNG", "image_key": f"x/{upload_id}.png",
+                                      "model": "m.h5", "model_sha256": versions[0], "predicted_label": "CAT",
+                                      "confidence": rng.random(), "review_state": 2, "review_label": "DOG",
+                                      "reviewed_at": NOW - timedelta(days=1)})
+            ids.append(upload_id)
+        _assert_totals_match(records)
+        for sha in versions:
+            from_totals = stats.stats(sha, "all", 0.5, labels)["reviewed"]
+            _assert_same_numbers(from_totals, _scratch_reviewed(stats, sha, labels))
+    final = stats.stats(versions[0], "all", 0.5, labels)["reviewed"]
+    assert final["count"] > 10 and final["ece"] is not None  # the sequence did review a good share
+
+
+def test_the_migration_counts_the_reviews_of_a_database_made_before_the_totals(make_store):
+    import sqlalchemy as sa
+
+    from keras_serve.storage.reviewing import ReviewStore
+
+    store = make_store()
+    records = store.records
+    for n in range(30):
+        records.insert({"id": f"{n:032x}", "received": NOW - timedelta(hours=n), "bytes": 10, "sha256": "0" * 64,
+                        "format": "PNG", "image_key": f"x/{n}.png", "model_sha256": "a" * 64,
+                        "predicted_label": "CAT", "confidence": n / 30})
+    ReviewStore(records).review([(f"{n:032x}", "DOG" if n % 4 else None) for n in range(0, 30, 2)], "alice")
+    before = _totals_rows(records)
+    assert sum(count for count, _ in before.values()) == 15
+    with records.engine.begin() as conn:  # the database as schema 6 left it
+        conn.execute(sa.text("DROP TABLE review_totals"))
+        conn.execute(sa.text("DELETE FROM schema_migrations WHERE version = 7"))
+    records.migrate()
+    after = _totals_rows(records)
+    assert after.keys() == before.keys()
+    assert all(after[k][0] == before[k][0] and after[k][1] == pytest.approx(before[k][1]) for k in before)

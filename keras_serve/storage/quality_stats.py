@@ -29,12 +29,13 @@ from typing import Any, Callable, Sequence
 import sqlalchemy as sa
 
 from keras_serve.storage import quality_math as qm
-from keras_serve.storage.records import RecordStore, model_promotions, model_versions, uploads
+from keras_serve.storage.records import (CONFIDENCE_EDGES, RecordStore, confidence_bin_of, confidence_bin_sql,
+                                         model_promotions, model_versions, review_totals, uploads)
 
 WINDOWS: dict[str, timedelta | None] = {"day": timedelta(days=1), "week": timedelta(days=7), "all": None}
 BASELINE = timedelta(days=7)  # the version's first week: what drift is measured against
-# Confidence bins of the reliability diagram and the drift histogram: ten of 0.1.
-CONFIDENCE_EDGES = tuple(round(0.1 * i, 1) for i in range(1, 10))
+# Confidence bins of the reliability diagram and the drift histogram: ten of 0.1
+# (CONFIDENCE_EDGES, defined in records.py, where the review totals are kept in the same bins).
 # Latency buckets (upper bounds, ms): p50 and p95 are read from these counts as Prometheus
 # reads its histograms (linear inside the bucket), so no query sorts the window's rows.
 LATENCY_BOUNDS_MS = (1, 2, 3, 5, 7.5, 10, 15, 20, 30, 40, 50, 65, 80, 100, 125, 150, 200, 250, 300, 400, 500,
@@ -60,9 +61,7 @@ def iso(value: datetime | None) -> str | None:
     return value.replace(tzinfo=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z") if value else None
 
 
-def confidence_bin(column: Any) -> Any:
-    """The bin index 0-9 of a confidence, in SQL (CASE: portable, and exact at the edges)."""
-    return sa.case(*((column < edge, i) for i, edge in enumerate(CONFIDENCE_EDGES)), else_=len(CONFIDENCE_EDGES))
+confidence_bin = confidence_bin_sql  # the bin index 0-9 of a confidence, in SQL
 
 
 def latency_bucket(column: Any) -> Any:
@@ -72,14 +71,6 @@ def latency_bucket(column: Any) -> Any:
 
 
 NO_LATENCY = -1
-
-
-def confidence_bin_of(value: float) -> int:
-    """The same bin in Python (tests, the benchmark)."""
-    for i, edge in enumerate(CONFIDENCE_EDGES):
-        if value < edge:
-            return i
-    return len(CONFIDENCE_EDGES)
 
 
 def bin_range(i: int) -> tuple[float, float]:
@@ -318,15 +309,33 @@ class QualityStats:
             by_label[label] = by_label.get(label, 0) + int(n)
         return {"confidence": by_bin, "labels": by_label}
 
-    def _reviewed(self, conn: sa.Connection, sha: str, win: Window, labels: Sequence[str]) -> dict[str, Any]:
+    def _review_groups(self, conn: sa.Connection, sha: str | None, win: Window) -> list[tuple]:
+        """(predicted, reviewed label, confidence bin, count, confidence sum) of the window's reviewed uploads.
+
+        "All" is read from the running totals (records.review_totals: a few rows per version,
+        however many reviews it has) unless a reviewed upload of the version was received
+        after `win.end` (a clock ahead of this one): then, as for a day or a week, from the
+        reviewed uploads themselves.
+        """
         c = uploads.c
+        if win.start is None and sha is not None:
+            later = conn.execute(sa.select(c.id).where(c.model_sha256 == sha, c.received > win.end, REVIEWED)
+                                 .limit(1)).first()
+            if later is None:
+                t = review_totals.c
+                return [tuple(row) for row in conn.execute(
+                    sa.select(t.predicted_label, t.review_label, t.confidence_bin, t.reviewed, t.confidence_sum)
+                    .where(t.model_sha256 == sha, t.reviewed > 0))]
         conf = confidence_bin(c.confidence).label("bin")
+        return [tuple(row) for row in conn.execute(
+            sa.select(c.predicted_label, c.review_label, conf, sa.func.count(), sa.func.sum(c.confidence))
+            .where(c.model_sha256 == sha, *win.conditions(), REVIEWED, c.predicted_label.is_not(None))
+            .group_by(c.predicted_label, c.review_label, conf))]
+
+    def _reviewed(self, conn: sa.Connection, sha: str, win: Window, labels: Sequence[str]) -> dict[str, Any]:
         pairs: dict[tuple[str, str], int] = {}
         bins = {i: [0, 0.0, 0] for i in range(len(CONFIDENCE_EDGES) + 1)}  # count, confidence sum, correct
-        for predicted, truth, i, n, conf_sum in conn.execute(
-                sa.select(c.predicted_label, c.review_label, conf, sa.func.count(), sa.func.sum(c.confidence))
-                .where(c.model_sha256 == sha, *win.conditions(), REVIEWED, c.predicted_label.is_not(None))
-                .group_by(c.predicted_label, c.review_label, conf)):
+        for predicted, truth, i, n, conf_sum in self._review_groups(conn, sha, win):
             pairs[(truth, predicted)] = pairs.get((truth, predicted), 0) + int(n)
             entry = bins[int(i)]
             entry[0] += int(n)

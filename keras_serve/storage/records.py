@@ -34,6 +34,7 @@ from typing import Any, Iterable, Iterator
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql as pg_dialect, sqlite as sqlite_dialect
 
 from keras_serve.errors import StorageError
 from keras_serve.storage.faults import StoreTimeouts
@@ -175,6 +176,118 @@ admin_sessions = sa.Table(
 )
 admin_sessions_expires = sa.Index("admin_sessions_expires", admin_sessions.c.expires)
 
+# Schema 7: running totals of the reviews, per model version, confidence bin (as the dashboard
+# bins it), predicted label and reviewed label; the dashboard's "all" window reads this small
+# table instead of every reviewed upload of a version. Changed in the same transaction as every
+# write that changes a reviewed upload: a review (ReviewStore.review), a delete (retention), an
+# import of reviewed rows. Uploads without a version, a prediction or a review label are never
+# in it (the dashboard's per-version statistics never count them either).
+review_totals = sa.Table(
+    "review_totals", metadata,
+    sa.Column("model_sha256", sa.String(64), primary_key=True),
+    sa.Column("confidence_bin", sa.SmallInteger(), primary_key=True, autoincrement=False),
+    sa.Column("predicted_label", sa.String(64), primary_key=True),
+    sa.Column("review_label", sa.String(64), primary_key=True),
+    sa.Column("reviewed", sa.BigInteger(), nullable=False),
+    sa.Column("confidence_sum", sa.Float(), nullable=False),
+)
+# The bins' upper edges; quality_stats bins by the same ones (one definition, here, because the
+# migration's backfill needs it too).
+CONFIDENCE_EDGES = tuple(round(0.1 * i, 1) for i in range(1, 10))
+
+
+def confidence_bin_sql(column: Any) -> Any:
+    """The bin index 0-9 of a confidence, in SQL (CASE: portable, and exact at the edges; NULL is the last)."""
+    return sa.case(*((column < edge, i) for i, edge in enumerate(CONFIDENCE_EDGES)), else_=len(CONFIDENCE_EDGES))
+
+
+def confidence_bin_of(value: float | None) -> int:
+    """The same bin in Python, for the same value (a NULL confidence falls in the last bin, as in SQL)."""
+    if value is not None:
+        for i, edge in enumerate(CONFIDENCE_EDGES):
+            if value < edge:
+                return i
+    return len(CONFIDENCE_EDGES)
+
+
+# What a row needs for its place in review_totals.
+TOTALLED_COLUMNS = (uploads.c.id, uploads.c.model_sha256, uploads.c.confidence, uploads.c.predicted_label,
+                    uploads.c.review_label, uploads.c.review_state)
+
+
+def _totals_key(row: Any) -> tuple[str, int, str, str] | None:
+    """Where an upload counts in review_totals, or None when it counts nowhere."""
+    get = row.get if isinstance(row, dict) else row._mapping.get
+    if not get("review_state") or get("model_sha256") is None or get("predicted_label") is None \
+            or get("review_label") is None:
+        return None
+    return get("model_sha256"), confidence_bin_of(get("confidence")), get("predicted_label"), get("review_label")
+
+
+def lock_for_review_totals(conn: sa.Connection, ids: list[str]) -> list[Any]:
+    """The totalled columns of `ids`, read so that no other writer can change them before this
+    transaction ends: on PostgreSQL the rows are locked (FOR UPDATE, in id order: no deadlock);
+    on SQLite the transaction takes the database's write lock first (a write that matches no
+    row), so the rows read are the latest and stay so until the commit."""
+    if not ids:
+        return []
+    statement = sa.select(*TOTALLED_COLUMNS).where(uploads.c.id.in_(ids)).order_by(uploads.c.id)
+    if conn.dialect.name == "sqlite":
+        conn.execute(sa.text("DELETE FROM review_totals WHERE 0"))
+    else:
+        statement = statement.with_for_update()
+    return list(conn.execute(statement))
+
+
+def change_review_totals(conn: sa.Connection, changes: list[tuple[Any, int]]) -> None:
+    """Add (+1) or take away (-1) each upload (a row with TOTALLED_COLUMNS' names) to review_totals.
+
+    An upload taken away and added back under the same key (a re-review that did not change its
+    label) changes nothing, so its sum is not rounded twice.
+    """
+    deltas: dict[tuple[str, int, str, str], list[float]] = {}
+    for row, sign in changes:
+        key = _totals_key(row)
+        if key is None:
+            continue
+        confidence = (row.get("confidence") if isinstance(row, dict) else row.confidence) or 0.0
+        entry = deltas.setdefault(key, [0, 0.0, 0])
+        entry[0] += sign
+        entry[1] += sign * confidence
+        entry[2] += 1
+    t = review_totals.c
+    for (sha, i, predicted, truth), (count, confidence_sum, _) in sorted(deltas.items()):
+        if count == 0:
+            continue  # taken away and added back: the same uploads, so the same sum
+        where = (t.model_sha256 == sha, t.confidence_bin == i, t.predicted_label == predicted, t.review_label == truth)
+        if count < 0:
+            conn.execute(review_totals.update().where(*where).values(
+                reviewed=t.reviewed + count, confidence_sum=t.confidence_sum + confidence_sum))
+            conn.execute(review_totals.delete().where(*where, t.reviewed <= 0))
+            continue
+        insert = (pg_dialect.insert if conn.dialect.name == "postgresql" else sqlite_dialect.insert)(
+            review_totals).values(model_sha256=sha, confidence_bin=i, predicted_label=predicted, review_label=truth,
+                                  reviewed=count, confidence_sum=confidence_sum)
+        conn.execute(insert.on_conflict_do_update(
+            index_elements=[t.model_sha256, t.confidence_bin, t.predicted_label, t.review_label],
+            set_={"reviewed": t.reviewed + insert.excluded.reviewed,
+                  "confidence_sum": t.confidence_sum + insert.excluded.confidence_sum}))
+
+
+def rebuild_review_totals(conn: sa.Connection) -> None:
+    """review_totals from scratch, from every reviewed upload (the migration; a bulk load)."""
+    c = uploads.c
+    conf = confidence_bin_sql(c.confidence)
+    conn.execute(review_totals.delete())
+    conn.execute(review_totals.insert().from_select(
+        ["model_sha256", "confidence_bin", "predicted_label", "review_label", "reviewed", "confidence_sum"],
+        sa.select(c.model_sha256, conf, c.predicted_label, c.review_label, sa.func.count(),
+                  sa.func.coalesce(sa.func.sum(c.confidence), 0.0))
+        .where(sa.text("uploads.review_state != 0"), c.model_sha256.is_not(None), c.predicted_label.is_not(None),
+               c.review_label.is_not(None))
+        .group_by(c.model_sha256, conf, c.predicted_label, c.review_label)))
+
+
 schema_migrations = sa.Table(
     "schema_migrations", metadata,
     sa.Column("version", sa.Integer(), primary_key=True),
@@ -248,6 +361,7 @@ MIGRATIONS: tuple[tuple[int, tuple[Any, ...]], ...] = (
     (5, (sa.schema.CreateTable(admin_sessions, if_not_exists=True),
          sa.schema.CreateIndex(admin_sessions_expires, if_not_exists=True))),
     (6, tuple(sa.schema.CreateIndex(index, if_not_exists=True) for index in STATS_INDEXES)),  # the dashboard
+    (7, (sa.schema.CreateTable(review_totals, if_not_exists=True), rebuild_review_totals)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 UNAVAILABLE_HINT = "The upload database is unavailable; try again shortly. If it keeps happening, " \
@@ -361,6 +475,7 @@ class RecordStore:
         if not self.is_sqlite:
             with self._errors("record the upload in"), self._begin() as conn:
                 conn.execute(uploads.insert(), row)
+                change_review_totals(conn, [(row, 1)])
             return
         # Group commit: SQLite takes one writer at a time, so the thread that gets the write
         # lock commits every row queued meanwhile in one transaction, and the others find
@@ -381,6 +496,7 @@ class RecordStore:
                         self._ensure_schema(conn)
                         with conn.begin():
                             conn.execute(uploads.insert(), [queued.row for queued in group])
+                            change_review_totals(conn, [(queued.row, 1) for queued in group])
                     error = None
                 except StorageError as exc:
                     error = exc
@@ -395,6 +511,7 @@ class RecordStore:
         try:
             with self._begin() as conn:
                 conn.execute(uploads.insert(), row)
+                change_review_totals(conn, [(row, 1)])  # a copied store's reviewed rows
             return True
         except sa_exc.IntegrityError:
             return False
@@ -425,6 +542,8 @@ class RecordStore:
         ids = list(upload_ids)
         if ids:
             with self._errors("delete from"), self._begin() as conn:
+                reviewed = [row for row in lock_for_review_totals(conn, ids) if row.review_state]
+                change_review_totals(conn, [(row, -1) for row in reviewed])
                 conn.execute(uploads.delete().where(uploads.c.id.in_(ids)))
                 conn.execute(reviews.delete().where(reviews.c.upload_id.in_(ids)))
                 conn.execute(feedback.delete().where(feedback.c.upload_id.in_(ids)))

@@ -23,8 +23,8 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from keras_serve.errors import FeedbackLimitError, UploadNotFound
-from keras_serve.storage.records import (CONFIRMED, CORRECTED, NOT_REVIEWED, RecordStore, feedback,
-                                         instance_secrets, reviews, uploads)
+from keras_serve.storage.records import (CONFIRMED, CORRECTED, NOT_REVIEWED, RecordStore, change_review_totals,
+                                         feedback, instance_secrets, lock_for_review_totals, reviews, uploads)
 
 MAX_PAGE = 200
 DEFAULT_PAGE = 48
@@ -264,8 +264,10 @@ class ReviewStore:
         done: list[dict[str, Any]] = []
         kept: list[str] = []
         with self.records._errors("record the review in"), self.records._begin() as conn:
-            predicted = dict(conn.execute(sa.select(uploads.c.id, uploads.c.predicted_label)
-                                          .where(uploads.c.id.in_(ids))).all())
+            # Read under lock: the review totals (records.review_totals) move each upload from
+            # where its latest review counted to where this one counts, in this transaction.
+            current = {row.id: row._asdict() for row in lock_for_review_totals(conn, ids)}
+            predicted = {upload_id: row["predicted_label"] for upload_id, row in current.items()}
             for upload_id, label in decisions:
                 if upload_id not in predicted:
                     continue
@@ -284,6 +286,9 @@ class ReviewStore:
                 if changed.rowcount == 0:
                     kept.append(upload_id)
                     continue
+                before = current[upload_id]
+                current[upload_id] = {**before, "review_label": label, "review_state": state}
+                change_review_totals(conn, [(before, -1), (current[upload_id], 1)])
                 conn.execute(reviews.insert().values(upload_id=upload_id, label=label, reviewer=reviewer,
                                                      created=now))
                 done.append({"id": upload_id, "label": label, "state": STATE_NAMES[state]})

@@ -74,7 +74,7 @@ def synthetic_rows(first: int, last: int, rows: int, review_share: float, models
 def seed(url: str, rows: int, reviews: int, models: list[tuple[str, str]], batch: int = 50_000) -> None:
     """Through the driver directly (executemany on SQLite, COPY on PostgreSQL), as listing_speed."""
     from keras_serve.storage.faults import StoreTimeouts
-    from keras_serve.storage.records import RecordStore, model_promotions
+    from keras_serve.storage.records import RecordStore, model_promotions, rebuild_review_totals
 
     # the real schema, the dashboard's indexes included; loading 50,000 rows per statement takes
     # longer than the server's 3 s statement limit on a busy machine
@@ -110,6 +110,9 @@ def seed(url: str, rows: int, reviews: int, models: list[tuple[str, str]], batch
     finally:
         raw.close()
     with store.engine.begin() as conn:
+        # the rows went in past RecordStore, so their review totals are counted here, as the
+        # migration counts those of a database older than the totals
+        rebuild_review_totals(conn)
         for i, (_, sha) in enumerate(models[1:], start=1):
             conn.execute(model_promotions.insert().values(sha256=sha, action="promote", by="bench",
                                                           created=END - SPAN + SPAN * (i / len(models))))
