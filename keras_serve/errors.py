@@ -181,11 +181,6 @@ class ModelFileDamaged(StorageError):
     cannot help (keras_serve/storage/model_registry.py)."""
 
 
-class ModelFileDamaged(StorageError):
-    """A published model file in the image store no longer matches its sha256: trying again
-    cannot help (keras_serve/storage/model_registry.py)."""
-
-
 # --- heatmaps (Grad-CAM) -------------------------------------------------------------------
 class NoConvolutionLayerError(ServiceError):
     """The served model has no 2-D convolution layer, so Grad-CAM has nothing to look at."""
