@@ -280,7 +280,7 @@ def test_admin_is_off_without_a_token_and_needs_the_credential(make_app, colour_
         assert client.get(path).status_code == 401, path
         assert client.get(path, headers={"Authorization": "Bearer " + TOKEN[:-1] + "x"}).status_code == 401
     page = client.get("/admin", headers={"Accept": "text/html"})
-    assert page.status_code == 303 and page.headers["Location"].endswith("/review/login")
+    assert page.status_code == 303 and page.headers["Location"].endswith("/review/login?next=/admin")
 
 
 def test_api_stats_is_in_the_openapi_document(known):
@@ -510,3 +510,31 @@ def test_the_migration_counts_the_reviews_of_a_database_made_before_the_totals(m
     after = _totals_rows(records)
     assert after.keys() == before.keys()
     assert all(after[k][0] == before[k][0] and after[k][1] == pytest.approx(before[k][1]) for k in before)
+
+
+def test_logging_in_from_the_dashboard_lands_back_on_it_and_only_a_path_here_is_followed(known):
+    client = known.test_client()
+    html = {"Accept": "text/html"}
+    sent = client.get("/admin?window=all", headers=html)
+    assert sent.status_code == 303
+    form = client.get(sent.headers["Location"], headers=html).get_data(as_text=True)
+    assert '<input type="hidden" name="next" value="/admin?window=all">' in form
+
+    def log_in(next_value):
+        page = client.get("/review/login", headers=html).get_data(as_text=True)
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+        return client.post("/review/login", headers=html,
+                           data={"csrf_token": csrf, "token": TOKEN, "name": "ana", "next": next_value})
+
+    landed = log_in("/admin?window=all")
+    assert landed.status_code == 303 and landed.headers["Location"] == "/admin?window=all"
+    assert client.get(landed.headers["Location"], headers=html).status_code == 200
+    # anything that could leave the site is ignored: the login goes to the review page
+    for hostile in ("https://evil.example/admin", "//evil.example/admin", "/\\evil.example", "\\/evil.example",
+                    "http:/admin", "javascript:alert(1)", "/admin\r\nSet-Cookie: x=1", " /admin", "admin", ""):
+        landed = log_in(hostile)
+        assert landed.status_code == 303, hostile
+        assert landed.headers["Location"] in ("/review", "http://localhost/review"), hostile
+    # and a hostile next in the form's own address never reaches the form
+    form = client.get("/review/login?next=//evil.example", headers=html).get_data(as_text=True)
+    assert 'name="next"' not in form

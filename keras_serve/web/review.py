@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import (Blueprint, Response, abort, current_app, g, jsonify, redirect, render_template, request,
                    url_for)
@@ -37,7 +38,9 @@ from keras_serve.web.responses import wants_html
 OBJECT: dict = {"type": "object"}
 LOGIN_FORM: dict = {"type": "object", "required": ["token", "csrf_token"],
                     "properties": {"token": {"type": "string"}, "name": {"type": "string"},
-                                   "csrf_token": {"type": "string"}}}
+                                   "csrf_token": {"type": "string"},
+                                   "next": {"type": "string", "description": "where to go after logging in: a path "
+                                            "on this server (/admin); anything else is ignored"}}}
 REVIEW_BODY: dict = {"type": "object", "properties": {"label": {"type": "string"}, "confirm": {"type": "boolean"}}}
 BULK_REVIEW_BODY: dict = {"type": "object", "required": ["reviews"],
                           "properties": {"reviews": {"type": "array", "minItems": 1, "maxItems": 200,
@@ -54,6 +57,32 @@ REVIEW_CSP = ("default-src 'none'; img-src 'self'; style-src 'self'; script-src 
 MAX_CURSOR = 512
 MAX_BULK = MAX_PAGE
 PUBLIC_ENDPOINTS = {"review.login_form", "review.login"}
+MAX_NEXT = 512
+
+
+def safe_next(value: str | None) -> str | None:
+    """`value` if it is a path on this server ("/admin?window=all"), else None.
+
+    The login redirects there, so anything that could leave the site is refused: an absolute
+    URL, a scheme-relative "//host", a backslash (browsers read "/\\host" as "//host"),
+    control characters, anything not starting with one "/".
+    """
+    if not value or len(value) > MAX_NEXT or not value.startswith("/") or value.startswith("//"):
+        return None
+    if "\\" in value or any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in value):
+        return None
+    parts = urlsplit(value)
+    if parts.scheme or parts.netloc:
+        return None
+    return value
+
+
+def _next_of_this_request() -> str | None:
+    """This page, for the login to send the browser back to; None for the review page (where a
+    login goes anyway)."""
+    if request.path == url_for("review.review_page") and not request.query_string:
+        return None
+    return safe_next(request.full_path if request.query_string else request.path)
 
 
 def auth() -> AdminAuth:
@@ -77,7 +106,8 @@ def require_admin():
     reviewer = auth().authenticate()
     if reviewer is None:
         if request.method == "GET" and wants_html():
-            return redirect(url_for("review.login_form"), 303)
+            # back here after the login (only ever a path on this server)
+            return redirect(url_for("review.login_form", next=_next_of_this_request()), 303)
         raise NotAuthorizedError("This needs the admin credential.")
     g.reviewer = reviewer
     return None
@@ -98,7 +128,8 @@ def private(response: Response) -> Response:
 @operation("The reviewer's login form (404 while review is off)", tags=["review"],
            responses={200: html_page(), 404: ERROR})
 def login_form():
-    return render_template("review_login.html", csrf_token=generate_csrf(), message=None)
+    return render_template("review_login.html", csrf_token=generate_csrf(), message=None,
+                           next_path=safe_next(request.args.get("next")))
 
 
 @bp.post("/review/login")
@@ -108,9 +139,10 @@ def login_form():
 def login():
     auth().check_same_origin()
     auth().csrf.protect()
+    next_path = safe_next(request.form.get("next"))
     if auth().log_in(request.form.get("token", ""), request.form.get("name")):
-        return redirect(url_for("review.review_page"), 303)
-    return render_template("review_login.html", csrf_token=generate_csrf(),
+        return redirect(next_path or url_for("review.review_page"), 303)
+    return render_template("review_login.html", csrf_token=generate_csrf(), next_path=next_path,
                            message="That token is not right."), 401
 
 
