@@ -312,6 +312,7 @@ def test_every_python_command_shown_parses_its_options(page, module, args, monke
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
     monkeypatch.setattr(sys, "argv", [module, *args])
+    monkeypatch.delitem(sys.modules, module + ".__main__", raising=False)  # runpy runs it afresh
     try:  # as `python -m module args` / `python app.py args` would, up to the parsed options
         if module == "app.py":
             runpy.run_path(str(ROOT / "app.py"), run_name="__main__")
