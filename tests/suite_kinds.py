@@ -13,7 +13,9 @@ without being told:
 What a test uses is read from its code: the names its function, its fixtures, and every helper
 defined under tests/ that they call (transitively) refer to. A name in the code, not a call
 that ran: a test that merely mentions `subprocess` counts as starting one, which errs on
-the side of keeping `make check` fast.
+the side of keeping `make check` fast. What the app starts itself (a candidate model checked
+in a child process) is not in the test's code: a test seen starting a child process in an
+earlier run here (pytest's cache) is marked `processes` too.
 
 Under pytest-xdist with `--dist loadfile --no-loadscope-reorder` (the Makefile), files go to
 workers in collection order; this plugin puts the files with the most starting tests first, so
@@ -22,7 +24,9 @@ took in the last run here (pytest's cache), else by a guess from its markers.
 """
 from __future__ import annotations
 
+import functools
 import inspect
+import subprocess
 import sys
 import types
 from collections import Counter
@@ -149,13 +153,61 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     # xdist worker reads the same cache, so all collect the same order, as xdist requires.
     cache = getattr(config, "cache", None)
     measured = cache.get(CACHE_KEY, {}) if cache is not None else {}
+    spawning = set(cache.get(SPAWNED_KEY, [])) if cache is not None else set()
+    for item in items:
+        if item.nodeid in spawning and not item.get_closest_marker("processes"):
+            item.add_marker("processes")
+            guess[_file(item.nodeid)] += COST["processes"]
     cost = {name: measured.get(name, seconds) for name, seconds in guess.items()}
     # Stable: tests keep their order inside a file; files go costliest first.
     items.sort(key=lambda item: -cost[_file(item.nodeid)])
 
 
+SPAWNED_KEY = "suite_kinds/tests_that_start_processes"
+SPAWNED = ("suite_kinds", "started a process")  # a user property: it travels from xdist workers
+_running: list[str | None] = [None]
+_spawned_here: set[str] = set()   # on the process that runs the test
+_spawned: set[str] = set()        # on the process that writes the cache
+_ran: set[str] = set()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if getattr(subprocess.Popen.__init__, "suite_kinds", False):
+        return
+    start = subprocess.Popen.__init__
+
+    @functools.wraps(start)
+    def noting(self, *args, **kwargs):
+        if _running[0] is not None:
+            _spawned_here.add(_running[0])
+        start(self, *args, **kwargs)
+
+    noting.suite_kinds = True
+    subprocess.Popen.__init__ = noting
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem):
+    _running[0] = item.nodeid
+    try:
+        yield
+    finally:
+        _running[0] = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    if call.when == "call" and item.nodeid in _spawned_here:
+        item.user_properties.append(SPAWNED)
+    yield
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _seconds[_file(report.nodeid)] += report.duration  # setup, call and teardown
+    if report.when == "call":
+        _ran.add(report.nodeid)
+        if SPAWNED in map(tuple, report.user_properties):  # a list once it came from a worker
+            _spawned.add(report.nodeid)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -163,6 +215,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     cache = getattr(config, "cache", None)
     if cache is None or hasattr(config, "workerinput"):
         return  # xdist's controller sees every report and writes for the workers
+    if _ran:  # what ran now replaces what was known of it
+        known_spawning = set(cache.get(SPAWNED_KEY, []))
+        cache.set(SPAWNED_KEY, sorted((known_spawning - _ran) | _spawned))
     partial = (config.option.keyword or config.option.markexpr or config.option.maxfail
                or any("::" in arg for arg in config.args))
     if partial or exitstatus not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) or not _seconds:
