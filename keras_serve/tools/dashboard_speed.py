@@ -29,13 +29,12 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from keras_serve.tools.listing_speed import COLUMNS, bulk_load  # one bulk loader for both benchmarks
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 END = datetime(2026, 12, 1)
 SPAN = timedelta(days=90)
-COLUMNS = ("id", "received", "bytes", "sha256", "format", "client_filename", "model", "model_sha256", "prediction",
-           "error", "milliseconds", "image_key", "predicted_label", "confidence", "review_state", "review_label",
-           "reviewed_at", "feedback_label", "feedback_at")
 
 
 def versions(count: int) -> list[tuple[str, str]]:
@@ -80,35 +79,8 @@ def seed(url: str, rows: int, reviews: int, models: list[tuple[str, str]], batch
     # longer than the server's 3 s statement limit on a busy machine
     store = RecordStore(url, timeouts=StoreTimeouts(timeout_s=600.0))
     rng = random.Random(1)
-    started = time.perf_counter()
-    postgres = store.url.get_backend_name() == "postgresql"
-    raw = store.engine.raw_connection()
-    try:
-        cursor = raw.cursor()
-        for first in range(0, rows, batch):
-            chunk = list(synthetic_rows(first, min(first + batch, rows), rows, reviews / rows, models, rng))
-            if postgres:
-                with cursor.copy(f"COPY uploads ({', '.join(COLUMNS)}) FROM STDIN") as copy:
-                    for row in chunk:
-                        copy.write_row(row)
-            else:
-                cursor.executemany(
-                    f"INSERT INTO uploads ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
-                    [tuple(v.strftime('%Y-%m-%d %H:%M:%S.%f') if isinstance(v, datetime) else v for v in row)
-                     for row in chunk])
-            raw.commit()
-            done = min(first + batch, rows)
-            if done % 200_000 == 0 or done == rows:
-                print(f"  seeded {done:,} rows ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
-        if postgres:
-            raw.commit()
-            raw.driver_connection.autocommit = True
-            cursor.execute("VACUUM ANALYZE uploads")
-        else:
-            cursor.execute("ANALYZE")
-            raw.commit()
-    finally:
-        raw.close()
+    bulk_load(store, (list(synthetic_rows(first, min(first + batch, rows), rows, reviews / rows, models, rng))
+                      for first in range(0, rows, batch)), rows)
     with store.engine.begin() as conn:
         # the rows went in past RecordStore, so their review totals are counted here, as the
         # migration counts those of a database older than the totals

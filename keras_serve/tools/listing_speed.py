@@ -24,6 +24,7 @@ import tempfile
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any, Iterable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -78,19 +79,27 @@ def synthetic_rows(first: int, last: int, rows: int, rng: random.Random):
 
 
 def seed(url: str, rows: int, batch: int = 50_000) -> None:
-    """Through the driver directly (executemany on SQLite, COPY on PostgreSQL): the ORM path
-    would take most of an hour for a million rows, and only the reading is measured here."""
+    """A million synthetic uploads into the real schema (indexes included), bulk-loaded."""
     from keras_serve.storage.records import RecordStore
 
-    store = RecordStore(url)  # the real schema, indexes included
+    store = RecordStore(url)
     rng = random.Random(1)
+    bulk_load(store, (list(synthetic_rows(first, min(first + batch, rows), rows, rng))
+                      for first in range(0, rows, batch)), rows)
+    store.close()
+
+
+def bulk_load(store: Any, chunks: Iterable[list[tuple]], rows: int) -> None:
+    """`chunks` of COLUMNS rows through the driver directly (executemany on SQLite, COPY on
+    PostgreSQL), one commit per chunk, then ANALYZE: the ORM path would take most of an hour
+    for a million rows, and only the reading is measured."""
     started = time.perf_counter()
     postgres = store.url.get_backend_name() == "postgresql"
     raw = store.engine.raw_connection()
+    done = 0
     try:
         cursor = raw.cursor()
-        for first in range(0, rows, batch):
-            chunk = list(synthetic_rows(first, min(first + batch, rows), rows, rng))
+        for chunk in chunks:
             if postgres:
                 with cursor.copy(f"COPY uploads ({', '.join(COLUMNS)}) FROM STDIN") as copy:
                     for row in chunk:
@@ -101,8 +110,8 @@ def seed(url: str, rows: int, batch: int = 50_000) -> None:
                                    [tuple(v.strftime('%Y-%m-%d %H:%M:%S.%f') if isinstance(v, datetime) else v for v in row)
                                     for row in chunk])
             raw.commit()
-            done = min(first + batch, rows)
-            if done % 100_000 == 0 or done == rows:
+            before, done = done, done + len(chunk)
+            if done // 100_000 > before // 100_000 or done == rows:
                 print(f"  seeded {done:,} rows ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
         if postgres:
             raw.commit()
@@ -113,7 +122,6 @@ def seed(url: str, rows: int, batch: int = 50_000) -> None:
             raw.commit()
     finally:
         raw.close()
-    store.close()
 
 
 def percentile(values: list[float], p: float) -> float:
