@@ -29,7 +29,7 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from keras_serve.tools.listing_speed import COLUMNS, bulk_load  # one bulk loader for both benchmarks
+from keras_serve.tools.listing_speed import COLUMNS, bulk_load, percentile  # shared with the listing benchmark
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -98,11 +98,6 @@ def timed(function, repeats: int) -> list[float]:
         function()
         out.append((time.perf_counter() - started) * 1000)
     return out
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
 def main(argv: list[str] | None = None) -> int:
