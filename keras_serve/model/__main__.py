@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterable
 
 from keras_serve.errors import ModelVersionError, StorageError
-from keras_serve.storage.__main__ import (STORE_OPTIONS, add_store_arguments, config_from_args, missing_store,
+from keras_serve.storage.__main__ import (STORE_OPTIONS, add_store_arguments, config_from_args, open_existing_store,
                                           options_after_commands_too)
 
 
@@ -82,7 +82,6 @@ def main(argv: Iterable[str] | None = None) -> int:
 
     from keras_serve.model.versions import promote_version, publish_candidate, refuse_unpromotable
     from keras_serve.storage.model_registry import ModelRegistry, is_sha256
-    from keras_serve.storage.uploads import UploadStore
 
     config = config_from_args(args, (*STORE_OPTIONS, "MODEL_PATH", "LABELS"))
     if getattr(args, "trust_model_code", False):  # this flag only: never the environment
@@ -93,13 +92,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     by = (getattr(args, "by", None) or _user())[:64]
     # Every command works on the store the servers share: a mistyped path must not publish
     # into, or leave behind, an empty store that no server reads.
-    if missing := missing_store(config):
-        print(f"error: {missing}", file=sys.stderr)
-        return 1
-    try:
-        store = UploadStore.from_config(config)
-    except StorageError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+    if (store := open_existing_store(config)) is None:
         return 1
     registry = ModelRegistry(store.records, store.images)
     try:

@@ -167,6 +167,19 @@ def options_after_commands_too(parser: argparse.ArgumentParser, commands: argpar
         add(command)
 
 
+def open_existing_store(config: Mapping[str, Any]) -> UploadStore | None:
+    """The store `config` names, or None after saying on stderr why it cannot be used (it does not
+    exist, or does not open); never creates one."""
+    if missing := missing_store(config):
+        print(f"error: {missing}", file=sys.stderr)
+        return None
+    try:
+        return UploadStore.from_config(config)
+    except StorageError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return None
+
+
 def missing_store(config: Mapping[str, Any]) -> str | None:
     """Why the store `config` names does not exist, or None when it does; creates nothing.
 
@@ -212,13 +225,13 @@ def config_from_args(args: argparse.Namespace, names: Iterable[str] = (*STORE_OP
 def main(argv: Iterable[str] | None = None) -> int:
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     config = config_from_args(args)
-    if args.command not in CREATES_STORE and (missing := missing_store(config)):
-        print(f"error: {missing}", file=sys.stderr)
-        return 1
-    try:
-        store = UploadStore.from_config(config)
-    except StorageError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+    if args.command in CREATES_STORE:
+        try:
+            store = UploadStore.from_config(config)
+        except StorageError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 1
+    elif (store := open_existing_store(config)) is None:
         return 1
     try:
         return run_command(args, config, store)
