@@ -5,9 +5,7 @@
 PYTHON ?= python3
 VENV := .venv
 ARGS ?=
-# Three pytest workers on two cores: the suite waits on server start-ups and sockets much of the
-# time (measured on 2 idle cores, 980 tests: 2 workers 9 min 14 s, 3 workers 7 min 44 s).
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 RUNTIME := $(VENV)/.installed-runtime
 TESTING := $(VENV)/.installed-test
 # What `make check` leaves out; tests/suite_kinds.py marks them.
