@@ -15,9 +15,10 @@ Every number comes from a few GROUP BY queries, each a range scan of an index th
 columns it reads (records.STATS_INDEXES: model version, then time), so no query reads the
 table or the rows one by one; the arithmetic on the counts is in `quality_math`. A window
 holds the uploads *received* in it: an upload reviewed today counts in the week it arrived.
-The counts of whole past days and of a finished first week are kept for an hour (uploads'
-times, labels, confidences and latencies never change), so a week or "all" reads its two
-partial days only; reviews and feedback are always read.
+A week, "all" and the first week (the drift's baseline) read the traffic of their whole days
+from its running counts (traffic_days, kept in the same transaction as the uploads), and only
+their partial days from the uploads; "all" reads its reviews from their running totals
+(review_totals). Nothing is kept between calls: every answer is as of its own reads.
 """
 from __future__ import annotations
 
@@ -31,21 +32,16 @@ import sqlalchemy as sa
 from keras_serve.storage import quality_math as qm
 from keras_serve.storage.records import (CONFIDENCE_EDGES, RecordStore, confidence_bin_of, confidence_bin_sql,
                                          model_promotions, model_versions, review_totals, uploads)
+from keras_serve.storage.traffic_days import (CONFIDENCE, ERROR, FAILED, FINE_EDGES, LABEL, LATENCY,
+                                              LATENCY_BOUNDS_MS, NO_CONFIDENCE, NO_LATENCY, coarse_bin_of_fine,
+                                              latency_bucket_sql, read_days, unsure_limit)
 
 WINDOWS: dict[str, timedelta | None] = {"day": timedelta(days=1), "week": timedelta(days=7), "all": None}
 BASELINE = timedelta(days=7)  # the version's first week: what drift is measured against
 # Confidence bins of the reliability diagram and the drift histogram: ten of 0.1
 # (CONFIDENCE_EDGES, defined in records.py, where the review totals are kept in the same bins).
-# Latency buckets (upper bounds, ms): p50 and p95 are read from these counts as Prometheus
-# reads its histograms (linear inside the bucket), so no query sorts the window's rows.
-LATENCY_BOUNDS_MS = (1, 2, 3, 5, 7.5, 10, 15, 20, 30, 40, 50, 65, 80, 100, 125, 150, 200, 250, 300, 400, 500,
-                     750, 1000, 1500, 2000, 3000, 5000, 10000)
+# Latency buckets: LATENCY_BOUNDS_MS (traffic_days.py, where the day counts are kept in them).
 MAX_ERROR_KINDS = 10
-# A day counts as over (and its counts are kept) this long after midnight: an upload is
-# recorded within the store timeouts of its arrival, never later.
-SETTLE_S = 300
-DAY_CACHE_S = 3600.0
-DAYS_PER_SCAN = 7
 MAX_BUCKETS = 400  # the traffic table's rows: a year of days; older ones are summed in the totals only
 
 
@@ -64,13 +60,9 @@ def iso(value: datetime | None) -> str | None:
 confidence_bin = confidence_bin_sql  # the bin index 0-9 of a confidence, in SQL
 
 
-def latency_bucket(column: Any) -> Any:
-    """The latency bucket 0-len(bounds) in SQL; NO_LATENCY where no time was stored."""
-    return sa.case((column.is_(None), NO_LATENCY), *((column < bound, i) for i, bound in enumerate(LATENCY_BOUNDS_MS)),
-                   else_=len(LATENCY_BOUNDS_MS))
-
-
-NO_LATENCY = -1
+latency_bucket = latency_bucket_sql  # the latency bucket 0-len(bounds) in SQL; NO_LATENCY where no time was stored
+# the coarse confidence bin (reliability diagram, drift) of each fine bin of the day counts
+COARSE_OF_FINE = {fine: coarse_bin_of_fine(fine, CONFIDENCE_EDGES) for fine in range(NO_CONFIDENCE, len(FINE_EDGES) + 1)}
 
 
 def bin_range(i: int) -> tuple[float, float]:
@@ -96,20 +88,59 @@ REVIEWED = sa.text("uploads.review_state != 0")
 HAS_FEEDBACK = sa.text("uploads.feedback_at IS NOT NULL")
 
 
+class _Counts:
+    """One window's traffic, added up from the uploads' GROUP BY rows and the days' running counts."""
+
+    def __init__(self) -> None:
+        self.buckets: dict[str, dict[str, Any]] = {}
+        self.latency = [0] * (len(LATENCY_BOUNDS_MS) + 1)
+        self.by_bin = [0] * (len(CONFIDENCE_EDGES) + 1)
+        self.by_label: dict[str, int] = {}
+        self.messages: dict[str, int] = {}
+
+    def bucket(self, start: str) -> dict[str, Any]:
+        return self.buckets.setdefault(start, {"start": start, "uploads": 0, "per_hour": 0.0, "errors": 0, "unsure": 0})
+
+    def add_group(self, start: str, label: str | None, i: int, late: int, is_unsure: int, n: int) -> None:
+        """A row of QualityStats._scan."""
+        n = int(n)
+        entry = self.bucket(start)
+        entry["uploads"] += n
+        if label is None:  # a failed answer: no label, no confidence
+            entry["errors"] += n
+            return
+        entry["unsure"] += n if is_unsure else 0
+        self.by_bin[int(i)] += n
+        self.by_label[label] = self.by_label.get(label, 0) + n
+        if int(late) != NO_LATENCY:
+            self.latency[int(late)] += n
+
+    def add_day(self, day: str, kind: int, item: str, n: int, unsure_limit: int) -> None:
+        """A row of traffic_days (every upload counted there has a FAILED or a LABEL row of its day)."""
+        entry = self.bucket(day)
+        if kind == FAILED:
+            entry["uploads"] += n
+            entry["errors"] += n
+        elif kind == LABEL:
+            entry["uploads"] += n
+            self.by_label[item] = self.by_label.get(item, 0) + n
+        elif kind == CONFIDENCE:
+            fine = int(item)
+            self.by_bin[COARSE_OF_FINE[fine]] += n
+            if fine != NO_CONFIDENCE and fine <= unsure_limit:
+                entry["unsure"] += n
+        elif kind == LATENCY:
+            self.latency[int(item)] += n
+        elif kind == ERROR:
+            self.messages[item] = self.messages.get(item, 0) + n
+
+
 class QualityStats:
     """The dashboard's queries, on the record store's engine and with its errors (503)."""
 
-    def __init__(self, records: RecordStore, clock: Callable[[], datetime] = _utc_now,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, records: RecordStore, clock: Callable[[], datetime] = _utc_now) -> None:
         self.records = records
         self.clock = clock
-        self.monotonic = monotonic
-        # Running aggregates of the past: an upload's time, label, confidence and latency never
-        # change, so the counts of a whole day that is over (and of a first week that is over)
-        # are kept, and a week or "all" scans only its two partial days. Kept DAY_CACHE_S, so
-        # rows that retention deletes (or an import adds) show within that time.
-        self._days: dict[tuple[str | None, float], dict[str, tuple[float, list[tuple]]]] = {}
-        self._baselines: dict[str | None, tuple[float, dict[str, Any]]] = {}
 
     # -- one version, one window -------------------------------------------------------------
 
@@ -203,38 +234,22 @@ class QualityStats:
 
     def _traffic(self, conn: sa.Connection, sha: str, win: Window, unsure_below: float,
                  first_seen: datetime | None = None) -> dict[str, Any]:
-        """Per time bucket, latency bucket, label, confidence bin and unsure or not: one GROUP BY
-        over the window's range of the covering index; for a week or more, whole past days come
-        from the day cache and only the two partial days at the ends are read."""
+        """Per time bucket, latency bucket, label, confidence bin and unsure or not: for a day,
+        one GROUP BY over the window's range of the covering index; for a week or more, whole
+        days from their running counts (traffic_days) and only the partial days at the ends
+        from the uploads."""
         hours = 1 if win.name == "day" else 24
-        groups = self._groups(conn, sha, win, unsure_below, hours, first_seen)
-        per_bucket: dict[str, dict[str, Any]] = {}
-        latency = [0] * (len(LATENCY_BOUNDS_MS) + 1)
-        by_bin = [0] * (len(CONFIDENCE_EDGES) + 1)
-        by_label: dict[str, int] = {}
-        for b, label, i, late, is_unsure, n in groups:
-            n = int(n)
-            entry = per_bucket.setdefault(b, {"start": b, "uploads": 0, "per_hour": 0.0, "errors": 0, "unsure": 0})
-            entry["uploads"] += n
-            if label is None:  # a failed answer: no label, no confidence
-                entry["errors"] += n
-                continue
-            entry["unsure"] += n if is_unsure else 0
-            by_bin[int(i)] += n
-            by_label[label] = by_label.get(label, 0) + n
-            if int(late) != NO_LATENCY:
-                latency[int(late)] += n
-        buckets = [per_bucket[b] for b in sorted(per_bucket)]
+        counts = self._counts(conn, sha, win, unsure_below, hours, first_seen)
+        buckets = [counts.buckets[b] for b in sorted(counts.buckets)]
         for entry in buckets:
             entry["per_hour"] = round(entry["uploads"] / hours, 3)
         total = sum(b["uploads"] for b in buckets)
         errors = sum(b["errors"] for b in buckets)
         answered = total - errors
         unsure_total = sum(b["unsure"] for b in buckets)
-        c = uploads.c
-        by_message = conn.execute(sa.select(c.error, sa.func.count().label("n"))
-                                  .where(c.model_sha256 == sha, *win.conditions(), c.error.is_not(None))
-                                  .group_by(c.error).order_by(sa.text("n DESC")).limit(MAX_ERROR_KINDS)).all()
+        latency = counts.latency
+        # most frequent first; equal counts in the order of their text, so every read agrees
+        by_message = sorted(counts.messages.items(), key=lambda item: (-item[1], item[0]))[:MAX_ERROR_KINDS]
         return {
             "uploads": total, "answered": answered, "errors": errors, "unsure": unsure_total,
             "unsure_share": unsure_total / answered if answered else None,
@@ -243,7 +258,7 @@ class QualityStats:
                            "p95": qm.percentile_from_histogram(LATENCY_BOUNDS_MS, latency, 0.95),
                            "bounds": list(LATENCY_BOUNDS_MS), "counts": latency},
             "errors_by_message": [{"message": m, "count": int(n)} for m, n in by_message],
-            "_mix": {"confidence": by_bin, "labels": by_label},  # for the drift, not shown
+            "_mix": {"confidence": counts.by_bin, "labels": counts.by_label},  # for the drift, not shown
         }
 
     def _scan(self, conn: sa.Connection, sha: str, where: list[Any], unsure_below: float,
@@ -257,57 +272,46 @@ class QualityStats:
             sa.select(bucket, c.predicted_label, conf, lat, unsure, sa.func.count())
             .where(c.model_sha256 == sha, *where).group_by(bucket, c.predicted_label, conf, lat, unsure))]
 
-    def _groups(self, conn: sa.Connection, sha: str, win: Window, unsure_below: float, hours: int,
-                first_seen: datetime | None) -> list[tuple]:
+    def _scan_into(self, counts: "_Counts", conn: sa.Connection, sha: str, where: list[Any], unsure_below: float,
+                   hours: int) -> None:
+        for group in self._scan(conn, sha, where, unsure_below, hours):
+            counts.add_group(*group)
         c = uploads.c
-        start = win.start or first_seen
-        if hours != 24 or start is None:
-            return self._scan(conn, sha, win.conditions(), unsure_below, hours)
-        # Whole days in the window that ended SETTLE_S ago: from the cache (read once).
-        first_day = _midnight(start) if _midnight(start) == start else _midnight(start) + timedelta(days=1)
-        past_end = _midnight(win.end - timedelta(seconds=SETTLE_S))
-        if past_end <= first_day:
-            return self._scan(conn, sha, win.conditions(), unsure_below, hours)
-        groups = self._scan(conn, sha, [c.received >= start, c.received < first_day], unsure_below, hours)
-        groups += self._past_days(conn, sha, first_day, past_end, unsure_below)
-        groups += self._scan(conn, sha, [c.received >= past_end, c.received <= win.end], unsure_below, hours)
-        return groups
+        for message, n in conn.execute(sa.select(c.error, sa.func.count()).where(
+                c.model_sha256 == sha, *where, c.error.is_not(None)).group_by(c.error)):
+            counts.messages[message] = counts.messages.get(message, 0) + int(n)
 
-    def _past_days(self, conn: sa.Connection, sha: str, first_day: datetime, end: datetime,
-                   unsure_below: float) -> list[tuple]:
+    def _counts(self, conn: sa.Connection, sha: str, win: Window, unsure_below: float, hours: int,
+                first_seen: datetime | None) -> "_Counts":
+        """The window's counts. With day buckets, the whole days between its two ends come from
+        traffic_days; the part of its first day after `win.start` and today up to `win.end`
+        from the uploads (the first day whole from the counts when the window starts at the
+        version's first upload: none is older). A threshold that is not a fine bin's edge
+        cannot be read from the counts: then every day comes from the uploads."""
+        counts = _Counts()
+        limit = unsure_limit(unsure_below)
         c = uploads.c
-        cache = self._days.setdefault((sha, unsure_below), {})
-        now = self.monotonic()
-        days = [first_day + timedelta(days=i) for i in range((end - first_day).days)]
-        missing = [d for d in days if (hit := cache.get(d.strftime("%Y-%m-%d"))) is None or now - hit[0] > DAY_CACHE_S]
-        # A week of days per statement: each stays well inside the store's statement timeout,
-        # however long the version has served.
-        for chunk in range(0, len(missing), DAYS_PER_SCAN):
-            part = missing[chunk:chunk + DAYS_PER_SCAN]
-            fresh: dict[str, list[tuple]] = {d.strftime("%Y-%m-%d"): [] for d in part}
-            for group in self._scan(conn, sha, [c.received >= part[0], c.received < part[-1] + timedelta(days=1)],
-                                    unsure_below, 24):
-                if group[0] in fresh:
-                    fresh[group[0]].append(group)
-            for day, rows in fresh.items():
-                cache[day] = (now, rows)
-        if len(self._days) > 64:  # versions x settings: a handful; never grows without bound
-            self._days.clear()
-        return [group for d in days for group in cache[d.strftime("%Y-%m-%d")][1]]
+        tail = _midnight(win.end)
+        if win.start is None:
+            head = None
+        elif first_seen is not None and win.start == first_seen:
+            head = _midnight(win.start)
+        else:
+            head = win.start if _midnight(win.start) == win.start else _midnight(win.start) + timedelta(days=1)
+        if hours != 24 or limit is None or (head is not None and head >= tail):
+            self._scan_into(counts, conn, sha, win.conditions(), unsure_below, hours)
+            return counts
+        if head is not None and head > win.start:
+            self._scan_into(counts, conn, sha, [c.received >= win.start, c.received < head], unsure_below, hours)
+        for day, kind, item, n in read_days(conn, sha, head, tail):
+            counts.add_day(day, kind, item, n, limit)
+        self._scan_into(counts, conn, sha, [c.received >= tail, c.received <= win.end], unsure_below, hours)
+        return counts
 
-    def _mix(self, conn: sa.Connection, sha: str, win: Window) -> dict[str, Any]:
+    def _mix(self, conn: sa.Connection, sha: str, win: Window, first_seen: datetime | None) -> dict[str, Any]:
         """Counts per confidence bin and per predicted label (answered uploads only)."""
-        c = uploads.c
-        conf = confidence_bin(c.confidence).label("bin")
-        by_bin = [0] * (len(CONFIDENCE_EDGES) + 1)
-        by_label: dict[str, int] = {}
-        for label, i, n in conn.execute(sa.select(c.predicted_label, conf, sa.func.count())
-                                        .where(c.model_sha256 == sha, *win.conditions(),
-                                               c.predicted_label.is_not(None))
-                                        .group_by(c.predicted_label, conf)):
-            by_bin[int(i)] += int(n)
-            by_label[label] = by_label.get(label, 0) + int(n)
-        return {"confidence": by_bin, "labels": by_label}
+        counts = self._counts(conn, sha, win, 0.0, 24, first_seen)
+        return {"confidence": counts.by_bin, "labels": counts.by_label}
 
     def _review_groups(self, conn: sa.Connection, sha: str | None, win: Window) -> list[tuple]:
         """(predicted, reviewed label, confidence bin, count, confidence sum) of the window's reviewed uploads.
@@ -364,27 +368,19 @@ class QualityStats:
         n, d = int(n or 0), int(d or 0)
         return {"count": n, "disagree": d, "disagreement_rate": d / n if n else None}
 
-    def _baseline(self, conn: sa.Connection, sha: str, win: Window, complete: bool) -> dict[str, Any]:
-        """The first week's mix; once the week is over it cannot change, so it is kept."""
-        hit = self._baselines.get(sha)
-        if complete and hit is not None and self.monotonic() - hit[0] <= DAY_CACHE_S:
-            return hit[1]
-        mix = self._mix(conn, sha, win)
-        if complete:
-            if len(self._baselines) > 64:
-                self._baselines.clear()
-            self._baselines[sha] = (self.monotonic(), mix)
-        return mix
+    def _baseline(self, conn: sa.Connection, sha: str, win: Window) -> dict[str, Any]:
+        """The first week's mix: its days from their running counts, the end of its last day from the uploads."""
+        return self._mix(conn, sha, win, win.start)
 
     def _drift(self, conn: sa.Connection, sha: str, win: Window, first_seen: datetime | None, now: datetime,
                mix: dict[str, Any] | None = None) -> dict[str, Any]:
-        mix = mix or self._mix(conn, sha, win)
+        mix = mix or self._mix(conn, sha, win, first_seen)
         if first_seen is None:
             baseline_win = None
             base = {"confidence": [0] * len(mix["confidence"]), "labels": {}}
         else:
             baseline_win = Window("baseline", first_seen, min(first_seen + BASELINE, now))
-            base = self._baseline(conn, sha, baseline_win, now >= first_seen + BASELINE)
+            base = self._baseline(conn, sha, baseline_win)
         label_names = sorted(set(base["labels"]) | set(mix["labels"]))
         base_labels = [base["labels"].get(name, 0) for name in label_names]
         win_labels = [mix["labels"].get(name, 0) for name in label_names]

@@ -38,6 +38,7 @@ from sqlalchemy.dialects import postgresql as pg_dialect, sqlite as sqlite_diale
 
 from keras_serve.errors import StorageError
 from keras_serve.storage.faults import StoreTimeouts
+from keras_serve.storage.traffic_days import change_traffic, counted_columns, rebuild_traffic, traffic_days
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +211,11 @@ def confidence_bin_of(value: float | None) -> int:
     return len(CONFIDENCE_EDGES)
 
 
-# What a row needs for its place in review_totals.
+# What a row needs for its place in review_totals, and (besides) in traffic_days.
 TOTALLED_COLUMNS = (uploads.c.id, uploads.c.model_sha256, uploads.c.confidence, uploads.c.predicted_label,
                     uploads.c.review_label, uploads.c.review_state)
+DAY_COUNTED_COLUMNS = tuple(column for column in counted_columns(uploads)
+                            if column.name not in {c.name for c in TOTALLED_COLUMNS})
 
 
 def _totals_key(row: Any) -> tuple[str, int, str, str] | None:
@@ -224,14 +227,15 @@ def _totals_key(row: Any) -> tuple[str, int, str, str] | None:
     return get("model_sha256"), confidence_bin_of(get("confidence")), get("predicted_label"), get("review_label")
 
 
-def lock_for_review_totals(conn: sa.Connection, ids: list[str]) -> list[Any]:
+def lock_for_review_totals(conn: sa.Connection, ids: list[str],
+                           columns: tuple[Any, ...] = TOTALLED_COLUMNS) -> list[Any]:
     """The totalled columns of `ids`, read so that no other writer can change them before this
     transaction ends: on PostgreSQL the rows are locked (FOR UPDATE, in id order: no deadlock);
     on SQLite the transaction takes the database's write lock first (a write that matches no
     row), so the rows read are the latest and stay so until the commit."""
     if not ids:
         return []
-    statement = sa.select(*TOTALLED_COLUMNS).where(uploads.c.id.in_(ids)).order_by(uploads.c.id)
+    statement = sa.select(*columns).where(uploads.c.id.in_(ids)).order_by(uploads.c.id)
     if conn.dialect.name == "sqlite":
         conn.execute(sa.text("DELETE FROM review_totals WHERE 0"))
     else:
@@ -362,6 +366,8 @@ MIGRATIONS: tuple[tuple[int, tuple[Any, ...]], ...] = (
          sa.schema.CreateIndex(admin_sessions_expires, if_not_exists=True))),
     (6, tuple(sa.schema.CreateIndex(index, if_not_exists=True) for index in STATS_INDEXES)),  # the dashboard
     (7, (sa.schema.CreateTable(review_totals, if_not_exists=True), rebuild_review_totals)),
+    # the traffic's running counts per version and day (keras_serve/storage/traffic_days.py)
+    (8, (sa.schema.CreateTable(traffic_days, if_not_exists=True), lambda conn: rebuild_traffic(conn, uploads))),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 UNAVAILABLE_HINT = "The upload database is unavailable; try again shortly. If it keeps happening, " \
@@ -476,6 +482,7 @@ class RecordStore:
             with self._errors("record the upload in"), self._begin() as conn:
                 conn.execute(uploads.insert(), row)
                 change_review_totals(conn, [(row, 1)])
+                change_traffic(conn, [(row, 1)])
             return
         # Group commit: SQLite takes one writer at a time, so the thread that gets the write
         # lock commits every row queued meanwhile in one transaction, and the others find
@@ -497,6 +504,7 @@ class RecordStore:
                         with conn.begin():
                             conn.execute(uploads.insert(), [queued.row for queued in group])
                             change_review_totals(conn, [(queued.row, 1) for queued in group])
+                            change_traffic(conn, [(queued.row, 1) for queued in group])
                     error = None
                 except StorageError as exc:
                     error = exc
@@ -512,6 +520,7 @@ class RecordStore:
             with self._begin() as conn:
                 conn.execute(uploads.insert(), row)
                 change_review_totals(conn, [(row, 1)])  # a copied store's reviewed rows
+                change_traffic(conn, [(row, 1)])
             return True
         except sa_exc.IntegrityError:
             return False
@@ -542,8 +551,10 @@ class RecordStore:
         ids = list(upload_ids)
         if ids:
             with self._errors("delete from"), self._begin() as conn:
-                reviewed = [row for row in lock_for_review_totals(conn, ids) if row.review_state]
-                change_review_totals(conn, [(row, -1) for row in reviewed])
+                # the rows' columns that both running counts need, read under lock
+                locked = lock_for_review_totals(conn, ids, TOTALLED_COLUMNS + DAY_COUNTED_COLUMNS)
+                change_review_totals(conn, [(row, -1) for row in locked if row.review_state])
+                change_traffic(conn, [(row._mapping, -1) for row in locked])
                 conn.execute(uploads.delete().where(uploads.c.id.in_(ids)))
                 conn.execute(reviews.delete().where(reviews.c.upload_id.in_(ids)))
                 conn.execute(feedback.delete().where(feedback.c.upload_id.in_(ids)))
