@@ -58,3 +58,15 @@ def test_missing_numbers_are_nan_not_errors():
     row = peers.ratio_rows(table, ["fastapi"], [1, 32], None, None)[0]
     assert row[1] == 100 and math.isnan(row[2]) and math.isnan(row[-1]) and math.isnan(row[-4])
     assert "-" in peers.render(table, {"ours": "this server"}, ["fastapi"], [1, 32], None, None)
+
+
+def test_our_system_takes_its_environment_and_promotes_a_file_before_it_starts(tmp_path):
+    system = peers.our_system("int8", ["KERAS_SERVE_THREADS=8", "--workers", "2", "--promote",
+                                       "models/cats_vs_dogs.int8.onnx"], 18000, tmp_path)
+    assert system.env == {"KERAS_SERVE_THREADS": "8"}
+    assert "--promote" not in system.command and system.command[-2:] == ["--workers", "2"]
+    assert system.command[system.command.index("--upload-dir") + 1] == str(tmp_path)
+    assert system.prepare[-2:] == [str(tmp_path), str(peers.PROJECT_ROOT / "models/cats_vs_dogs.int8.onnx")]
+    assert peers.our_system("float", ["--workers", "2"], 18000, tmp_path).prepare is None
+    with pytest.raises(ValueError, match="needs a model file"):
+        peers.our_system("broken", ["--promote"], 18000, tmp_path)

@@ -61,6 +61,7 @@ class System:
     health: str         # GET answers 200 once it serves
     env: dict[str, str] = field(default_factory=dict)
     is_peer: bool = True
+    prepare: list[str] | None = None  # run to completion before the server starts (ours: a promotion)
 
 
 def peer_systems(work: Path, onnx: Path, port: int) -> dict[str, System]:
@@ -87,16 +88,38 @@ def peer_systems(work: Path, onnx: Path, port: int) -> dict[str, System]:
     }
 
 
+# The store is made as a server's first start makes it (the model CLI never creates one), then
+# the file is promoted with the model CLI's own checks.
+PROMOTE_IN_FRESH_STORE = """import sys
+from keras_serve import settings
+from keras_serve.storage.uploads import UploadStore
+from keras_serve.model.__main__ import main
+UploadStore.from_config(settings.resolve({"UPLOAD_DIR": sys.argv[1]})).close()
+sys.exit(main(["promote", sys.argv[2], "--upload-dir", sys.argv[1], "--by", "benchmark"]))
+"""
+
+
 def our_system(label: str, args: Sequence[str], port: int, upload_dir: Path) -> System:
-    """app.py with `args`; leading NAME=VALUE words are its environment (KERAS_SERVE_THREADS=8 --workers 2)."""
+    """app.py with `args`; leading NAME=VALUE words are its environment (KERAS_SERVE_THREADS=8 --workers 2).
+    `--promote FILE` is not app.py's: FILE is promoted in the fresh store first, with
+    `python -m keras_serve.model promote` (checked like any version), so that app.py serves it as
+    a promoted version, the way a user switches to the int8 variant."""
     args = list(args)
     env = {}
     while args and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", args[0]):
         name, value = args.pop(0).split("=", 1)
         env[name] = value
+    prepare = None
+    if "--promote" in args:
+        at = args.index("--promote")
+        if at + 1 >= len(args):
+            raise ValueError("--promote needs a model file")
+        promoted = args[at + 1]
+        del args[at:at + 2]
+        prepare = [sys.executable, "-c", PROMOTE_IN_FRESH_STORE, str(upload_dir), str(PROJECT_ROOT / promoted)]
     command = [sys.executable, str(PROJECT_ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port),
                "--upload-dir", str(upload_dir), *args]
-    return System(label, command, PROJECT_ROOT, "/file/", "file", "/readyz", env, is_peer=False)
+    return System(label, command, PROJECT_ROOT, "/file/", "file", "/readyz", env, is_peer=False, prepare=prepare)
 
 
 # ---------------------------------------------------------------------------------------
@@ -329,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
                 names[key] = system.name if system.is_peer else key
                 log(f"repeat {repeat + 1}/{args.repeats}: {names[key]} on port {port}")
                 try:
+                    if system.prepare:
+                        prepared = subprocess.run(system.prepare, cwd=system.cwd, capture_output=True, text=True)
+                        if prepared.returncode != 0:
+                            raise RuntimeError(f"promoting {system.prepare[-1]} failed: {prepared.stderr[-500:]}")
                     levels = run_system(system, port, loadgen, uploads, args.concurrency, args.requests,
                                         scratch / f"{key.replace(' ', '_').replace('/', '_')}.log",
                                         args.startup_timeout, args.warmup)
