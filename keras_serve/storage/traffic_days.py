@@ -115,10 +115,21 @@ def keys_of(row: Mapping[str, Any]) -> list[Key]:
     return keys
 
 
+def _upsert(dialect_insert: Any) -> Any:
+    insert = dialect_insert(traffic_days)
+    t = traffic_days.c
+    return insert.on_conflict_do_update(index_elements=[t.model_sha256, t.day, t.kind, t.item],
+                                        set_={"uploads": t.uploads + insert.excluded.uploads})
+
+
+# Built once: on the serving path the statement is compiled once per dialect, never per upload.
+UPSERT = {"postgresql": _upsert(pg_dialect.insert), "sqlite": _upsert(sqlite_dialect.insert)}
+
+
 def change_traffic(conn: sa.Connection, changes: Iterable[tuple[Mapping[str, Any], int]]) -> None:
-    """Add (+1) or take away (-1) each upload to its day's counts: one statement for the lot
-    (rows in key order, so two transactions lock them in the same order), and on taking away
-    one more that deletes the counts left at zero."""
+    """Add (+1) or take away (-1) each upload to its day's counts: one upsert statement for the
+    lot, executed for each count it changes (in key order, so two transactions lock them in the
+    same order), and on taking away one more that deletes the counts left at zero."""
     deltas: dict[Key, int] = {}
     for row, sign in changes:
         for key in keys_of(row):
@@ -126,16 +137,10 @@ def change_traffic(conn: sa.Connection, changes: Iterable[tuple[Mapping[str, Any
     entries = [(key, n) for key, n in sorted(deltas.items()) if n]
     if not entries:
         return
+    conn.execute(UPSERT[conn.dialect.name], [{"model_sha256": sha, "day": day, "kind": kind, "item": item,
+                                              "uploads": n} for (sha, day, kind, item), n in entries])
     t = traffic_days.c
-    for first in range(0, len(entries), 500):  # bounded statements (SQLite's variable limit)
-        part = entries[first:first + 500]
-        insert = (pg_dialect.insert if conn.dialect.name == "postgresql" else sqlite_dialect.insert)(traffic_days)
-        insert = insert.values([{"model_sha256": sha, "day": day, "kind": kind, "item": item, "uploads": n}
-                                for (sha, day, kind, item), n in part])
-        conn.execute(insert.on_conflict_do_update(index_elements=[t.model_sha256, t.day, t.kind, t.item],
-                                                  set_={"uploads": t.uploads + insert.excluded.uploads}))
-    emptied = sorted({(sha, day) for (sha, day, _, _), n in entries if n < 0})
-    for sha, day in emptied:
+    for sha, day in sorted({(sha, day) for (sha, day, _, _), n in entries if n < 0}):
         conn.execute(traffic_days.delete().where(t.model_sha256 == sha, t.day == day, t.uploads <= 0))
 
 
