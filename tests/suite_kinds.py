@@ -14,8 +14,9 @@ What a test uses is read from its code: the names its function, its fixtures, an
 defined under tests/ that they call (transitively) refer to. A name in the code, not a call
 that ran: a test that merely mentions `subprocess` counts as starting one, which errs on
 the side of keeping `make check` fast. What the app starts itself (a candidate model checked
-in a child process) is not in the test's code: a test seen starting a child process in an
-earlier run here (pytest's cache) is marked `processes` too.
+in a child process) is not in the test's code: the tests known to make the app start one are
+named in STARTED_BY_THE_APP, and a test seen starting a child process in an earlier run here
+(pytest's cache) is marked `processes` too.
 
 Under pytest-xdist with `--dist loadfile --no-loadscope-reorder` (the Makefile), files go to
 workers in collection order; this plugin puts the files with the most starting tests first, so
@@ -49,6 +50,40 @@ FIXTURES = {
     "engines": {"postgres", "seaweedfs", "redis_server", "remote_storage_config"},
     "processes": {"server"},
     "browser": {"browser"},
+}
+# Tests whose app starts a child process their code does not name: the candidate check of a model
+# published or promoted (keras_serve/model/candidate_check.py), 3-4 s of CPU each. Whether one
+# starts in a given run depends on what its process checked before (results are kept per file), so
+# a run's observation alone (pytest's cache, below) misses some, and a fresh checkout knows none.
+# By file name under tests/, then test function name (every parameter of it); tests/test_suite_kinds.py
+# checks each named test still exists.
+STARTED_BY_THE_APP = {
+    "test_candidate_check.py": {
+        "test_a_model_needing_gigabytes_is_refused_by_its_budget_while_the_server_keeps_answering",
+        "test_a_layer_declared_gigabyte_sized_is_refused_by_the_memory_budget_on_the_cli",
+        "test_a_slow_model_is_refused_with_both_numbers_and_published_with_force_on_the_cli",
+        "test_a_model_taking_more_memory_than_the_ratio_allows_is_refused_with_both_numbers",
+        "test_a_model_that_takes_too_long_is_stopped_and_refused",
+        "test_a_model_answering_a_white_photo_with_no_probability_is_refused_naming_the_probe",
+        "test_a_refusal_names_the_published_file_never_the_folder_it_was_checked_in",
+    },
+    "test_model_versions.py": {
+        "test_a_promoted_model_answers_without_a_restart_and_a_rollback_brings_the_old_one_back",
+        "test_a_new_process_starts_on_the_promoted_version",
+        "test_the_cli_refuses_a_candidate_with_other_labels_or_that_does_not_load",
+        "test_a_version_the_server_refuses_keeps_the_old_model_and_the_api_rolls_it_back",
+        "test_the_api_promotes_and_rolls_back",
+        "test_publishing_over_http_checks_the_file_and_never_uses_its_name_as_a_path",
+        "test_a_version_that_fails_its_warm_up_is_refused_once",
+    },
+    "test_model_file_safety.py": {
+        "test_http_publish_answers_422_naming_the_layer_even_on_a_trusting_server",
+        "test_the_weight_budget_setting_reaches_the_server_and_the_http_check",
+    },
+    "test_engine_file.py": {
+        "test_an_int8_variant_is_published_promoted_and_rolled_back_like_any_version",
+        "test_a_variant_its_card_marks_not_promotable_is_promoted_only_with_force",
+    },
 }
 KINDS = tuple(STARTS)
 # Rough seconds per test of each kind, for the file order only.
@@ -117,6 +152,9 @@ class _Reader:
 
 def kinds_of(item: pytest.Item, reader: _Reader) -> set[str]:
     kinds = {kind for kind in KINDS if item.get_closest_marker(kind)}
+    path = Path(str(item.path)).resolve()
+    if path.parent == TESTS and getattr(item, "originalname", item.name) in STARTED_BY_THE_APP.get(path.name, ()):
+        kinds.add("processes")
     fixtures = set(getattr(item, "fixturenames", ()))
     kinds |= {kind for kind, names in FIXTURES.items() if names & fixtures}
     callspec = getattr(item, "callspec", None)

@@ -107,3 +107,14 @@ def test_a_test_seen_starting_a_process_is_marked_from_then_on(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     listed = run_pytest(tmp_path, *cached, "--collect-only", "-m", fast)
     assert "test_runs_a_command_the_code_does_not_name" not in listed.stdout
+
+
+def test_each_test_named_as_starting_a_process_through_the_app_still_exists():
+    import ast
+
+    from suite_kinds import STARTED_BY_THE_APP
+
+    for file, names in STARTED_BY_THE_APP.items():
+        tree = ast.parse((TESTS / file).read_text())
+        defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+        assert names <= defined, f"{file} no longer defines {sorted(names - defined)}"
