@@ -65,11 +65,14 @@ def models(tmp_path_factory):
         f.attrs["model_config"] = config.replace('"units": 10,', '"units": 50000,')
     made["declared_wide"] = path
 
-    # Convolutions over a 128x128 input: about 100 ms an image, against a few for the colour model.
+    # Convolutions over a 128x128 input: about 20 GFLOP an image, some 60 ms on two fast cores,
+    # against under a millisecond for the colour model: far past both MIN_SLOWER_MS and 3 times:
+    # a busy machine would have to hold the colour model's fastest of 7 passes over 20 ms to undo
+    # it. With 3 layers of 64 (9 ms on an idle machine) it came under MIN_SLOWER_MS and was published.
     inputs = keras.Input((128, 128, 3))
     x = inputs
-    for _ in range(3):
-        x = keras.layers.Conv2D(64, 3, padding="same")(x)
+    for _ in range(5):
+        x = keras.layers.Conv2D(128, 3, padding="same")(x)
     made["slow"] = save(keras.Model(inputs, head(x)), folder / "slow.h5")
 
     # A 512x512 input: about 300 MB of activations for a batch of 8, against tens for the colour model.
@@ -95,6 +98,150 @@ def models(tmp_path_factory):
     made["exponential"] = save(mean_model("exponential", 200, -110), folder / "exponential.h5")
     made["relu"] = save(mean_model("relu", 5, 0), folder / "relu.h5")  # white answers 5.0
     return made
+
+
+# --- the decisions on a child's answers, without a child ---------------------------------------
+# The tests further down run the real child process (suite_kinds marks them `processes`); these
+# give check_candidate the answers a child would have given, so `make check` proves the decisions.
+
+class FakeChildren:
+    """Stands in for candidate_check._run_child: the answer for each file, by its name."""
+
+    def __init__(self, answers: dict[str, dict]) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+
+    def __call__(self, request: dict, budget, name: str) -> dict:
+        self.asked.append(Path(request["path"]).name)
+        return self.answers[Path(request["path"]).name]
+
+
+def measured(latency_ms: float, memory_mb: float) -> dict:
+    return {"ok": True, "labels": ["CAT", "DOG"], "latency_ms": latency_ms, "peak_mb": memory_mb,
+            "engine": "tensorflow"}
+
+
+@pytest.fixture()
+def fake_children(monkeypatch, tmp_path):
+    """(install, candidate file, served file): install(answers) puts FakeChildren in place of
+    the child process; results are kept apart from the real checks' so none leaks either way."""
+    from collections import OrderedDict
+
+    from keras_serve.model import candidate_check
+
+    monkeypatch.setattr(candidate_check, "_results", OrderedDict())
+    candidate, served = tmp_path / "candidate.h5", tmp_path / "served.h5"
+    candidate.write_bytes(b"the candidate")
+    served.write_bytes(b"the served model")
+
+    def install(answers: dict[str, dict]) -> FakeChildren:
+        children = FakeChildren(answers)
+        monkeypatch.setattr(candidate_check, "_run_child", children)
+        return children
+
+    return install, candidate, served
+
+
+def test_a_candidate_past_the_slowdown_or_memory_ratio_is_refused_with_both_numbers_unless_forced(fake_children):
+    from keras_serve.errors import CandidateRefused
+    from keras_serve.model.candidate_check import check_candidate
+
+    install, candidate, served = fake_children
+    install({"candidate.h5": measured(60.0, 2400.0), "served.h5": measured(3.0, 600.0)})
+    with pytest.raises(CandidateRefused) as refused:
+        check_candidate(candidate, SMALL_BUDGET, ["CAT", "DOG"], name="new.h5", baseline=served)
+    message = refused.value.message
+    assert message.startswith("new.h5 would make every server worse: it answers one image in 60 ms, "
+                              "20.0 times the served model's 3 ms (CANDIDATE_MAX_SLOWDOWN: 3); ")
+    assert ("a process serving it takes 2400 MB to load it and answer 8 images, 4.0 times the served "
+            "model's 600 MB (CANDIDATE_MAX_MEMORY_GROWTH: 3)") in message
+    assert "python -m keras_serve.model publish --force" in message
+    # --force (guard_ratios=False) publishes it: the served model is not even measured.
+    children = install({"candidate.h5": measured(60.0, 2400.0)})
+    assert check_candidate(candidate, SMALL_BUDGET, ["CAT", "DOG"], baseline=served,
+                           guard_ratios=False).latency_ms == 60.0
+    assert children.asked == []  # the candidate's result was kept from the first check
+
+
+@pytest.mark.parametrize("candidate_answer, served_answer", [
+    pytest.param(measured(9.0, 700.0), measured(0.3, 600.0), id="30-times-slower-by-under-MIN_SLOWER_MS"),
+    pytest.param(measured(3.0, 80.0), measured(3.0, 20.0), id="4-times-the-memory-by-under-MIN_MORE_MB"),
+    pytest.param(measured(8.9, 1790.0), measured(3.0, 600.0), id="just-under-both-ratios"),
+])
+def test_a_candidate_within_the_ratios_or_the_noise_floors_is_not_refused(fake_children, candidate_answer,
+                                                                           served_answer):
+    from keras_serve.model.candidate_check import check_candidate
+
+    install, candidate, served = fake_children
+    children = install({"candidate.h5": candidate_answer, "served.h5": served_answer})
+    checked = check_candidate(candidate, SMALL_BUDGET, ["CAT", "DOG"], baseline=served)
+    assert (checked.latency_ms, checked.memory_mb) == (candidate_answer["latency_ms"], candidate_answer["peak_mb"])
+    assert children.asked == ["candidate.h5", "served.h5"]
+
+
+def test_a_served_model_that_cannot_be_measured_is_not_compared_with(fake_children, caplog):
+    from keras_serve.model.candidate_check import check_candidate
+
+    install, candidate, served = fake_children
+    install({"candidate.h5": measured(60.0, 2400.0), "served.h5": {"refused": "served.h5 does not load"}})
+    with caplog.at_level(logging.WARNING):
+        assert check_candidate(candidate, SMALL_BUDGET, None, name="new.h5", baseline=served).latency_ms == 60.0
+    assert "candidate new.h5 is not compared with it: served.h5 does not load" in caplog.text
+
+
+def test_a_childs_refusal_names_the_file_as_published_never_where_it_was_checked(fake_children):
+    import tempfile
+
+    from keras_serve.errors import CandidateRefused
+    from keras_serve.model.candidate_check import check_candidate
+
+    install, candidate, _ = fake_children
+    where = f"{tempfile.gettempdir()}/keras-serve-promote-x1/candidate"
+    install({"candidate.h5": {"refused": f"{candidate} does not load: {where}/candidate.h5 is truncated"}})
+    with pytest.raises(CandidateRefused) as refused:
+        check_candidate(candidate, SMALL_BUDGET, None, name="my_model.h5")
+    assert refused.value.message == "my_model.h5 does not load: my_model.h5 is truncated"
+
+
+class EndedChild:
+    """A child process that has already ended with `code` (negative: killed by that signal)."""
+
+    def __init__(self, code: int) -> None:
+        self.code, self.killed = code, False
+
+    def kill(self) -> None:
+        self.killed = True
+
+    def wait(self) -> int:
+        return self.code
+
+
+def follow(lines: list[dict | None], child: EndedChild, timeout_s: float = 60.0) -> str:
+    """The refusal candidate_check._follow makes of a child's lines."""
+    import queue
+
+    from keras_serve.errors import CandidateRefused
+    from keras_serve.model.candidate_check import Budget, _follow
+
+    said: queue.Queue = queue.Queue()
+    for line in lines:
+        said.put(line)
+    with pytest.raises(CandidateRefused) as refused:
+        _follow(child, said, Budget(400.0, timeout_s, 3.0, 3.0, None), "big.h5")
+    return refused.value.message
+
+
+def test_a_child_killed_over_its_budget_or_out_of_memory_or_out_of_time_is_a_refusal_saying_so():
+    assert follow([{"ready": True}, {"stage": "answering a batch of 8"}, None], EndedChild(-9)) == (
+        "big.h5 ended its check process (signal SIGKILL) while answering a batch of 8, under a memory budget "
+        "of 400 MB (CANDIDATE_MEMORY_MB): a model that needs more memory than its budget ends this way")
+    assert follow([{"ready": True}, {"memory": "needs at least 2048 MB"}], EndedChild(0)) == (
+        "big.h5 needs more memory than CANDIDATE_MEMORY_MB (400 MB) allows: needs at least 2048 MB (while loading)")
+    # Nothing more said within CANDIDATE_TIMEOUT_S of the child's start (0 s here: no waiting).
+    stuck = EndedChild(-9)
+    assert follow([{"ready": True}, {"stage": "timing one image"}], stuck, timeout_s=0.0) == (
+        "big.h5 took longer than CANDIDATE_TIMEOUT_S (0 s) to check; it was stopped while timing one image")
+    assert stuck.killed
 
 
 def publish_over_http(client, path: Path, filename: str | None = None):
