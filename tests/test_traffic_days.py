@@ -214,6 +214,7 @@ def test_the_migration_counts_the_traffic_of_a_database_made_before_the_counts(m
     rng = random.Random(13)
     for n in range(60):
         records.insert(upload(n, rng))
+    records.insert(upload(60, rng, received=NOW - timedelta(days=400)))  # a year of days without uploads between
     before = kept_counts(records)
     assert before
     with records.engine.begin() as conn:  # the database as schema 7 left it

@@ -178,9 +178,10 @@ def _day_sql(conn: sa.Connection, column: Any) -> Any:
 
 
 def rebuild_traffic(conn: sa.Connection, uploads: sa.Table, days_per_statement: int = 1) -> None:
-    """traffic_days from scratch, from every upload (the migration; a bulk load). A day per
-    statement: each stays inside the store's statement time limit however many days there are
-    (a day of ten thousand uploads takes milliseconds)."""
+    """traffic_days from scratch, from every upload (the migration; a bulk load). Each statement
+    reads one day (days without uploads are skipped), so each stays inside the store's
+    statement time limit however many days there are: a day of ten thousand uploads takes
+    milliseconds."""
     c = uploads.c
     conn.execute(traffic_days.delete())
     first = conn.execute(sa.select(sa.func.min(c.received))).scalar()
@@ -191,7 +192,6 @@ def rebuild_traffic(conn: sa.Connection, uploads: sa.Table, days_per_statement: 
         first, last = datetime.fromisoformat(first), datetime.fromisoformat(last)
     day = datetime.combine(first.date(), datetime.min.time())
     text = sa.String()
-    columns = ["model_sha256", "day", "kind", "item", "uploads"]
     while day <= last:
         end = day + timedelta(days=days_per_statement)
         where = (c.model_sha256.is_not(None), c.received >= day, c.received < end)
@@ -207,11 +207,16 @@ def rebuild_traffic(conn: sa.Connection, uploads: sa.Table, days_per_statement: 
         ]
         for kind, item, condition in parts:
             groups = (c.model_sha256, day_of) if item is None else (c.model_sha256, day_of, item)
-            conn.execute(traffic_days.insert().from_select(columns, sa.select(
+            conn.execute(traffic_days.insert().from_select(list(COUNT_COLUMNS), sa.select(
                 c.model_sha256, day_of, sa.literal_column(str(kind)),
                 sa.literal_column("''") if item is None else item, sa.func.count())
                 .where(*where, *condition).group_by(*groups)))
-        day = end
+        following = conn.execute(sa.select(sa.func.min(c.received)).where(c.received >= end)).scalar()
+        if following is None:
+            break
+        if isinstance(following, str):
+            following = datetime.fromisoformat(following)
+        day = max(end, datetime.combine(following.date(), datetime.min.time()))
 
 
 def read_days(conn: sa.Connection, sha: str, first_day: datetime | None, end_day: datetime) -> list[tuple]:
