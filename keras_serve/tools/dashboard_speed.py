@@ -120,8 +120,9 @@ def _first_view(url: str, sha: str, window: str, at: str) -> int:
 
 
 def first_views(url: str, sha: str, window: str, at: datetime, repeats: int) -> list[float]:
-    """The first page view of a new process, each in its own: its engine, its connections, its
-    compiled statements and SQLite's page cache all start empty (the OS's file cache does not)."""
+    """The first page view of a new process, each in its own: its compiled statements start
+    empty, and its one connection has only checked the schema, so SQLite's page cache holds
+    next to nothing (the operating system's file cache is warm, as on a server that restarts)."""
     out = []
     for _ in range(repeats):
         answer = subprocess.run([sys.executable, "-m", "keras_serve.tools.dashboard_speed", "--database-url", url,
