@@ -94,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
             effective["RATE_LIMIT"], workers, workers)
     with listening:  # closed on every way out (serving closes it first, when it drains)
         try:
+            if effective["HTTP_SERVER"] == "granian":  # its processes load the app after the fork
+                from keras_serve.web.access import AccessSettings
+                from keras_serve.web.granian_server import serve_granian
+
+                AccessSettings.from_config(effective)  # a bad setting fails here, once
+                return serve_granian(given, listening)
             if workers > 1:  # several processes: gunicorn forks them (keras_serve/workers.py)
                 from keras_serve.web.access import AccessSettings
                 from keras_serve.workers import serve_workers

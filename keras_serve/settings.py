@@ -198,6 +198,9 @@ SETTINGS: tuple[Setting, ...] = (
             float, flag="--idle-timeout", group="limits"),
     Setting("HEADER_TIMEOUT_S", 30.0, "a request's headers must arrive within this many seconds (slowloris)",
             float, flag="--header-timeout", group="limits"),
+    Setting("HTTP_SERVER", "waitress", "the HTTP layer: waitress (Python, every hardening rule exact) or granian "
+            "(Rust connection handling; what differs is in docs/performance.md, Choosing the HTTP layer)",
+            flag="--http-server", choices=("waitress", "granian"), group="serving"),
     Setting("SHUTDOWN_GRACE_S", 20.0, "on SIGTERM, answer the requests already received within this many "
             "seconds, then exit", float, flag="--shutdown-grace", group="serving"),
     Setting("THREADS", 64, "request threads (measured: more than 32 helps 64 clients, costs nothing at 1 or 32)",

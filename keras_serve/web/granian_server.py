@@ -1,0 +1,350 @@
+"""Serving over HTTP with granian (`--http-server granian`): connections handled in Rust, the
+Flask app run on granian's Python threads.
+
+Started from `keras_serve.cli` after the port is bound (a port in use still fails at once):
+granian's main process keeps that socket and forks WORKERS worker processes that share it.
+Each worker builds the app itself with `create_app` after the fork (TensorFlow's and ONNX
+Runtime's thread pools do not survive a fork), serves it, and closes its service when it stops.
+
+How this layer meets the server's hardening contract (docs/performance.md, "Choosing the HTTP
+layer"), where it differs from waitress (`keras_serve.web.server`):
+
+- Body size: the app refuses a Content-Length over the limit before reading the body (Flask's
+  MAX_CONTENT_LENGTH), and a chunked body as soon as it passes the limit; the answer says
+  `Connection: close`, since the rest of the body is never read.
+- Slow clients: granian closes a connection whose request headers do not arrive within
+  HEADER_TIMEOUT_S; idle keep-alive connections cost no thread. A request BODY that stalls
+  completely holds one of the worker's Python threads until the client leaves or the server
+  stops (granian has no body read timeout); one that trickles is cut off by the app
+  (`BodyDeadline`) once it has taken longer than IDLE_TIMEOUT_S + HEADER_TIMEOUT_S.
+- Refusals granian makes before the app sees the request (a malformed request line or header,
+  a header section over its buffer) carry granian's own short answer, not the app's JSON.
+- SIGTERM/SIGINT: /readyz answers 503 at once, the worker stops accepting, answers the requests
+  in flight (their answers say `Connection: close`) and exits; granian's main process kills a
+  worker still busy after SHUTDOWN_GRACE_S. A second signal stops at once.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from functools import partial
+from typing import Any, Callable, Iterable
+
+from granian.constants import HTTPModes, Interfaces
+from granian.http import HTTP1Settings
+from granian.server.mp import MPServer, WorkerProcess
+
+log = logging.getLogger(__name__)
+
+# Python threads per worker that run the app (granian's "blocking threads"). Measured
+# (docs/performance.md): the app's request threads do the decode and the forward pass, so
+# few threads keep the CPU for them; more only queue behind the model.
+DEFAULT_BLOCKING_THREADS = 8
+# granian's read buffer per connection bounds a request's header section: a larger one is
+# refused (431) or the connection closed, and never grows the worker's memory.
+MAX_HEADER_BUFFER = 256 * 1024
+# The exit status that makes `python app.py` report a worker that could not load the model.
+WORKER_BOOT_ERROR = 3
+
+
+class BodyTooSlow(Exception):
+    """A request body still arriving after its deadline."""
+
+
+class BodyCutShort(Exception):
+    """A request body that ended before its Content-Length: the client left, or the server is
+    stopping (granian ends the bodies still arriving when it drains)."""
+
+
+class BodyDeadline:
+    """wsgi.input with a deadline for the whole body: a body that trickles in (a byte every few
+    seconds) is cut off once the deadline passes. A read that waits on a client sending nothing
+    at all is not interrupted: granian gives no way to (see the module's docstring). A body that
+    ends short of its Content-Length raises BodyCutShort, not a parse error blaming the form."""
+
+    def __init__(self, stream: Any, deadline: float, expected: int | None = None) -> None:
+        self.stream, self.deadline, self.expected = stream, deadline, expected
+        self.received = 0
+
+    def _check(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise BodyTooSlow("the request body took too long to arrive")
+
+    def _counted(self, data: bytes, size: int) -> bytes:
+        self.received += len(data)
+        if not data and size != 0 and self.expected is not None and self.received < self.expected:
+            raise BodyCutShort(f"the request body ended after {self.received:,} of its {self.expected:,} bytes")
+        return data
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._read(self.stream.read, size)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        return self._read(self.stream.readline, size)
+
+    def _read(self, reader: Callable[[int], bytes], size: int | None) -> bytes:
+        self._check()
+        size = -1 if size is None else size
+        try:
+            data = reader(size)
+        except Exception as exc:  # granian's stream fails when the connection ends under it
+            raise BodyCutShort(f"the request body ended after {self.received:,} bytes ({exc})") from exc
+        return self._counted(data, size)
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        return list(iter(self.readline, b""))
+
+    def __iter__(self):
+        return iter(self.readline, b"")
+
+
+class RaisingBody:
+    """The body of a request whose body already failed: reading it raises that failure again,
+    inside the app, which answers it in its own format."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def read(self, size: int | None = -1) -> bytes:
+        raise self.exc
+
+    readline = read
+
+
+class GranianAdapter:
+    """The Flask app as granian serves it: a body deadline, chunked bodies measured against the
+    limit before the app parses them, and `Connection: close` on answers after which the
+    connection must not be reused (a body left unread, a stop under way)."""
+
+    def __init__(self, flask_app: Any, body_seconds: float) -> None:
+        self.flask_app = flask_app
+        self.max_body_bytes = int(flask_app.config["MAX_CONTENT_LENGTH"])
+        self.service = flask_app.extensions["classifier"]
+        self.body_seconds = body_seconds
+        self.draining = False
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        declared = environ.get("CONTENT_LENGTH")
+        body = BodyDeadline(environ["wsgi.input"], time.monotonic() + self.body_seconds,
+                            int(declared) if declared and declared.isdigit() else None)
+        environ["wsgi.input"] = body
+        if not environ.get("CONTENT_LENGTH") and environ.get("HTTP_TRANSFER_ENCODING"):
+            self._measure_chunked(environ, body)
+
+        def starting(status: str, headers: list[tuple[str, str]], exc_info: Any = None):
+            if self.draining or status.startswith(("408", "413")):
+                headers = [(k, v) for k, v in headers if k.lower() != "connection"] + [("Connection", "close")]
+            return start_response(status, headers, exc_info)
+
+        return self.flask_app(environ, starting)
+
+    def _measure_chunked(self, environ: dict, body: BodyDeadline) -> None:
+        """A chunked body, read up to one byte past the limit, as waitress does: the app then
+        sees a Content-Length, so one over the limit gets the app's own 413 before it is parsed
+        (Flask refuses a Content-Length over MAX_CONTENT_LENGTH), and one within it is parsed
+        from memory (a temporary file past 512 KB)."""
+        spooled = tempfile.SpooledTemporaryFile(max_size=512 * 1024)
+        received = 0
+        try:
+            while received <= self.max_body_bytes and (chunk := body.read(min(64 * 1024, self.max_body_bytes + 1 - received))):
+                spooled.write(chunk)
+                received += len(chunk)
+        except BodyTooSlow as exc:
+            spooled.close()
+            environ["wsgi.input"] = RaisingBody(exc)
+            return
+        spooled.seek(0)
+        environ.pop("HTTP_TRANSFER_ENCODING", None)
+        environ["CONTENT_LENGTH"] = str(received)
+        environ["wsgi.input"] = spooled if received <= self.max_body_bytes else io.BytesIO()
+
+
+def _errorhandler_for_slow_body(flask_app: Any) -> None:
+    from keras_serve.web.responses import error_response
+
+    service = flask_app.extensions["classifier"]
+
+    @flask_app.errorhandler(BodyTooSlow)
+    def body_too_slow(exc: BodyTooSlow):
+        return error_response(408, "request_timeout", str(exc).capitalize() + ".",
+                              "Send the request body without long pauses.")
+
+    @flask_app.errorhandler(BodyCutShort)
+    def body_cut_short(exc: BodyCutShort):
+        if not service.ready:  # cut by the stop, not by the client
+            return error_response(503, "server_stopping", str(exc).capitalize() + ": the server is stopping.",
+                                  "Send the request again; another server process will answer it.")
+        return error_response(400, "incomplete_body", str(exc).capitalize() + ".",
+                              "Send the whole body that Content-Length announces.")
+
+
+def load_app(config: dict[str, Any], port: int, threads: int, log_format: str) -> GranianAdapter:
+    """Runs in each worker after the fork: its own app, model, batcher and store. `port`: the
+    one bound (--port 0: the system's choice); `threads`: granian's Python threads per worker."""
+    from keras_serve import create_app
+    from keras_serve.errors import StartupError
+    from keras_serve.web.request_log import configure_logging
+
+    configure_logging(log_format)  # granian's worker set up its own logging after the fork
+    try:
+        flask_app = create_app(config)
+    except StartupError as exc:
+        print(f"error: {exc.message}" + (f"; {exc.hint}" if exc.hint else ""), file=sys.stderr, flush=True)
+        sys.exit(WORKER_BOOT_ERROR)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(WORKER_BOOT_ERROR)
+    _errorhandler_for_slow_body(flask_app)
+    service = flask_app.extensions["classifier"]
+    c = flask_app.config
+    if int(config["WORKERS"]) == 1:  # the two start-up lines of one process, as with waitress
+        sys.stdout.write(service.model.summary_line() + "\n")
+        sys.stdout.flush()
+        sys.stdout.write(f"serving on http://{c['HOST']}:{port}/ (granian, threads "
+                         f"{threads}, max batch {c['MAX_BATCH']}, max wait {c['MAX_WAIT_MS']} "
+                         f"ms, uploads in {c['UPLOAD_DIR']})\n")
+        sys.stdout.flush()
+    else:
+        print(f"worker {os.getpid()} ready: {service.model.summary_line()}", flush=True)
+    return GranianAdapter(flask_app, float(c["IDLE_TIMEOUT_S"]) + float(c["HEADER_TIMEOUT_S"]))
+
+
+@WorkerProcess.wrap_target
+def _serve_wsgi_worker(worker_id, callback, sock, ipc, loop, runtime_mode, runtime_threads, runtime_blocking_threads,
+                       blocking_threads, blocking_threads_idle_timeout, backpressure, task_impl, http_mode,
+                       http1_settings, http2_settings, websockets, static_path, log_access_fmt, ssl_ctx, scope_opts,
+                       metrics):
+    """granian's WSGI worker (granian.server.mp.MPServer._spawn_wsgi_worker, 2.8), but the first
+    SIGTERM/SIGINT turns /readyz to 503 before the stop, the second exits at once, and the
+    service (batcher, store) is closed once the last answer is out."""
+    from granian._futures import _new_cbscheduler
+    from granian._granian import WorkerSignal, WSGIWorker
+    from granian.constants import TaskImpl
+    from granian.server.common import WORKERS_METHODS
+    from granian.wsgi import _callback_wrapper
+
+    adapter: GranianAdapter = callback
+    shutdown_event = WorkerSignal()
+    stopped = threading.Event()
+    signals: list[int] = []
+
+    def on_signal(signum, frame) -> None:
+        # granian's main process passes a stop on as SIGTERM, so a Ctrl-C reaches a worker twice
+        # (the terminal's SIGINT, then that SIGTERM): only a second SIGINT means "stop now".
+        if signum == signal.SIGINT and signal.SIGINT in signals:
+            os._exit(1)
+        signals.append(signum)
+        adapter.service.ready = False  # /readyz answers 503 from this moment
+        adapter.draining = True
+        shutdown_event.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    shutdown_event.add_cb(stopped.set)
+    worker = WSGIWorker(worker_id, sock, ipc, runtime_threads, runtime_blocking_threads, blocking_threads,
+                        blocking_threads_idle_timeout, backpressure, http_mode, http1_settings, http2_settings,
+                        static_path, *ssl_ctx, metrics)
+    serve = getattr(worker, WORKERS_METHODS[runtime_mode][(sock[0] or sock[1]).is_uds()])
+    scheduler = _new_cbscheduler(loop, _callback_wrapper(adapter, scope_opts, log_access_fmt),
+                                 impl_asyncio=task_impl == TaskImpl.asyncio)
+    with adapter.service:
+        serve(scheduler, loop, shutdown_event)  # serves on granian's threads; returns at once
+        stopped.wait()  # set once granian has drained the connections after the signal
+
+
+class KerasServeGranian(MPServer):
+    """granian's multi-process server on the socket `keras_serve.cli` bound before the load."""
+
+    def __init__(self, listening: socket.socket, **kwargs: Any) -> None:
+        self.listening = listening
+        super().__init__(**kwargs)
+
+    def _init_shared_socket(self) -> None:
+        # granian would bind its own socket; this one has listened since before the model loaded.
+        from granian._granian import SocketHolder
+
+        self._ssp = None
+        self._shd = SocketHolder(self.listening.fileno(), False, self.backlog)
+        self._sfd = self._shd.get_fd()
+        self.listening.set_inheritable(True)
+        self._sso = None
+
+    def _drop_shared_socket(self) -> None:
+        # Stop listening now, in this process: the workers stop accepting on their own signal.
+        try:
+            self.listening.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def signal_handler_interrupt(self, *args: Any, **kwargs: Any) -> None:
+        if self.interrupt_signal:  # a second signal: stop every worker now
+            for worker in list(self.wrks):
+                worker.kill()
+        super().signal_handler_interrupt(*args, **kwargs)
+
+
+def _chosen_on_purpose(record: logging.LogRecord) -> bool:
+    """granian warns of more Python threads than twice the cores: here they are measured
+    (DEFAULT_BLOCKING_THREADS), and a warning at every start would train people to ignore them."""
+    return not record.getMessage().startswith("Configuration allows spawning up to")
+
+
+def blocking_threads_for(config: dict[str, Any]) -> int:
+    return max(1, min(int(config["THREADS"]), DEFAULT_BLOCKING_THREADS))
+
+
+def serve_granian(config: dict[str, Any], listening: socket.socket) -> int:
+    """Run granian until SIGTERM/SIGINT; 0 after a clean stop, 2 if the workers could not start
+    or keep running. `config`: the settings given (create_app's config), WORKERS decided."""
+    from granian.log import LogLevels
+
+    from keras_serve.web.server import connection_limit, raise_open_file_limit
+
+    workers = int(config["WORKERS"])
+    port = listening.getsockname()[1]  # --port 0: the port the system chose
+    from keras_serve import settings as settings_module
+
+    effective = settings_module.resolve(config)
+    threads = blocking_threads_for(effective)
+    if workers > 1:
+        print(f"serving on http://{effective['HOST']}:{port}/ ({workers} worker processes under granian, "
+              f"threads {threads} each, max batch {effective['MAX_BATCH']}, max wait {effective['MAX_WAIT_MS']} "
+              f"ms, uploads in {effective['UPLOAD_DIR']})", flush=True)
+    server = KerasServeGranian(
+        listening,
+        target="keras_serve", address=str(effective["HOST"]), port=port, interface=Interfaces.WSGI,
+        workers=workers, blocking_threads=threads,
+        # granian's limit of connections served at once per worker: CONNECTION_LIMIT, capped by
+        # the open-file limit as with waitress (idle keep-alive connections count, and cost no thread)
+        backpressure=max(1, connection_limit(int(effective["CONNECTION_LIMIT"]), raise_open_file_limit()) // workers),
+        http=HTTPModes.http1,  # HTTP/2 is a proxy's job here, as with waitress
+        http1_settings=HTTP1Settings(header_read_timeout=int(float(effective["HEADER_TIMEOUT_S"]) * 1000),
+                                     keep_alive=True, max_buffer_size=MAX_HEADER_BUFFER),
+        backlog=2048, respawn_failed_workers=True,
+        workers_kill_timeout=math.ceil(float(effective["SHUTDOWN_GRACE_S"])),
+        log_level=LogLevels.warning, log_dictconfig={"loggers": {"_granian": {"level": "WARNING"},
+                                                                  "granian.access": {"level": "WARNING"}}},
+        process_name=None)
+    from keras_serve.cli import log_format_for
+    from keras_serve.web.request_log import configure_logging
+
+    log_format = log_format_for(effective["LOG_FORMAT"], sys.stderr)
+    configure_logging(log_format)  # granian set up its own
+    logging.getLogger("_granian").addFilter(_chosen_on_purpose)
+    try:
+        server.serve(spawn_target=_serve_wsgi_worker, target_loader=partial(load_app, config, port, threads, log_format),
+                     wrap_loader=False)
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            print(f"error: the worker processes could not start or keep running (granian exit status "
+                  f"{exc.code}; see the lines above)", file=sys.stderr)
+            return 2
+    return 0
