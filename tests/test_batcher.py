@@ -60,13 +60,40 @@ def test_a_failing_item_fails_only_its_own_request():
     assert [r for i, r in enumerate(results) if i != 3] == [3.0 * i for i in range(8) if i != 3]
 
 
+# A bound on waiting for a future: it only turns a hang into a failure, it is not a speed.
+HANG_S = 30.0
+# A max_wait no test could sit out: an answer before it proves the batch did not wait for it.
+FOREVER_MS = 3_600_000
+
+
 def test_single_request_is_not_held_longer_than_max_wait():
-    batcher = DynamicBatcher(sum_model, max_batch=32, max_wait_ms=50)
+    calls = []
+
+    def model(batch):
+        calls.append(len(batch))
+        return sum_model(batch)
+
+    batcher = DynamicBatcher(model, max_batch=32, max_wait_ms=50)
+    decoding, release = threading.Event(), threading.Event()
+
+    def stuck_decode():
+        decoding.set()
+        release.wait(HANG_S)  # announced, but does not arrive until the first is answered
+        return np.full((1, 1), 2, np.float32)
+
     try:
-        started = time.perf_counter()
-        batcher.predict(np.ones((1, 1), np.float32))
-        assert time.perf_counter() - started < 1.0
+        with ThreadPoolExecutor(1) as pool:
+            stuck = pool.submit(batcher.predict_prepared, stuck_decode)
+            assert decoding.wait(HANG_S)
+            first = batcher.submit(np.ones((1, 1), np.float32))
+            # answered while the announced input is still decoding: max_wait ended the wait
+            assert float(first.result(HANG_S)[0]) == 1.0
+            assert not release.is_set() and batcher.announced == 1
+            release.set()
+            assert float(stuck.result(HANG_S)[0]) == 2.0
+        assert calls == [1, 1]
     finally:
+        release.set()
         batcher.close()
 
 
@@ -85,31 +112,33 @@ def test_batch_waits_for_an_announced_input_but_not_for_nobody():
         calls.append(len(batch))
         return sum_model(batch)
 
-    batcher = DynamicBatcher(model, max_batch=8, max_wait_ms=500)
-    decoding = threading.Event()
+    batcher = DynamicBatcher(model, max_batch=8, max_wait_ms=FOREVER_MS)
+    decoding, first_queued = threading.Event(), threading.Event()
 
     def slow_decode():
         decoding.set()
-        time.sleep(0.05)  # a second request is still decoding when the first is queued
+        first_queued.wait(HANG_S)  # a second request is still decoding when the first is queued
         return np.full((1, 1), 2, np.float32)
 
     try:
         with ThreadPoolExecutor(1) as pool:
             second = pool.submit(batcher.predict_prepared, slow_decode)
-            decoding.wait(5)
+            assert decoding.wait(HANG_S)
             first = batcher.submit(np.ones((1, 1), np.float32))
-            assert float(first.result(5)[0]) == 1.0 and float(second.result(5)[0]) == 2.0
+            first_queued.set()
+            assert float(first.result(HANG_S)[0]) == 1.0 and float(second.result(HANG_S)[0]) == 2.0
         assert calls == [2], "the announced input should have joined the forming batch"
 
-        started = time.perf_counter()
-        batcher.predict(np.ones((1, 1), np.float32))  # nobody else coming: no 500 ms wait
-        assert time.perf_counter() - started < 0.25
+        # nobody else coming: answered at once, not after max_wait (an hour)
+        assert float(batcher.submit(np.ones((1, 1), np.float32)).result(HANG_S)[0]) == 1.0
+        assert calls == [2, 1]
     finally:
+        first_queued.set()
         batcher.close()
 
 
 def test_a_failed_decode_leaves_no_announcement_behind():
-    batcher = DynamicBatcher(sum_model, max_batch=8, max_wait_ms=500)
+    batcher = DynamicBatcher(sum_model, max_batch=8, max_wait_ms=FOREVER_MS)
 
     def broken_decode():
         raise ValueError("not an image")
@@ -118,9 +147,8 @@ def test_a_failed_decode_leaves_no_announcement_behind():
         with pytest.raises(ValueError):
             batcher.predict_prepared(broken_decode)
         assert batcher.announced == 0
-        started = time.perf_counter()
-        batcher.predict(np.ones((1, 1), np.float32))  # a leaked count would make this wait 500 ms
-        assert time.perf_counter() - started < 0.25
+        # a leaked count would hold this lone request for max_wait (an hour)
+        assert float(batcher.submit(np.ones((1, 1), np.float32)).result(HANG_S)[0]) == 1.0
     finally:
         batcher.close()
 
@@ -132,13 +160,13 @@ def test_inputs_of_one_request_share_a_batch_and_a_bad_one_fails_alone():
         calls.append(len(batch))
         return sum_model(batch)
 
-    batcher = DynamicBatcher(model, max_batch=8, max_wait_ms=500)
+    batcher = DynamicBatcher(model, max_batch=8, max_wait_ms=FOREVER_MS)
 
     def decode(i):
         def prepare():
             if i == 2:
                 raise ValueError("not an image")
-            time.sleep(0.02)  # decoding takes time; the batch waits for the announced rest
+            time.sleep(0.02)  # decoding takes time; the batch waits for the announced rest, however long
             return np.full((1, 2), i, np.float32)
         return prepare
 
