@@ -138,26 +138,31 @@ def test_decoding_allocates_no_more_than_its_estimated_cost(make):
 
 
 def test_budget_makes_large_decodes_take_turns():
-    budget = DecodeBudget(100)
+    budget = DecodeBudget(100, wait_seconds=30)  # a broken budget fails the test rather than hang it
     order = []
-    first_in = threading.Event()
+    a_in, release_a, b_in = threading.Event(), threading.Event(), threading.Event()
 
-    def hold(name: str, nbytes: int, seconds: float) -> None:
+    def hold(name: str, nbytes: int, entered: threading.Event, until: threading.Event | None) -> None:
         with budget.reserve(nbytes):
             order.append(f"{name} in")
-            first_in.set()
-            time.sleep(seconds)
+            entered.set()
+            if until is not None:
+                until.wait(30)  # holds its bytes until the test lets go; the bound only ends a hang
             order.append(f"{name} out")
 
-    first = threading.Thread(target=hold, args=("a", 70, 0.2))
+    first = threading.Thread(target=hold, args=("a", 70, a_in, release_a))
     first.start()
-    first_in.wait(5)
-    second = threading.Thread(target=hold, args=("b", 70, 0))
+    assert a_in.wait(30)
+    second = threading.Thread(target=hold, args=("b", 70, b_in, None))
     second.start()
     with budget.reserve(30):  # a small one fits beside the first and does not wait
         order.append("small")
-    first.join(5)
-    second.join(5)
+    # b cannot get in while a holds 70 of 100, however long it is given (this only makes a
+    # broken budget more likely to show; a working one passes whatever the timing)
+    assert not b_in.wait(0.2)
+    release_a.set()
+    first.join(30)
+    second.join(30)
     assert order == ["a in", "small", "a out", "b in", "b out"]
     assert budget.in_use_bytes == 0
 
