@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import email.parser
 import math
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -91,7 +92,19 @@ def test_parse_cpu_ticks_of_this_process() -> None:
     text = Path("/proc/self/stat").read_text() if Path("/proc/self/stat").exists() else None
     if text is None:
         pytest.skip("no /proc on this system")
-    assert procstats.parse_cpu_ticks(text) >= 0
+    per_second = os.sysconf("SC_CLK_TCK")
+
+    def ticks_from_times() -> int:
+        # times(2) counts the same user+system ticks as /proc/self/stat, in seconds here
+        now = os.times()
+        return round((now.user + now.system) * per_second)
+
+    while ticks_from_times() < 5:  # enough CPU used that zero or a wrong field cannot match
+        sum(range(10_000))
+    before = ticks_from_times()
+    parsed = procstats.parse_cpu_ticks(Path("/proc/self/stat").read_text())
+    after = ticks_from_times()
+    assert 0 < before <= parsed <= after, (before, parsed, after)
 
 
 def test_parse_machine_ticks_counts_all_but_idle_and_iowait() -> None:
