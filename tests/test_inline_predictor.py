@@ -99,15 +99,44 @@ def test_choose_batching_measures_the_model_on_auto_and_obeys_on_and_off(monkeyp
         choose_batching("sometimes", model, (2,))
 
 
-def test_forward_ms_per_image_runs_the_model_on_zero_inputs_of_the_batch_size():
+class FakeClocks:
+    """Stands in for the `time` module in inline: the model moves the clocks, the test knows by how much."""
+
+    def __init__(self) -> None:
+        self.wall_s = 100.0
+        self.cpu_s = 50.0
+
+    def perf_counter(self) -> float:
+        return self.wall_s
+
+    def process_time(self) -> float:
+        return self.cpu_s
+
+
+def test_forward_ms_per_image_runs_the_model_on_zero_inputs_of_the_batch_size(monkeypatch):
     shapes = []
+    clocks = FakeClocks()
+    monkeypatch.setattr(inline, "time", clocks)
+    # (wall ms, CPU ms) of each whole call in order: two warm-ups, then three rounds of 1 and 4
+    costs = iter([(900.0, 900.0), (900.0, 900.0),
+                  (5.0, 3.0), (40.0, 16.0),
+                  (4.0, 6.0), (24.0, 32.0),
+                  (7.0, 2.0), (32.0, 24.0)])
 
     def model(batch):
         shapes.append(batch.shape)
+        assert not batch.any()
+        wall_ms, cpu_ms = next(costs)
+        clocks.wall_s += wall_ms / 1000
+        clocks.cpu_s += cpu_ms / 1000
         return sum_model(batch)
 
     timings = inline.forward_ms_per_image(model, (3, 2), (1, 4), budget_s=0.0)
-    assert set(timings) == {1, 4} and all(cpu >= 0.0 and wall >= 0.0 for cpu, wall in timings.values())
+    # per image, the least of each measure on its own (warm-ups left out): CPU and wall may
+    # come from different rounds
+    assert set(timings) == {1, 4}
+    assert timings[1] == (pytest.approx(2.0), pytest.approx(4.0))
+    assert timings[4] == (pytest.approx(4.0), pytest.approx(6.0))
     # one warm-up call each, then at least three rounds taking turns
     assert shapes[:2] == [(1, 3, 2), (4, 3, 2)] and shapes[2:8] == [(1, 3, 2), (4, 3, 2)] * 3
 
