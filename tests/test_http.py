@@ -1,5 +1,4 @@
 """The HTTP API and pages through Flask's test client, against a tiny colour model."""
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -54,9 +53,13 @@ def test_upload_is_stored_with_its_prediction(client, app):
     # named by the server: the day and the detected format, never the client's name
     # (beside it: the database and the owner marker, docs/storage-faults.md)
     [stored] = stored_images(upload_dir)
-    assert stored.relative_to(upload_dir).as_posix() == time.strftime("%Y/%m/%d/", time.gmtime()) + f"{body['id']}.png"
-    assert stored.read_bytes() == data
     record = client.get(f"/uploads/{body['id']}/record").get_json()
+    # the folder is the UTC day of the record's own time of receipt (one clock reading, so a
+    # run across midnight agrees with itself)
+    day = record["received"][:10].replace("-", "/")
+    assert record["received"].endswith("+00:00")
+    assert stored.relative_to(upload_dir).as_posix() == f"{day}/{body['id']}.png"
+    assert stored.read_bytes() == data
     assert record["id"] == body["id"] and record["prediction"]["class"] == "CAT" and record["format"] == "PNG"
     assert record["client_filename"] == "../../etc/passwd.jpg"  # kept for audit, never used as a path
     image = client.get(body["image_url"])
