@@ -16,15 +16,17 @@ import pytest
 from server_process import ROOT, ServerProcess
 
 
+@pytest.mark.parametrize("http_server", ["waitress", "granian"])
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_port_in_use_fails_the_start_before_the_model_loads(workers, colour_model_path, tmp_path):
+def test_a_port_in_use_fails_the_start_before_the_model_loads(workers, http_server, colour_model_path, tmp_path):
     uploads = tmp_path / "uploads"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         done = subprocess.run([sys.executable, "app.py", "--model", str(colour_model_path), "--upload-dir",
-                               str(uploads), "--host", "127.0.0.1", "--port", str(port), "--workers", workers],
+                               str(uploads), "--host", "127.0.0.1", "--port", str(port), "--workers", workers,
+                               "--http-server", http_server],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
     output = done.stdout + done.stderr
     assert done.returncode == 2, output
@@ -48,11 +50,14 @@ def test_an_address_that_cannot_be_had_fails_the_same_way(host, port, why, colou
     assert "serving on" not in done.stdout and not (tmp_path / "uploads").exists()
 
 
-def test_a_first_start_on_an_empty_folder_logs_no_warning_and_json_when_piped(colour_model_path, tmp_path):
+@pytest.mark.parametrize("http_server", ["waitress", "granian"])
+def test_a_first_start_on_an_empty_folder_logs_no_warning_and_json_when_piped(http_server, colour_model_path,
+                                                                              tmp_path):
     uploads = tmp_path / "uploads"
     uploads.mkdir()
     env = {"KERAS_SERVE_LOG_FORMAT": "auto"}  # the default, whatever the test runner's environment says
-    with ServerProcess("--model", str(colour_model_path), "--upload-dir", str(uploads), env=env) as server:
+    with ServerProcess("--model", str(colour_model_path), "--upload-dir", str(uploads), "--http-server", http_server,
+                       env=env) as server:
         pass
     lines = server.stop().splitlines()
     assert not [line for line in lines if "WARNING" in line], lines

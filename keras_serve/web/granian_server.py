@@ -13,7 +13,8 @@ layer"), where it differs from waitress (`keras_serve.web.server`):
   MAX_CONTENT_LENGTH), and a chunked body as soon as it passes the limit; the answer says
   `Connection: close`, since the rest of the body is never read.
 - Slow clients: granian closes a connection whose request headers do not arrive within
-  HEADER_TIMEOUT_S; idle keep-alive connections cost no thread. A request BODY that stalls
+  HEADER_TIMEOUT_S, and an idle keep-alive connection after the same time (granian has one
+  clock for both; IDLE_TIMEOUT_S is not used for it); idle connections cost no thread. A request BODY that stalls
   completely holds one of the worker's Python threads until the client leaves or the server
   stops (granian has no body read timeout); one that trickles is cut off by the app
   (`BodyDeadline`) once it has taken longer than IDLE_TIMEOUT_S + HEADER_TIMEOUT_S.
@@ -44,10 +45,11 @@ from granian.server.mp import MPServer, WorkerProcess
 
 log = logging.getLogger(__name__)
 
-# Python threads per worker that run the app (granian's "blocking threads"). Measured
-# (docs/performance.md): the app's request threads do the decode and the forward pass, so
-# few threads keep the CPU for them; more only queue behind the model.
-DEFAULT_BLOCKING_THREADS = 8
+# granian's Python threads per worker ("blocking threads") that run the app: THREADS, as
+# waitress's request threads. Measured at 8 clients on the full pipeline (docs/performance.md):
+# 1, 4, 8 and 32 threads cost the same server CPU per request within the noise; and a request
+# body that stalls holds its thread (see above), so one thread would let one stalled upload
+# stop a worker.
 # granian's read buffer per connection bounds a request's header section: a larger one is
 # refused (431) or the connection closed, and never grows the worker's memory.
 MAX_HEADER_BUFFER = 256 * 1024
@@ -60,8 +62,8 @@ class BodyTooSlow(Exception):
 
 
 class BodyCutShort(Exception):
-    """A request body that ended before its Content-Length: the client left, or the server is
-    stopping (granian ends the bodies still arriving when it drains)."""
+    """A request body that ended before its Content-Length (the client stopped sending and
+    closed its side): a 400 that says so, not a parse error blaming the form."""
 
 
 class BodyDeadline:
@@ -167,10 +169,8 @@ class GranianAdapter:
         environ["wsgi.input"] = spooled if received <= self.max_body_bytes else io.BytesIO()
 
 
-def _errorhandler_for_slow_body(flask_app: Any) -> None:
+def _errorhandlers_for_the_body(flask_app: Any) -> None:
     from keras_serve.web.responses import error_response
-
-    service = flask_app.extensions["classifier"]
 
     @flask_app.errorhandler(BodyTooSlow)
     def body_too_slow(exc: BodyTooSlow):
@@ -179,9 +179,6 @@ def _errorhandler_for_slow_body(flask_app: Any) -> None:
 
     @flask_app.errorhandler(BodyCutShort)
     def body_cut_short(exc: BodyCutShort):
-        if not service.ready:  # cut by the stop, not by the client
-            return error_response(503, "server_stopping", str(exc).capitalize() + ": the server is stopping.",
-                                  "Send the request again; another server process will answer it.")
         return error_response(400, "incomplete_body", str(exc).capitalize() + ".",
                               "Send the whole body that Content-Length announces.")
 
@@ -202,7 +199,7 @@ def load_app(config: dict[str, Any], port: int, threads: int, log_format: str) -
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(WORKER_BOOT_ERROR)
-    _errorhandler_for_slow_body(flask_app)
+    _errorhandlers_for_the_body(flask_app)
     service = flask_app.extensions["classifier"]
     c = flask_app.config
     if int(config["WORKERS"]) == 1:  # the two start-up lines of one process, as with waitress
@@ -292,13 +289,14 @@ class KerasServeGranian(MPServer):
 
 
 def _chosen_on_purpose(record: logging.LogRecord) -> bool:
-    """granian warns of more Python threads than twice the cores: here they are measured
-    (DEFAULT_BLOCKING_THREADS), and a warning at every start would train people to ignore them."""
+    """granian warns of more Python threads than twice the cores: here they are THREADS, sized for
+    requests that wait (a stalled body, the store), and a warning at every start would train
+    people to ignore warnings."""
     return not record.getMessage().startswith("Configuration allows spawning up to")
 
 
 def blocking_threads_for(config: dict[str, Any]) -> int:
-    return max(1, min(int(config["THREADS"]), DEFAULT_BLOCKING_THREADS))
+    return max(1, int(config["THREADS"]))
 
 
 def serve_granian(config: dict[str, Any], listening: socket.socket) -> int:
