@@ -45,10 +45,8 @@ def test_sixteen_concurrent_uploads_with_the_same_name_are_all_answered_and_stor
 
 
 def test_real_http_errors_and_keep_serving(server):
+    # (413 over the body limit and 405 for GET are test_server_hardening's, on every server kind)
     assert requests.post(server.url + "/file/", files={"file": ("x.jpg", b"nope")}).status_code == 415
-    big = requests.post(server.url + "/file/", files={"file": ("x.jpg", b"\xff" * 2_000_000)})
-    assert big.status_code == 413 and big.json()["error"]["code"] == "request_entity_too_large"
-    assert requests.get(server.url + "/file/").status_code == 405
     ok = requests.post(server.url + "/file", files={"file": ("x.jpg", image_bytes(RED))})
     assert ok.status_code == 200 and ok.json()["class"] == "DOG"
     html = requests.post(server.url + "/file/", files={"file": ("x.jpg", image_bytes(BLUE))},
