@@ -9,7 +9,7 @@ TEST_WORKERS ?= 2
 RUNTIME := $(VENV)/.installed-runtime
 TESTING := $(VENV)/.installed-test
 # What `make check` leaves out; tests/suite_kinds.py marks them.
-SLOW := engines or processes or browser or training
+SLOW := engines or processes or browser or training or photos
 
 .PHONY: serve test check bench train evaluate
 

@@ -224,6 +224,7 @@ def test_the_shipped_int8_model_is_the_variant_its_card_names():
     assert card["command"].startswith("python -m keras_serve.model optimize models/cats_vs_dogs.h5 ")
 
 
+@pytest.mark.photos  # 1,000 photos on one thread, 7-11 s: make test, not make check
 @pytest.mark.skipif(not (SHARED_DATA / "validation").is_dir(),
                     reason=f"real photos not available: {SHARED_DATA / 'validation'} is absent "
                            "(clone the project beside its shared/ folder)")
