@@ -13,6 +13,10 @@ SLOW := engines or processes or browser or training or photos
 
 .PHONY: serve test check bench train evaluate
 
+# Compiled bytecode (and pytest's rewritten test modules) are kept between runs, even where the
+# environment says not to: without them every test process compiles again, about 3 s of CPU each.
+unexport PYTHONDONTWRITEBYTECODE
+
 # A venv made before requirements.txt named tensorflow-cpu holds tensorflow (the same module
 # with GPU kernels): it is uninstalled first, or both would own the same files.
 $(RUNTIME): requirements.txt requirements-no-deps.txt pyproject.toml
