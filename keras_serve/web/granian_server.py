@@ -1,10 +1,12 @@
 """Serving over HTTP with granian (`--http-server granian`): connections handled in Rust, the
 Flask app run on granian's Python threads.
 
-Started from `keras_serve.cli` after the port is bound (a port in use still fails at once):
-granian's main process keeps that socket and forks WORKERS worker processes that share it.
-Each worker builds the app itself with `create_app` after the fork (TensorFlow's and ONNX
-Runtime's thread pools do not survive a fork), serves it, and closes its service when it stops.
+Started from `keras_serve.cli` after the port is bound (a port in use still fails at once);
+granian's main process then binds it again and forks WORKERS worker processes. Each worker
+builds the app itself with `create_app` after the fork (TensorFlow's and ONNX Runtime's thread
+pools do not survive a fork), listens on the port once it is loaded (its own socket,
+SO_REUSEPORT: connections during the load are refused rather than queued, unlike waitress),
+serves, and closes its service when it stops.
 
 How this layer meets the server's hardening contract (docs/performance.md, "Choosing the HTTP
 layer"), where it differs from waitress (`keras_serve.web.server`):
@@ -53,6 +55,10 @@ log = logging.getLogger(__name__)
 # granian's read buffer per connection bounds a request's header section: a larger one is
 # refused (431) or the connection closed, and never grows the worker's memory.
 MAX_HEADER_BUFFER = 256 * 1024
+# How often a worker's main thread wakes to run signal handlers (see _serve_wsgi_worker).
+SIGNAL_CHECK_S = 0.1
+# Signals that reached this worker process before it served (load_app).
+STOPS_WHILE_LOADING: list[int] = []
 # The exit status that makes `python app.py` report a worker that could not load the model.
 WORKER_BOOT_ERROR = 3
 
@@ -190,6 +196,10 @@ def load_app(config: dict[str, Any], port: int, threads: int, log_format: str) -
     from keras_serve.errors import StartupError
     from keras_serve.web.request_log import configure_logging
 
+    # A stop while the model loads (the main process's inherited handlers would swallow it):
+    # remembered, so the worker exits once loaded instead of serving until it is killed.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: STOPS_WHILE_LOADING.append(signum))
     configure_logging(log_format)  # granian's worker set up its own logging after the fork
     try:
         flask_app = create_app(config)
@@ -241,10 +251,14 @@ def _serve_wsgi_worker(worker_id, callback, sock, ipc, loop, runtime_mode, runti
         signals.append(signum)
         adapter.service.ready = False  # /readyz answers 503 from this moment
         adapter.draining = True
-        shutdown_event.set()
+        if len(signals) == 1:
+            shutdown_event.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    if STOPS_WHILE_LOADING:  # stopped while loading (checked after on_signal took over): nothing to serve
+        adapter.service.close()
+        return
     shutdown_event.add_cb(stopped.set)
     worker = WSGIWorker(worker_id, sock, ipc, runtime_threads, runtime_blocking_threads, blocking_threads,
                         blocking_threads_idle_timeout, backpressure, http_mode, http1_settings, http2_settings,
@@ -254,34 +268,21 @@ def _serve_wsgi_worker(worker_id, callback, sock, ipc, loop, runtime_mode, runti
                                  impl_asyncio=task_impl == TaskImpl.asyncio)
     with adapter.service:
         serve(scheduler, loop, shutdown_event)  # serves on granian's threads; returns at once
-        stopped.wait()  # set once granian has drained the connections after the signal
+        if signals:  # a stop that came while granian was starting: tell it again now that it listens
+            shutdown_event.set()
+        # Until granian has drained the connections after the signal. In slices: a signal that
+        # the kernel hands to one of granian's threads does not wake this one, and only this
+        # (main) thread runs Python's signal handlers, so a plain wait() could miss the stop.
+        while not stopped.wait(SIGNAL_CHECK_S):
+            pass
 
 
 class KerasServeGranian(MPServer):
-    """granian's multi-process server on the socket `keras_serve.cli` bound before the load."""
-
-    def __init__(self, listening: socket.socket, **kwargs: Any) -> None:
-        self.listening = listening
-        super().__init__(**kwargs)
-
-    def _init_shared_socket(self) -> None:
-        # granian would bind its own socket; this one has listened since before the model loaded.
-        from granian._granian import SocketHolder
-
-        self._ssp = None
-        self._shd = SocketHolder(self.listening.fileno(), False, self.backlog)
-        self._sfd = self._shd.get_fd()
-        self.listening.set_inheritable(True)
-        self._sso = None
-
-    def _drop_shared_socket(self) -> None:
-        # Stop listening now, in this process: the workers stop accepting on their own signal.
-        try:
-            self.listening.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
+    """granian's multi-process server; a second SIGTERM/SIGINT kills the workers at once."""
 
     def signal_handler_interrupt(self, *args: Any, **kwargs: Any) -> None:
+        # A worker runs this inherited handler until load_app installs its own: remembered there too.
+        STOPS_WHILE_LOADING.append(signal.SIGTERM)
         if self.interrupt_signal:  # a second signal: stop every worker now
             for worker in list(self.wrks):
                 worker.kill()
@@ -317,7 +318,6 @@ def serve_granian(config: dict[str, Any], listening: socket.socket) -> int:
               f"threads {threads} each, max batch {effective['MAX_BATCH']}, max wait {effective['MAX_WAIT_MS']} "
               f"ms, uploads in {effective['UPLOAD_DIR']})", flush=True)
     server = KerasServeGranian(
-        listening,
         target="keras_serve", address=str(effective["HOST"]), port=port, interface=Interfaces.WSGI,
         workers=workers, blocking_threads=threads,
         # granian's limit of connections served at once per worker: CONNECTION_LIMIT, capped by
@@ -337,9 +337,18 @@ def serve_granian(config: dict[str, Any], listening: socket.socket) -> int:
     log_format = log_format_for(effective["LOG_FORMAT"], sys.stderr)
     configure_logging(log_format)  # granian set up its own
     logging.getLogger("_granian").addFilter(_chosen_on_purpose)
+    # granian binds the port again itself: its main process checks it, then each worker listens
+    # on its own socket (SO_REUSEPORT) once its model is loaded. Handing it this socket instead
+    # (granian's path for other systems) measured a stop that never drains: the worker is killed
+    # after the grace period. So the early socket only proves the port is free.
+    listening.close()
     try:
         server.serve(spawn_target=_serve_wsgi_worker, target_loader=partial(load_app, config, port, threads, log_format),
                      wrap_loader=False)
+    except OSError as exc:  # taken in the instant between the two binds
+        print(f"error: cannot listen on {effective['HOST']}:{port}: {exc.strerror or exc}; another process is "
+              f"listening there: stop it or choose another port with --port", file=sys.stderr)
+        return 2
     except SystemExit as exc:
         if exc.code not in (None, 0):
             print(f"error: the worker processes could not start or keep running (granian exit status "
