@@ -278,7 +278,28 @@ def _serve_wsgi_worker(worker_id, callback, sock, ipc, loop, runtime_mode, runti
 
 
 class KerasServeGranian(MPServer):
-    """granian's multi-process server; a second SIGTERM/SIGINT kills the workers at once."""
+    """granian's multi-process server; a second SIGTERM/SIGINT kills the workers at once, and a
+    worker is killed only if it is still running when the grace period is over."""
+
+    def _stop_workers(self) -> None:
+        # granian's own version joins each worker from two threads (its watcher's and this
+        # one), so a worker that has exited can look alive and be reported as killed.
+        from multiprocessing.connection import wait
+
+        for worker in self.wrks:
+            worker.terminate()
+        deadline = time.monotonic() + (self.workers_kill_timeout or 0)
+        running = {worker.inner.sentinel: worker for worker in self.wrks}
+        while running and (left := deadline - time.monotonic()) > 0:
+            for sentinel in wait(list(running), timeout=left):
+                running.pop(sentinel)
+        for worker in running.values():
+            log.warning("grace period over: killing worker %d (pid %s) with requests unanswered",
+                        worker.idx + 1, worker.inner.pid)
+            worker.kill()
+        for worker in self.wrks:
+            worker.join()
+        self.wrks.clear()
 
     def signal_handler_interrupt(self, *args: Any, **kwargs: Any) -> None:
         # A worker runs this inherited handler until load_app installs its own: remembered there too.
