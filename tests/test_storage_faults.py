@@ -143,7 +143,6 @@ def test_a_hung_store_is_503_storage_within_its_timeout_then_recovers(make_app, 
         r = post_file(client, image_bytes(BLUE))
         assert storage_error(r), r.get_data(as_text=True)
         assert "Traceback" not in r.get_data(as_text=True)
-        assert not breaker_refused(r), "the first request should have tried the store"
         # Now the breaker is open: the next requests are refused without asking the store
         # (the breaker's own answer, never a timeout's)
         for _ in range(5):
