@@ -248,7 +248,8 @@ SMUGGLING = {
     "two different Content-Lengths": b"POST /healthz HTTP/1.1\r\nHost: test\r\nContent-Length: 4\r\n"
                                      b"Content-Length: 30\r\n\r\nabcdGET /readyz HTTP/1.1\r\nHost: test\r\n\r\n",
     "a bare CR": b"GET /healthz HTTP/1.1\r\nHost: test\rX-A: b\r\n\r\nGET /readyz HTTP/1.1\r\nHost: test\r\n\r\n",
-    "obs-fold": b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-A: b\r\n c\r\n\r\nGET /readyz HTTP/1.1\r\nHost: test\r\n\r\n",
+    "obs-fold": b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-A: b\r\n c\r\n\r\n"
+                b"GET /readyz HTTP/1.1\r\nHost: test\r\n\r\n",
     "Content-Length and Transfer-Encoding": b"POST /healthz HTTP/1.1\r\nHost: test\r\nContent-Length: 30\r\n"
                                             b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
                                             b"GET /readyz HTTP/1.1\r\nHost: test\r\n\r\n",

@@ -162,7 +162,8 @@ class GranianAdapter:
         spooled = tempfile.SpooledTemporaryFile(max_size=512 * 1024)
         received = 0
         try:
-            while received <= self.max_body_bytes and (chunk := body.read(min(64 * 1024, self.max_body_bytes + 1 - received))):
+            while received <= self.max_body_bytes and (
+                    chunk := body.read(min(64 * 1024, self.max_body_bytes + 1 - received))):
                 spooled.write(chunk)
                 received += len(chunk)
         except BodyTooSlow as exc:
@@ -364,8 +365,8 @@ def serve_granian(config: dict[str, Any], listening: socket.socket) -> int:
     # after the grace period. So the early socket only proves the port is free.
     listening.close()
     try:
-        server.serve(spawn_target=_serve_wsgi_worker, target_loader=partial(load_app, config, port, threads, log_format),
-                     wrap_loader=False)
+        server.serve(spawn_target=_serve_wsgi_worker,
+                     target_loader=partial(load_app, config, port, threads, log_format), wrap_loader=False)
     except OSError as exc:  # taken in the instant between the two binds
         print(f"error: cannot listen on {effective['HOST']}:{port}: {exc.strerror or exc}; another process is "
               f"listening there: stop it or choose another port with --port", file=sys.stderr)
