@@ -19,7 +19,8 @@ run `run_server` on the listening socket they share. What this module adds to a 
   error page for browsers) and its security headers.
 - A request whose header lines end in a bare LF is answered 400 at once (waitress would wait
   for CRLF CRLF until the idle timeout); one in another version than HTTP/1.0 or 1.1 (an
-  HTTP/2 preface) 505.
+  HTTP/2 preface) 505; a folded header line or Content-Length with Transfer-Encoding (request
+  smuggling shapes) 400.
 - Forwarded headers (X-Forwarded-For, -Proto) are passed to the app untouched: what they are
   worth is the app's decision (keras_serve.web.proxies, TRUSTED_PROXIES).
 - `GET /healthz` and `/readyz` are answered by the event loop itself, not queued for a request
@@ -48,7 +49,7 @@ from flask import Flask
 from waitress import wasyncore
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
-from waitress.parser import HTTPRequestParser
+from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, WSGITask
 from waitress.utilities import BadRequest
@@ -133,7 +134,20 @@ class HttpVersionNotSupported(BadRequest):
 
 class StrictRequestParser(HTTPRequestParser):
     """waitress's parser, but a bare LF in the header section is a 400 at once, and a request
-    line in any version but HTTP/1.0 or 1.1 (an HTTP/2 client's preface `PRI * HTTP/2.0`) a 505."""
+    line in any version but HTTP/1.0 or 1.1 (an HTTP/2 client's preface `PRI * HTTP/2.0`) a 505.
+    Two request-smuggling shapes that waitress accepts are a 400 too (RFC 9112 allows a server
+    to refuse both): a folded header line (obs-fold), which waitress would unfold where a proxy
+    in front may not, and Content-Length together with Transfer-Encoding, where a proxy in front
+    may frame the body by the other one."""
+
+    def parse_header(self, header_plus: bytes) -> None:
+        lines = header_plus.split(b"\r\n")[1:]
+        if any(line[:1] in (b" ", b"\t") for line in lines):
+            raise ParsingError("A header line is folded (starts with a space or tab); send each header on one line.")
+        names = {line.split(b":", 1)[0].strip().lower() for line in lines if b":" in line}
+        if b"content-length" in names and b"transfer-encoding" in names:
+            raise ParsingError("The request has both Content-Length and Transfer-Encoding; send one of them.")
+        super().parse_header(header_plus)
 
     def received(self, data: bytes) -> int:
         scanned = len(self.header_plus)
