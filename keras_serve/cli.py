@@ -117,17 +117,23 @@ def main(argv: list[str] | None = None) -> int:
         return serve_one_process(app, listening)
 
 
+def announce(app: Flask, port: int, threads_note: str = "threads") -> None:
+    """The two start-up lines of one serving process, which tools and tests wait for: the model,
+    then where it serves. One write per line, so that log lines from other threads never land
+    inside one."""
+    config = app.config
+    sys.stdout.write(app.extensions["classifier"].model.summary_line() + "\n")
+    sys.stdout.flush()
+    sys.stdout.write(f"serving on http://{config['HOST']}:{port}/ ({threads_note} {config['THREADS']}, max batch "
+                     f"{config['MAX_BATCH']}, max wait {config['MAX_WAIT_MS']} ms, uploads in "
+                     f"{config['UPLOAD_DIR']})\n")
+    sys.stdout.flush()
+
+
 def serve_one_process(app: Flask, listening: socket.socket) -> int:
     service = app.extensions["classifier"]
-    host, port = app.config["HOST"], listening.getsockname()[1]  # --port 0: the port the system chose
-    # one write per line, so that log lines from other threads never land inside it
-    sys.stdout.write(service.model.summary_line() + "\n")
-    sys.stdout.flush()
     # Only now: the socket has listened since before the model loaded, and the loop starts next.
-    sys.stdout.write(f"serving on http://{host}:{port}/ (threads {app.config['THREADS']}, max batch "
-                     f"{app.config['MAX_BATCH']}, max wait {app.config['MAX_WAIT_MS']} ms, uploads in "
-                     f"{app.config['UPLOAD_DIR']})\n")
-    sys.stdout.flush()
+    announce(app, listening.getsockname()[1])  # --port 0: the port the system chose
 
     from keras_serve.web import server
 

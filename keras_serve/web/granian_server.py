@@ -190,9 +190,9 @@ def _errorhandlers_for_the_body(flask_app: Any) -> None:
                               "Send the whole body that Content-Length announces.")
 
 
-def load_app(config: dict[str, Any], port: int, threads: int, log_format: str) -> GranianAdapter:
+def load_app(config: dict[str, Any], port: int, log_format: str) -> GranianAdapter:
     """Runs in each worker after the fork: its own app, model, batcher and store. `port`: the
-    one bound (--port 0: the system's choice); `threads`: granian's Python threads per worker."""
+    one bound (--port 0: the system's choice)."""
     from keras_serve import create_app
     from keras_serve.errors import StartupError
     from keras_serve.web.request_log import configure_logging
@@ -214,12 +214,9 @@ def load_app(config: dict[str, Any], port: int, threads: int, log_format: str) -
     service = flask_app.extensions["classifier"]
     c = flask_app.config
     if int(config["WORKERS"]) == 1:  # the two start-up lines of one process, as with waitress
-        sys.stdout.write(service.model.summary_line() + "\n")
-        sys.stdout.flush()
-        sys.stdout.write(f"serving on http://{c['HOST']}:{port}/ (granian, threads "
-                         f"{threads}, max batch {c['MAX_BATCH']}, max wait {c['MAX_WAIT_MS']} "
-                         f"ms, uploads in {c['UPLOAD_DIR']})\n")
-        sys.stdout.flush()
+        from keras_serve.cli import announce
+
+        announce(flask_app, port, threads_note="granian, threads")
     else:
         print(f"worker {os.getpid()} ready: {service.model.summary_line()}", flush=True)
     return GranianAdapter(flask_app, float(c["IDLE_TIMEOUT_S"]) + float(c["HEADER_TIMEOUT_S"]))
@@ -366,7 +363,7 @@ def serve_granian(config: dict[str, Any], listening: socket.socket) -> int:
     listening.close()
     try:
         server.serve(spawn_target=_serve_wsgi_worker,
-                     target_loader=partial(load_app, config, port, threads, log_format), wrap_loader=False)
+                     target_loader=partial(load_app, config, port, log_format), wrap_loader=False)
     except OSError as exc:  # taken in the instant between the two binds
         print(f"error: cannot listen on {effective['HOST']}:{port}: {exc.strerror or exc}; another process is "
               f"listening there: stop it or choose another port with --port", file=sys.stderr)
