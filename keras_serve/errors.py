@@ -70,6 +70,18 @@ class TooManyFormPartsError(ServiceError):
     hint = "Send only the form's fields: one part per file and per field."
 
 
+class RequestTimeoutError(ServiceError):
+    """A request body still arriving after its deadline (the granian HTTP layer's app side)."""
+
+    hint = "Send the request body without long pauses."
+
+
+class IncompleteBodyError(ServiceError):
+    """A request body that ended before its Content-Length: the client stopped sending."""
+
+    hint = "Send the whole body that Content-Length announces."
+
+
 class DecodeBusyError(ServiceError):
     """Large images already being decoded hold the memory budget; this one waited too long."""
 

@@ -45,6 +45,8 @@ from granian.constants import HTTPModes, Interfaces
 from granian.http import HTTP1Settings
 from granian.server.mp import MPServer, WorkerProcess
 
+from keras_serve.errors import IncompleteBodyError, RequestTimeoutError
+
 log = logging.getLogger(__name__)
 
 # granian's Python threads per worker ("blocking threads") that run the app: THREADS, as
@@ -63,20 +65,11 @@ STOPS_WHILE_LOADING: list[int] = []
 WORKER_BOOT_ERROR = 3
 
 
-class BodyTooSlow(Exception):
-    """A request body still arriving after its deadline."""
-
-
-class BodyCutShort(Exception):
-    """A request body that ended before its Content-Length (the client stopped sending and
-    closed its side): a 400 that says so, not a parse error blaming the form."""
-
-
 class BodyDeadline:
     """wsgi.input with a deadline for the whole body: a body that trickles in (a byte every few
     seconds) is cut off once the deadline passes. A read that waits on a client sending nothing
     at all is not interrupted: granian gives no way to (see the module's docstring). A body that
-    ends short of its Content-Length raises BodyCutShort, not a parse error blaming the form."""
+    ends short of its Content-Length raises IncompleteBodyError, not a parse error blaming the form."""
 
     def __init__(self, stream: Any, deadline: float, expected: int | None = None) -> None:
         self.stream, self.deadline, self.expected = stream, deadline, expected
@@ -84,12 +77,12 @@ class BodyDeadline:
 
     def _check(self) -> None:
         if time.monotonic() > self.deadline:
-            raise BodyTooSlow("the request body took too long to arrive")
+            raise RequestTimeoutError("The request body took too long to arrive.")
 
     def _counted(self, data: bytes, size: int) -> bytes:
         self.received += len(data)
         if not data and size != 0 and self.expected is not None and self.received < self.expected:
-            raise BodyCutShort(f"the request body ended after {self.received:,} of its {self.expected:,} bytes")
+            raise IncompleteBodyError(f"The request body ended after {self.received:,} of its {self.expected:,} bytes.")
         return data
 
     def read(self, size: int | None = -1) -> bytes:
@@ -104,7 +97,7 @@ class BodyDeadline:
         try:
             data = reader(size)
         except Exception as exc:  # granian's stream fails when the connection ends under it
-            raise BodyCutShort(f"the request body ended after {self.received:,} bytes ({exc})") from exc
+            raise IncompleteBodyError(f"The request body ended after {self.received:,} bytes.") from exc
         return self._counted(data, size)
 
     def readlines(self, hint: int = -1) -> list[bytes]:
@@ -166,7 +159,7 @@ class GranianAdapter:
                     chunk := body.read(min(64 * 1024, self.max_body_bytes + 1 - received))):
                 spooled.write(chunk)
                 received += len(chunk)
-        except BodyTooSlow as exc:
+        except RequestTimeoutError as exc:
             spooled.close()
             environ["wsgi.input"] = RaisingBody(exc)
             return
@@ -174,20 +167,6 @@ class GranianAdapter:
         environ.pop("HTTP_TRANSFER_ENCODING", None)
         environ["CONTENT_LENGTH"] = str(received)
         environ["wsgi.input"] = spooled if received <= self.max_body_bytes else io.BytesIO()
-
-
-def _errorhandlers_for_the_body(flask_app: Any) -> None:
-    from keras_serve.web.responses import error_response
-
-    @flask_app.errorhandler(BodyTooSlow)
-    def body_too_slow(exc: BodyTooSlow):
-        return error_response(408, "request_timeout", str(exc).capitalize() + ".",
-                              "Send the request body without long pauses.")
-
-    @flask_app.errorhandler(BodyCutShort)
-    def body_cut_short(exc: BodyCutShort):
-        return error_response(400, "incomplete_body", str(exc).capitalize() + ".",
-                              "Send the whole body that Content-Length announces.")
 
 
 def load_app(config: dict[str, Any], port: int, log_format: str) -> GranianAdapter:
@@ -210,7 +189,6 @@ def load_app(config: dict[str, Any], port: int, log_format: str) -> GranianAdapt
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(WORKER_BOOT_ERROR)
-    _errorhandlers_for_the_body(flask_app)
     service = flask_app.extensions["classifier"]
     c = flask_app.config
     if int(config["WORKERS"]) == 1:  # the two start-up lines of one process, as with waitress

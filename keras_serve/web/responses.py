@@ -17,7 +17,8 @@ from keras_serve.errors import (AuthenticationError, CandidateRefused, CorruptIm
                                 MissingFileError, MissingTokenError, ModelOutputInvalidError, ModelRequestError, ModelVersionNotFound, NoConvolutionLayerError,
                                 NotAnImageError, NothingToRollBack,
                                 NotAuthorizedError, PredictionError, RateLimitedError, ReviewRequestError,
-                                ServiceError, StorageError, TooManyAttemptsError, TooManyFilesError, TooManyFormPartsError,
+                                RequestTimeoutError, IncompleteBodyError, ServiceError, StorageError, TooManyAttemptsError,
+                                TooManyFilesError, TooManyFormPartsError,
                                 UploadNotFound,
                                 error_code)
 from keras_serve.web.request_log import current_request_id, masked_path
@@ -40,6 +41,8 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     DecodeBusyError: 503,
     TooManyFilesError: 413,
     TooManyFormPartsError: 413,
+    RequestTimeoutError: 408,
+    IncompleteBodyError: 400,
     NoConvolutionLayerError: 422,
     HeatmapBusyError: 503,
     ReviewRequestError: 400,
