@@ -243,6 +243,14 @@ def lock_for_review_totals(conn: sa.Connection, ids: list[str],
     return list(conn.execute(statement))
 
 
+def count_uploads(conn: sa.Connection, changes: list[tuple[Any, int]]) -> None:
+    """Uploads added (+1) or taken away (-1): both running counts that follow the uploads table
+    (review_totals, traffic_days) change with them, in the caller's transaction. Rows are
+    mappings, or rows read with TOTALLED_COLUMNS + DAY_COUNTED_COLUMNS."""
+    change_review_totals(conn, changes)
+    change_traffic(conn, [(row if isinstance(row, dict) else row._mapping, sign) for row, sign in changes])
+
+
 def change_review_totals(conn: sa.Connection, changes: list[tuple[Any, int]]) -> None:
     """Add (+1) or take away (-1) each upload (a row with TOTALLED_COLUMNS' names) to review_totals.
 
@@ -481,8 +489,7 @@ class RecordStore:
         if not self.is_sqlite:
             with self._errors("record the upload in"), self._begin() as conn:
                 conn.execute(uploads.insert(), row)
-                change_review_totals(conn, [(row, 1)])
-                change_traffic(conn, [(row, 1)])
+                count_uploads(conn, [(row, 1)])
             return
         # Group commit: SQLite takes one writer at a time, so the thread that gets the write
         # lock commits every row queued meanwhile in one transaction, and the others find
@@ -503,8 +510,7 @@ class RecordStore:
                         self._ensure_schema(conn)
                         with conn.begin():
                             conn.execute(uploads.insert(), [queued.row for queued in group])
-                            change_review_totals(conn, [(queued.row, 1) for queued in group])
-                            change_traffic(conn, [(queued.row, 1) for queued in group])
+                            count_uploads(conn, [(queued.row, 1) for queued in group])
                     error = None
                 except StorageError as exc:
                     error = exc
@@ -519,8 +525,7 @@ class RecordStore:
         try:
             with self._begin() as conn:
                 conn.execute(uploads.insert(), row)
-                change_review_totals(conn, [(row, 1)])  # a copied store's reviewed rows
-                change_traffic(conn, [(row, 1)])
+                count_uploads(conn, [(row, 1)])  # a copied store's reviewed rows too
             return True
         except sa_exc.IntegrityError:
             return False
@@ -553,8 +558,7 @@ class RecordStore:
             with self._errors("delete from"), self._begin() as conn:
                 # the rows' columns that both running counts need, read under lock
                 locked = lock_for_review_totals(conn, ids, TOTALLED_COLUMNS + DAY_COUNTED_COLUMNS)
-                change_review_totals(conn, [(row, -1) for row in locked if row.review_state])
-                change_traffic(conn, [(row._mapping, -1) for row in locked])
+                count_uploads(conn, [(row, -1) for row in locked])
                 conn.execute(uploads.delete().where(uploads.c.id.in_(ids)))
                 conn.execute(reviews.delete().where(reviews.c.upload_id.in_(ids)))
                 conn.execute(feedback.delete().where(feedback.c.upload_id.in_(ids)))
