@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from images import BLUE, RED, image_bytes
+from images import BLUE, RED
 from test_model_versions import BEARER, TOKEN, classify, cli, store_args
-from uploading import post_file
 
 # Small budgets keep each check to seconds; the models below need far more, or far longer.
 # BATCHING off: a swap to the slow model would otherwise warm it for every batch size up to 32.

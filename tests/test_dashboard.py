@@ -13,7 +13,8 @@ from datetime import datetime, timedelta
 import pytest
 
 from keras_serve.storage import quality_math as qm
-from keras_serve.storage.quality_stats import CONFIDENCE_EDGES, StatsCache, confidence_bin_of, drift_sentence
+from keras_serve.storage.quality_stats import CONFIDENCE_EDGES, StatsCache, drift_sentence
+from keras_serve.storage.records import confidence_bin_of
 
 TOKEN = "dashboard-token-0123456789"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -402,7 +403,6 @@ def _totals_rows(records):
     import sqlalchemy as sa
 
     from keras_serve.storage.records import review_totals
-    t = review_totals.c
     with records._connect() as conn:
         return {(r.model_sha256, r.confidence_bin, r.predicted_label, r.review_label): (r.reviewed, r.confidence_sum)
                 for r in conn.execute(sa.select(review_totals))}

@@ -8,7 +8,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 from PIL import Image, ImageOps
@@ -18,7 +17,7 @@ from server_process import ROOT
 from uploading import post_file
 from keras_serve.errors import DecodeBusyError, ImageTooLargeError
 from keras_serve.pipeline.decode_budget import DecodeBudget
-from keras_serve.pipeline.preprocessing import (ALLOWED_FORMATS, PreprocessSpec, decode_cost, decode_image,
+from keras_serve.pipeline.preprocessing import (ALLOWED_FORMATS, PreprocessSpec, decode_image,
                                                 exif_orientation)
 from keras_serve.tools import fuzz
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import sqlalchemy as sa
 
 from keras_serve.storage import quality_math as qm
-from keras_serve.storage.records import (CONFIDENCE_EDGES, RecordStore, confidence_bin_of, confidence_bin_sql,
+from keras_serve.storage.records import (CONFIDENCE_EDGES, RecordStore, confidence_bin_sql,
                                          model_promotions, model_versions, review_totals, uploads)
 from keras_serve.storage.traffic_days import (CONFIDENCE, ERROR, FAILED, FINE_EDGES, LABEL, LATENCY,
                                               LATENCY_BOUNDS_MS, NO_CONFIDENCE, NO_LATENCY, coarse_bin_of_fine,
@@ -57,10 +57,6 @@ def iso(value: datetime | None) -> str | None:
     return value.replace(tzinfo=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z") if value else None
 
 
-confidence_bin = confidence_bin_sql  # the bin index 0-9 of a confidence, in SQL
-
-
-latency_bucket = latency_bucket_sql  # the latency bucket 0-len(bounds) in SQL; NO_LATENCY where no time was stored
 # the coarse confidence bin (reliability diagram, drift) of each fine bin of the day counts
 COARSE_OF_FINE = {fine: coarse_bin_of_fine(fine, CONFIDENCE_EDGES) for fine in range(NO_CONFIDENCE, len(FINE_EDGES) + 1)}
 
@@ -265,8 +261,8 @@ class QualityStats:
               hours: int) -> list[tuple]:
         c = uploads.c
         bucket = self._bucket(conn, hours).label("bucket")
-        lat = latency_bucket(c.milliseconds).label("lat")
-        conf = confidence_bin(c.confidence).label("bin")
+        lat = latency_bucket_sql(c.milliseconds).label("lat")
+        conf = confidence_bin_sql(c.confidence).label("bin")
         unsure = sa.case((c.confidence < unsure_below, 1), else_=0).label("unsure")
         return [tuple(row) for row in conn.execute(
             sa.select(bucket, c.predicted_label, conf, lat, unsure, sa.func.count())
@@ -330,7 +326,7 @@ class QualityStats:
                 return [tuple(row) for row in conn.execute(
                     sa.select(t.predicted_label, t.review_label, t.confidence_bin, t.reviewed, t.confidence_sum)
                     .where(t.model_sha256 == sha, t.reviewed > 0))]
-        conf = confidence_bin(c.confidence).label("bin")
+        conf = confidence_bin_sql(c.confidence).label("bin")
         return [tuple(row) for row in conn.execute(
             sa.select(c.predicted_label, c.review_label, conf, sa.func.count(), sa.func.sum(c.confidence))
             .where(c.model_sha256 == sha, *win.conditions(), REVIEWED, c.predicted_label.is_not(None))

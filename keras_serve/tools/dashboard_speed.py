@@ -33,7 +33,7 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from keras_serve.tools.listing_speed import COLUMNS, bulk_load, percentile  # shared with the listing benchmark
+from keras_serve.tools.listing_speed import bulk_load, percentile  # shared with the listing benchmark
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
