@@ -6,6 +6,7 @@ import logging
 import re
 import subprocess
 import sys
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -535,6 +536,40 @@ def test_a_database_of_the_previous_version_is_migrated_keeping_its_rows(engine,
         assert conn.execute(sa.text("SELECT count(*) FROM uploads")).scalar() == 1
         assert conn.execute(sa.text("SELECT count(*) FROM reviews")).scalar() == 0
     old.dispose()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_worker_processes_starting_together_on_a_new_database_all_find_it_ready(engine, tmp_path, request, caplog):
+    """What `python app.py` does on a first start: one store per worker, all migrating a new
+    database at once; each has its own connections, as separate processes would."""
+    from keras_serve.storage.records import SCHEMA_VERSION, RecordStore
+
+    if engine == "sqlite":
+        url = f"sqlite:///{tmp_path / 'uploads.db'}"
+    else:
+        postgres = request.getfixturevalue("postgres")
+        url = postgres.create_database()
+        request.addfinalizer(lambda: postgres.drop_database(url))
+    starting = threading.Barrier(6)
+    stores: list = []
+
+    def start() -> None:
+        starting.wait()
+        stores.append(RecordStore(url))
+
+    with caplog.at_level(logging.WARNING, logger="keras_serve.storage.records"):
+        threads = [threading.Thread(target=start) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert [r.getMessage() for r in caplog.records] == []
+    assert len(stores) == 6 and all(store._schema_ready for store in stores)
+    with stores[0].engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT version FROM schema_migrations ORDER BY version")).scalars().all() == \
+            list(range(1, SCHEMA_VERSION + 1))
+    for store in stores:
+        store.close()
 
 
 def test_retention_deletes_an_uploads_reviews_feedback_and_thumbnail(make_app, colour_model_path, storage_config):

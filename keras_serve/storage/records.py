@@ -430,8 +430,14 @@ class RecordStore:
 
     @staticmethod
     def _migrate(conn: sa.Connection) -> None:
+        # One migrator at a time: worker processes starting together on a new store would each
+        # find no version applied, and all but one fail on writing it.
         if conn.dialect.name == "postgresql":
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(1270412)"))  # one migrator at a time
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(1270412)"))
+        elif conn.dialect.name == "sqlite" and not conn.connection.dbapi_connection.in_transaction:
+            # The driver begins a transaction only at the first write; take the write lock
+            # before reading what is applied (others wait for it: busy_timeout).
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
         conn.execute(sa.schema.CreateTable(schema_migrations, if_not_exists=True))
         applied = set(conn.execute(sa.select(schema_migrations.c.version)).scalars())
         for version, statements in MIGRATIONS:
