@@ -70,6 +70,11 @@ RESERVED_FDS = 256
 # and closing on unread data makes the kernel send a reset that destroys the answer.
 LINGER_S = 10.0
 ACCEPT_BATCH = 64
+# Bytes asked of a socket per read. waitress's 8 KB took four loop turns (each a poll, a
+# dispatch and the GIL) for a typical 25-30 KB photo; 64 KB takes one, and stays under
+# glibc's mmap threshold, so the short-lived read buffer never costs an mmap/munmap pair.
+# Measured at 32 clients, 2 workers: about 0.2 ms less server CPU per upload (docs/performance.md).
+RECV_BYTES = 64 * 1024
 BARE_LF = re.compile(rb"(?<!\r)\n")
 HTTP_VERSIONS = frozenset({"1.0", "1.1"})
 # Answered in the event loop (see HardenedServer.add_task): the app must answer these from
@@ -403,6 +408,7 @@ def build_server(flask_app: Flask, settings: ServerSettings, wsgi_app=None,
         # otherwise delete them all, and a proxy's client address with them.
         clear_untrusted_proxy_headers=False,
         backlog=LISTEN_BACKLOG,
+        recv_bytes=RECV_BYTES,
     )
     return HardenedServer(flask_app, wsgi_app or flask_app, settings, adj, listening=listening,
                           shared_listening=shared_listening)
