@@ -130,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(os.devnull, "w") as nowhere, contextlib.redirect_stderr(nowhere):
             results = measure(jpegs, args.n, args.rounds, config)
     print(f"\n{started}, {usable_cores()} usable CPUs, {len(jpegs)} photos from {images.source}, "
-          f"{args.n} uploads per stage and round, {args.rounds} rounds; process CPU per upload, in process, one at a time")
+          f"{args.n} uploads per stage and round, {args.rounds} rounds; process CPU per upload, in process, "
+          "one at a time")
     print(render(results))
     return 0
 
