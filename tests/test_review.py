@@ -507,16 +507,21 @@ def test_export_dataset_command_line(review_app, api, storage_config, tmp_path, 
 
 # --- the schema ---------------------------------------------------------------------------
 
+def new_database_url(engine: str, tmp_path, request) -> str:
+    """An empty database: a new SQLite file, or a PostgreSQL database dropped after the test."""
+    if engine == "sqlite":
+        return f"sqlite:///{tmp_path / 'uploads.db'}"
+    postgres = request.getfixturevalue("postgres")
+    url = postgres.create_database()
+    request.addfinalizer(lambda: postgres.drop_database(url))
+    return url
+
+
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
 def test_a_database_of_the_previous_version_is_migrated_keeping_its_rows(engine, tmp_path, request):
     from keras_serve.storage.records import _UPLOADS_V1, SCHEMA_VERSION, RecordStore, schema_migrations
 
-    if engine == "sqlite":
-        url = f"sqlite:///{tmp_path / 'uploads.db'}"
-    else:
-        postgres = request.getfixturevalue("postgres")
-        url = postgres.create_database()
-        request.addfinalizer(lambda: postgres.drop_database(url))
+    url = new_database_url(engine, tmp_path, request)
     old = sa.create_engine(url)
     with old.begin() as conn:  # what version 1 made, with one upload in it
         _UPLOADS_V1.create(conn)
@@ -544,12 +549,7 @@ def test_worker_processes_starting_together_on_a_new_database_all_find_it_ready(
     database at once; each has its own connections, as separate processes would."""
     from keras_serve.storage.records import SCHEMA_VERSION, RecordStore
 
-    if engine == "sqlite":
-        url = f"sqlite:///{tmp_path / 'uploads.db'}"
-    else:
-        postgres = request.getfixturevalue("postgres")
-        url = postgres.create_database()
-        request.addfinalizer(lambda: postgres.drop_database(url))
+    url = new_database_url(engine, tmp_path, request)
     starting = threading.Barrier(6)
     stores: list = []
 
