@@ -30,12 +30,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from keras_serve.settings import PROJECT_ROOT
+from keras_serve.settings import DEFAULT_MODEL_PATH
+from keras_serve.tools.benchmark.cli import DEFAULT_IMAGES
 from keras_serve.tools.benchmark.inputs import find_images, fresh_boundary, multipart_body
 from keras_serve.model.engines import usable_cores
 from keras_serve.web.request_log import configure_logging
 
-DEFAULT_IMAGES = PROJECT_ROOT.parent / "shared" / "data" / "cats_vs_dogs" / "validation"
 STAGES = ("decode", "forward", "store", "whole app")
 
 
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds, stages alternating (default %(default)s)")
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES,
                         help="folder of JPEGs (default: %(default)s; synthetic photos if absent)")
-    parser.add_argument("--model", type=Path, default=PROJECT_ROOT / "models" / "cats_vs_dogs.h5")
+    parser.add_argument("--model", type=Path, default=Path(DEFAULT_MODEL_PATH))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="request-cost-") as scratch:
         images = find_images(args.images, 200, Path(scratch))
