@@ -24,6 +24,11 @@ def test_every_stage_is_measured_and_the_whole_app_really_answers_and_stores(col
     records = RecordStore(sqlite_url(tmp_path / "uploads"))
     with records.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM uploads")).scalar() == 2 * (20 + 2 * 3)
+        # Both stages store each upload with its answer, as the app does (red: DOG, blue: CAT).
+        # Calls take the photos in turn from 0: per stage 10 of each to warm up, then red,
+        # blue, red in each of the 2 rounds.
+        labels = conn.execute(sa.text("SELECT predicted_label, count(*) FROM uploads GROUP BY 1")).all()
+        assert sorted(labels) == [("CAT", 2 * (10 + 2)), ("DOG", 2 * (10 + 4))]
     records.close()
 
 

@@ -7,7 +7,7 @@ Process CPU (every thread) per upload, over n uploads of real photos, each stage
     decode     preprocess: bytes -> the model's input (keras_serve.pipeline.preprocessing)
     forward    the model on that input, on this process's share of the cores, as under load
                (one engine thread per worker where `python app.py` runs a worker per core)
-    store      UploadStore.save: the image file and its database row
+    store      UploadStore.save: the image file and its database row, with the photo's answer
     whole app  POST /file/ through the Flask app's WSGI callable, the forward pass inline as
                under load: the stages above plus the multipart parse, request id, access
                control, metrics, access log and JSON answer
@@ -75,8 +75,11 @@ def measure(jpegs: Sequence[bytes], n: int, rounds: int, config: dict[str, Any])
         for data in jpegs:
             boundary = fresh_boundary()
             bodies.append((multipart_body("file", "photo.jpg", "image/jpeg", data, boundary), boundary))
-        record = {"client_filename": "photo.jpg", "model": model.info.get("file"),
-                  "model_sha256": model.info.get("sha256"), "prediction": None, "error": None}
+        # Each photo's record as the app writes it: its answer too (the day counts count it).
+        records = [{"client_filename": "photo.jpg", "model": model.info.get("file"),
+                    "model_sha256": model.info.get("sha256"), "milliseconds": 10.0, "error": None,
+                    "prediction": model.interpret(model.checked_output(model.predict_batch(x)[0])).as_json()}
+                   for x in inputs]
 
         def post(i: int) -> None:
             status, answer = wsgi_post(app, *bodies[i % len(bodies)])
@@ -86,7 +89,8 @@ def measure(jpegs: Sequence[bytes], n: int, rounds: int, config: dict[str, Any])
         calls: dict[str, Callable[[int], Any]] = {
             "decode": lambda i: preprocess(jpegs[i % len(jpegs)], model.spec),
             "forward": lambda i: model.predict_batch(inputs[i % len(inputs)]),  # each (1, *input_shape)
-            "store": lambda i: service.store.save(jpegs[i % len(jpegs)], image_format(jpegs[i % len(jpegs)]), record),
+            "store": lambda i: service.store.save(jpegs[i % len(jpegs)], image_format(jpegs[i % len(jpegs)]),
+                                                  records[i % len(records)]),
             "whole app": post,
         }
         for call in calls.values():  # warm caches, pools and the engine's kernels
