@@ -36,20 +36,7 @@ from typing import Iterator
 import secrets
 
 from component_binaries import postgres_bin, weed_binary
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports free right now (all held open together, so none repeats)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+from server_process import free_ports
 
 
 def children_of(pid: int) -> list[int]:
@@ -174,6 +161,10 @@ def running_postgres() -> Iterator[Postgres]:
 
 # --- SeaweedFS (S3) --------------------------------------------------------------------------
 
+class PortTaken(RuntimeError):
+    """A server could not listen: another process took one of its ports after they were chosen."""
+
+
 class SeaweedFS:
     """`weed server` with its S3 gateway; one bucket, made and warmed up at start."""
 
@@ -188,13 +179,37 @@ class SeaweedFS:
         (self.folder / "s3.json").write_text(json.dumps({"identities": [{
             "name": "tests", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        self._choose_ports()
+        self.proc: subprocess.Popen | None = None
+        self._made_bucket = False
+        self._started = False
+
+    def _choose_ports(self) -> None:
         self.ports = dict(zip(("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc",
                                "s3", "s3_grpc"), free_ports(8)))
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
-        self.proc: subprocess.Popen | None = None
-        self._made_bucket = False
 
     def start(self, timeout: float = 60.0) -> None:
+        """Start, and on the first start only, try fresh ports if one was taken meanwhile.
+
+        A restart (the outage tests) keeps its ports: servers under test hold the endpoint.
+        """
+        for attempt in range(3):
+            try:
+                self._start(timeout)
+                self._started = True
+                return
+            except PortTaken:
+                if self._started or attempt == 2:
+                    raise
+                self.stop()
+                # A new start from nothing: the master's state and the log name the old ports.
+                shutil.rmtree(self.folder / "data", ignore_errors=True)
+                (self.folder / "data").mkdir()
+                (self.folder / "weed.log").unlink(missing_ok=True)
+                self._choose_ports()
+
+    def _start(self, timeout: float) -> None:
         p = self.ports
         # Every port is named: the defaults (and grpc = http + 10000) would collide between
         # servers; the Iceberg and Lance catalogs are not needed. A one-node master elects itself:
@@ -214,7 +229,9 @@ class SeaweedFS:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.proc.returncode}: {self.log_tail()}")
+                tail = self.log_tail()
+                error = PortTaken if "address already in use" in tail else RuntimeError
+                raise error(f"weed exited with {self.proc.returncode}: {tail}")
             try:
                 urllib.request.urlopen(self.endpoint + "/", timeout=1)
                 break
