@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -14,50 +13,9 @@ from pathlib import Path
 
 import requests
 
+from keras_serve.tools.ports import free_ports
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _listening_ports() -> range | list[int]:
-    """Ports a test server may listen on: outside the kernel's range for outgoing connections.
-
-    A port the kernel hands out (bind to 0) comes from the same range it takes the source port of
-    every outgoing connection from. Between choosing it and the server binding it, any connection
-    on the machine (another test worker's client, or the server's own parts talking to each other,
-    as SeaweedFS's do at start) can take it: "address already in use", one CI run in a few dozen.
-    A port below that range is never taken that way.
-    """
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    return range(10000, low) if low > 11000 else range(0)
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports free right now, chosen at random outside the outgoing range.
-
-    Random, so test workers starting servers at once rarely try the same one; each is checked by
-    binding it, and all are held open together until the last is found, so none repeats.
-    """
-    candidates = _listening_ports()
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(50 * count):
-            if len(sockets) == count:
-                break
-            s = socket.socket()
-            try:
-                s.bind(("127.0.0.1", random.choice(candidates) if candidates else 0))
-            except OSError:
-                s.close()
-                continue
-            sockets.append(s)
-        if len(sockets) < count:
-            raise RuntimeError(f"found {len(sockets)} free ports of the {count} needed")
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def free_port() -> int:

@@ -36,7 +36,7 @@ from typing import Iterator
 import secrets
 
 from component_binaries import postgres_bin, weed_binary
-from server_process import free_ports
+from keras_serve.tools.ports import free_ports
 
 
 def children_of(pid: int) -> list[int]:

@@ -343,7 +343,7 @@ def test_server_answers_many_keep_alive_clients_through_the_event_loop(monkeypat
     from flask import Flask, request
 
     from keras_serve.web.server import ServerSettings, build_server, run_server
-    from server_process import free_ports
+    from keras_serve.tools.ports import free_ports
 
     app = Flask("echo")
 

@@ -2,7 +2,7 @@
 import socket
 from pathlib import Path
 
-from server_process import free_ports
+from keras_serve.tools.ports import free_ports
 
 
 def outgoing_range() -> range:

@@ -461,7 +461,7 @@ def test_waitress_answers_health_checks_while_every_request_thread_is_busy():
     from waitress import wasyncore
 
     from keras_serve.web.server import ServerSettings, build_server
-    from server_process import free_ports
+    from keras_serve.tools.ports import free_ports
 
     app = Flask("busy")
     busy, release = threading.Event(), threading.Event()

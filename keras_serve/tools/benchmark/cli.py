@@ -50,11 +50,12 @@ from typing import Any
 from keras_serve.settings import DEFAULT_MODEL_PATH, PROJECT_ROOT
 from keras_serve.tools.benchmark.inputs import PHONE_SIZE, ImageSet, Upload, find_images, make_phone_photo
 from keras_serve.tools.benchmark.limits import measure_limits
-from keras_serve.tools.benchmark.load import (BenchmarkError, ServerProcess, free_port, run_level,
+from keras_serve.tools.benchmark.load import (BenchmarkError, ServerProcess, run_level,
                                               time_single_upload)
 from keras_serve.tools.benchmark.procstats import cpu_model, package_version, rss_mb
 from keras_serve.tools.benchmark.report import print_report
 from keras_serve.tools.benchmark.stats import parse_int_list, percent_change
+from keras_serve.tools.ports import free_port
 
 DEFAULT_IMAGES = PROJECT_ROOT.parent / "shared" / "data" / "cats_vs_dogs" / "validation"
 DEFAULT_MODEL = DEFAULT_MODEL_PATH

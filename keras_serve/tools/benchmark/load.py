@@ -7,7 +7,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,12 +25,6 @@ from keras_serve.tools.benchmark.stats import latency_summary_ms
 
 class BenchmarkError(RuntimeError):
     """The benchmark cannot go on (exit status 2)."""
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class ServerProcess:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from keras_serve.settings import DEFAULT_MODEL_PATH, PROJECT_ROOT
-from keras_serve.tools.benchmark.load import free_port
+from keras_serve.tools.ports import free_port
 from keras_serve.tools.benchmark.stats import format_table, parse_int_list
 
 # ../shared beside the checkout (a worktree one level deeper finds it one level up).
