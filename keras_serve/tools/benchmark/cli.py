@@ -19,7 +19,7 @@ Steps, all on this one machine:
      latency, errors, each as a ratio to both limits, whole-machine CPU ms per request.
   3. A 4032x3024 phone-sized JPEG end to end at one client (median, p90).
   4. Server VmRSS (process tree) along the way; with --soak N, N more requests and the change.
-  5. The report (report.py), with issue 14's targets, and --json PATH with every number.
+  5. The report (report.py), with the speed targets, and --json PATH with every number.
 The server is stopped at the end (SIGINT, then SIGTERM, then SIGKILL), also on Ctrl-C or an
 error. Unless --server-args names --upload-dir, uploads go to a throw-away folder
 uploads/.benchmark-XXXX (same disk as ./uploads), removed at the end. --skip-limits leaves

@@ -44,7 +44,7 @@ SHARED = next((d for d in (PROJECT_ROOT.parent / "shared", PROJECT_ROOT.parent.p
 PEERS_DIR = Path(os.environ.get("PEERS_DIR", SHARED / "peers"))
 IMAGES = Path(os.environ.get("PEER_IMAGES", SHARED / "data" / "cats_vs_dogs" / "validation"))
 PEER_NAMES = ("fastapi", "flask", "litserve", "bento", "pytriton")
-BASELINE = "fastapi"  # the 13-line FastAPI app: the bar issue 21 set
+BASELINE = "fastapi"  # the 13-line FastAPI app: the bar every ratio is against
 BATCHING_PEERS = ("litserve", "bento", "pytriton")
 DEFAULT_OURS = ("keras-serve, 2 workers=--workers 2",)
 

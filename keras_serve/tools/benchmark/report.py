@@ -7,7 +7,7 @@ from typing import Any
 
 from keras_serve.tools.benchmark.stats import format_table
 
-# Issue 14's targets, on the default model: 32 clients reach 0.8 of the pipeline limit (0.7
+# The speed targets, on the default model: 32 clients reach 0.8 of the pipeline limit (0.7
 # the floor), one client's p50 stays within 1.3x decode + single forward, a 12 MP photo < 100 ms.
 TARGET_PIPELINE_RATIO, FLOOR_PIPELINE_RATIO = 0.8, 0.7
 TARGET_C1_RATIO = 1.3
@@ -130,7 +130,7 @@ def print_report(results: dict[str, Any]) -> None:
     judged = targets(results)
     if judged:
         print()
-        print("targets (issue 14)")
+        print("speed targets (docs/performance.md)")
         print(format_table(["target", "measured", "met"],
                            [[what, measured, "yes" if met else "NO"] for what, measured, met in judged]))
 
