@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 
 
-def _listening_ports() -> range | list[int]:
+def _listening_ports() -> range:
     """Ports a server may listen on: below the kernel's range for outgoing connections.
 
     A port the kernel hands out (bind to 0) comes from the same range it takes the source port of
