@@ -13,13 +13,9 @@ from pathlib import Path
 
 import requests
 
-from keras_serve.tools.ports import free_ports
+from keras_serve.tools.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
 
 
 def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
