@@ -194,6 +194,16 @@ def local_storage_config(request, tmp_path, monkeypatch):
 
 
 @pytest.fixture()
+def no_retention_thread(monkeypatch):
+    """Apps made in this test start no background retention pass. For tests that change the
+    store under a running app (its folder, its clock): the pass an app runs at start would race
+    them, and the test calls `store.prune()` itself where it is about retention."""
+    from keras_serve.storage.uploads import UploadStore
+
+    monkeypatch.setattr(UploadStore, "start_maintenance", lambda self, interval_s=3600.0: None)
+
+
+@pytest.fixture()
 def remote_storage_config(request, tmp_path, monkeypatch):
     """The PostgreSQL + S3 back end only."""
     yield from _storage_config("postgresql+s3", request, tmp_path, monkeypatch)

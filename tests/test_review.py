@@ -572,7 +572,8 @@ def test_worker_processes_starting_together_on_a_new_database_all_find_it_ready(
         store.close()
 
 
-def test_retention_deletes_an_uploads_reviews_feedback_and_thumbnail(make_app, colour_model_path, storage_config):
+def test_retention_deletes_an_uploads_reviews_feedback_and_thumbnail(make_app, colour_model_path, storage_config,
+                                                                     no_retention_thread):
     from keras_serve.storage.records import feedback, reviews
 
     app = make_app(MODEL_PATH=str(colour_model_path), ADMIN_TOKEN=TOKEN, UPLOAD_RETENTION_DAYS=1 / 86400,

@@ -52,14 +52,11 @@ def test_every_id_shape_is_404_or_200_never_500(storage_client):
 
 
 def test_an_unusable_upload_folder_is_503_storage_then_recovers(make_app, colour_model_path, local_storage_config,
-                                                               monkeypatch):
-    from keras_serve.storage.uploads import UploadStore
-
-    # This test swaps the folder for a file under a running app, which is about the request path.
-    # The background threads would race it: the retention pass at start writes the owner marker
-    # into the folder (rmtree then finds a file gone, or the folder made again), and a health
-    # check makes the folder again. Without them, /readyz reports what the requests found.
-    monkeypatch.setattr(UploadStore, "start_maintenance", lambda self, interval_s=3600.0: None)
+                                                               no_retention_thread):
+    # The folder is swapped for a file under a running app: a test of the request path. The
+    # retention pass at start writes the owner marker into the folder, which raced rmtree (a
+    # file gone mid-walk), and a periodic health check makes the folder again. Without them,
+    # /readyz reports what the requests found.
     app = make_app(MODEL_PATH=str(colour_model_path), STORE_CHECK_INTERVAL_S=3600, **local_storage_config)
     client = app.test_client()
     root = Path(local_storage_config["UPLOAD_DIR"])
