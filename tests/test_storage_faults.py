@@ -92,6 +92,23 @@ def test_a_fast_failure_keeps_every_call_trying():
     assert part.ok() is True
 
 
+def test_a_read_only_check_during_a_failing_write_does_not_declare_the_half_up():
+    """A read-only database (or a full disk) still answers reads. A check that began while an
+    upload's write was failing, and only read, proves nothing about writes: the half stays down,
+    and the next check writes. Before, the check started later, so its "fine" won, and every
+    check after it only read: /readyz said 200 for good while every upload was 503."""
+    now = [0.0]
+    part = ComponentHealth("records", "upload database", stall_after_s=3.0, slow_after_s=0.5, clock=lambda: now[0])
+    probes = []
+    with pytest.raises(StorageError):
+        with part.call():
+            now[0] += 0.01
+            assert part.check(probes.append) is True  # the half looked up when it began: it only reads
+            raise StorageError("Could not record the upload in the upload database.")
+    assert probes == [False] and part.ok() is False
+    assert part.check(probes.append) is True and probes == [False, True] and part.ok() is True
+
+
 def test_a_call_waiting_longer_than_the_timeout_makes_the_half_down_and_others_fail_fast():
     now = [0.0]
     part = ComponentHealth("images", "image store", stall_after_s=3.0, slow_after_s=0.5, clock=lambda: now[0])

@@ -138,7 +138,10 @@ class ComponentHealth:
         except Exception as exc:  # whatever a client library raises, the check must not die
             log.exception("%s check failed unexpectedly", self.label)
             error = StorageError(f"The {self.label} check failed ({type(exc).__name__}).")
-        self._settle(token, now, error)
+        # A read that works says nothing about writes: a read-only database or a full disk still
+        # answers it. Had it counted, a read check begun while an upload's write was failing would
+        # declare the half up, and every check after it would only read again.
+        self._settle(token, now, error, changes_state=write or error is not None)
         return error is None
 
     def _settle(self, token: int, started: float, error: StorageError | None, trial: bool = False,
