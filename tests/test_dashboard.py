@@ -114,7 +114,7 @@ def carded_model(colour_model_path, tmp_path):
 
 
 @pytest.fixture()
-def known(make_app, carded_model, storage_config):
+def known(make_app, carded_model, storage_config, no_retention_thread):
     """The served version's first week (10 answers), this week (10 answers, 1 failure), its
     reviews and visitors' feedback, another version, and a promotion and a rollback.
 
