@@ -55,9 +55,11 @@ def test_an_unusable_upload_folder_is_503_storage_then_recovers(make_app, colour
                                                                no_retention_thread):
     # The folder is swapped for a file under a running app: a test of the request path. The
     # retention pass at start writes the owner marker into the folder, which raced rmtree (a
-    # file gone mid-walk), and a periodic health check makes the folder again. Without them,
-    # /readyz reports what the requests found.
-    app = make_app(MODEL_PATH=str(colour_model_path), STORE_CHECK_INTERVAL_S=3600, **local_storage_config)
+    # file gone mid-walk); a periodic health check, or the model follower's database read (a new
+    # SQLite connection), makes the folder again. Without them, /readyz reports what the
+    # requests found.
+    app = make_app(MODEL_PATH=str(colour_model_path), STORE_CHECK_INTERVAL_S=3600, MODEL_CHECK_INTERVAL_S=0,
+                   **local_storage_config)
     client = app.test_client()
     root = Path(local_storage_config["UPLOAD_DIR"])
     before = post_file(client, image_bytes(RED)).get_json()
