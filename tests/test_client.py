@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -38,10 +39,18 @@ def csv_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def uploads_posted(server) -> int:
-    """POST /file/ requests the server has logged so far."""
-    return sum(1 for line in server.output().splitlines()
-               if line.startswith("{") and json.loads(line).get("route") == "/file/")
+def uploads_posted(server, including: set[str] = frozenset(), timeout: float = 10.0) -> int:
+    """POST /file/ requests the server has logged, once the lines of the uploads `including`
+    names are among them: a request's access line is written just after its answer, and read
+    from the server's output by another thread, so it can lag the answer the client got."""
+    deadline = time.monotonic() + timeout
+    while True:
+        logged = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
+        posted = [line.get("upload_id") for line in logged if line.get("route") == "/file/"]
+        if including <= set(posted) or time.monotonic() > deadline:
+            assert including <= set(posted), f"uploads never logged: {sorted(including - set(posted))}"
+            return len(posted)
+        time.sleep(0.05)
 
 
 def test_a_folder_is_classified_into_csv_and_a_rerun_sends_nothing_again(server, tmp_path, capsys):
@@ -57,7 +66,7 @@ def test_a_folder_is_classified_into_csv_and_a_rerun_sends_nothing_again(server,
     assert all(0.5 <= float(row["confidence"]) <= 1 and row["unsure"] in ("true", "false") for row in rows)
     assert len({row["id"] for row in rows}) == 9 and all(len(row["model_version"]) == 64 for row in rows)
     assert "9 classified, 0 errors, 0 already answered" in capsys.readouterr().err
-    assert uploads_posted(server) - before == 9
+    assert uploads_posted(server, including={row["id"] for row in rows}) - before == 9
 
     # The same command again: every file has its answer, so nothing is sent and nothing repeated.
     assert main([server.url, str(tmp_path / "photos"), "--out", str(out)]) == 0
@@ -70,7 +79,8 @@ def test_a_folder_is_classified_into_csv_and_a_rerun_sends_nothing_again(server,
     assert main([server.url, str(tmp_path / "photos"), "--out", str(out)]) == 0
     after = csv_rows(out)
     assert after[:9] == rows and [(r["path"], r["label"]) for r in after[9:]] == [(str(new), "CAT")]
-    assert uploads_posted(server) - before == 10
+    # the new photo's line comes after any the reruns would have caused, had they sent again
+    assert uploads_posted(server, including={after[9]["id"]}) - before == 10
 
 
 def test_a_bad_file_is_an_error_row_and_a_non_zero_exit_and_is_tried_again(server, tmp_path, capsys):
