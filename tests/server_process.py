@@ -86,6 +86,14 @@ class ServerProcess:
         """What the server has printed so far (stdout and stderr), while it runs."""
         return "".join(list(self._lines))
 
+    def output_once_it_says(self, text: str, timeout: float = 10.0) -> str:
+        """`output()` once it contains `text`, or after `timeout`. A line the server wrote just
+        after an answer reaches `output()` through a reader thread: it can lag the answer."""
+        deadline = time.monotonic() + timeout
+        while text not in (output := self.output()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return output
+
     def stop(self) -> str:
         # SIGTERM drains, then every worker unloads TensorFlow: on a loaded 2-core machine a
         # two-worker server measured 9-10 s from SIGTERM to the arbiter's last line.

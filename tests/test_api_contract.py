@@ -298,10 +298,7 @@ def test_log_format_text_on_the_command_line(colour_model_path, tmp_path):
     with ServerProcess("--model", str(colour_model_path), "--upload-dir", str(tmp_path),
                        "--log-format", "text") as srv:
         requests.get(srv.url + "/model", headers={"X-Request-ID": "text-1"}, timeout=10)
-        deadline = time.monotonic() + 5
-        while "request_id=text-1" not in srv.output() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        output = srv.output()
+        output = srv.output_once_it_says("request_id=text-1")
     line = next(l for l in output.splitlines() if "request_id=text-1" in l)
     assert "INFO keras_serve.access: GET /model 200 request_id=text-1 latency_ms=" in line
     # the start-up lines stay readable

@@ -76,7 +76,7 @@ def test_a_swap_under_load_fails_no_request(workers, colour_model_path, inverted
         assert set(served.values()) == {sha(inverted_colour_model_path)}
         if workers == "2":
             assert len(served) == 2  # both workers answered /model, both with the new version
-        assert "model swapped" in server.output()
+        assert "model swapped" in server.output_once_it_says("model swapped")
 
 
 def test_two_replicas_on_one_database_both_swap(colour_model_path, inverted_colour_model_path, tmp_path,
