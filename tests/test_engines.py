@@ -140,6 +140,21 @@ def test_a_conversion_that_answers_differently_falls_back_to_tensorflow(tmp_path
     assert np.allclose(served.predict_batch(fixture.inputs), fixture.expected, atol=1e-5)
 
 
+def test_an_engine_that_overflows_where_tensorflow_does_is_faithful(tmp_path):
+    """Infinity where TensorFlow also says Infinity is the same answer (the output check refuses
+    it per request). Before, inf - inf made the difference NaN, and the engine was refused as
+    "differing by nan"."""
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    outputs = keras.layers.Dense(1, activation="exponential")(keras.layers.GlobalAveragePooling2D()(inputs))
+    model = keras.Model(inputs, outputs)
+    model.layers[-1].set_weights([np.full((3, 1), 1000.0, np.float32), np.zeros(1, np.float32)])
+    model.save(tmp_path / "overflows.h5")  # exp(1000 * mean colour): infinite for any but a black image
+    served = ServedModel.load(tmp_path / "overflows.h5", engine="onnxruntime")
+    assert served.engine_name == "onnxruntime", served.engine_fallback_reason
+
+
 def test_auto_falls_through_a_broken_engine_to_the_next(tmp_path, caplog):
     fixture = write_keras3_model(tmp_path / "m.keras")
     cached = engines.cache_path(fixture.path, "onnxruntime", SHAPE)
