@@ -39,7 +39,7 @@ def csv_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def uploads_posted(server, including: set[str] = frozenset(), timeout: float = 10.0) -> int:
+def uploads_posted(server, including: frozenset[str] | set[str] = frozenset(), timeout: float = 10.0) -> int:
     """POST /file/ requests the server has logged, once the lines of the uploads `including`
     names are among them: a request's access line is written just after its answer, and read
     from the server's output by another thread, so it can lag the answer the client got."""
