@@ -14,6 +14,7 @@ from pathlib import Path
 import requests
 
 from keras_serve.tools.ports import free_port
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,10 +90,12 @@ class ServerProcess:
     def output_once_it_says(self, text: str, timeout: float = 10.0) -> str:
         """`output()` once it contains `text`, or after `timeout`. A line the server wrote just
         after an answer reaches `output()` through a reader thread: it can lag the answer."""
-        deadline = time.monotonic() + timeout
-        while text not in (output := self.output()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return output
+        wait_until(lambda: text in self.output(), timeout, every=0.05)
+        return self.output()
+
+    def log_lines(self) -> list[dict]:
+        """The JSON log lines printed so far (a pipe is not a terminal: every log line is one)."""
+        return [json.loads(line) for line in self.output().splitlines() if line.startswith("{")]
 
     def stop(self) -> str:
         # SIGTERM drains, then every worker unloads TensorFlow: on a loaded 2-core machine a

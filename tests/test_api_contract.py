@@ -14,7 +14,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ import requests
 
 from images import BLUE, image_bytes
 from server_process import ROOT, ServerProcess
+from waiting import wait_until
 
 HEX_ID = re.compile(r"[0-9a-f]{32}")
 ST = Path(sys.executable).with_name("st")
@@ -38,20 +38,16 @@ def live(colour_model_path, tmp_path_factory):
         yield srv
 
 
-def log_lines(server: ServerProcess) -> list[dict]:
-    return [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
-
-
 def access_line(server: ServerProcess, request_id: str, timeout: float = 5.0) -> dict:
     """The access log line of one request (the server writes it just after answering)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [line for line in log_lines(server)
-                 if line.get("logger") == "keras_serve.access" and line.get("request_id") == request_id]
-        if found or time.monotonic() > deadline:
-            assert len(found) == 1, f"{len(found)} access lines for {request_id}: {server.output()[-3000:]}"
-            return found[0]
-        time.sleep(0.05)
+    def found() -> list[dict]:
+        return [line for line in server.log_lines()
+                if line.get("logger") == "keras_serve.access" and line.get("request_id") == request_id]
+
+    wait_until(found, timeout, every=0.05)
+    lines = found()
+    assert len(lines) == 1, f"{len(lines)} access lines for {request_id}: {server.output()[-3000:]}"
+    return lines[0]
 
 
 # --- the document -----------------------------------------------------------------------------
@@ -195,7 +191,7 @@ def test_schemathesis_finds_no_failure_on_any_route(live, tmp_path):
     # Schemathesis leaves out the document's own URL (GET /openapi.json); every other operation runs.
     assert summary["operations"]["tested"] == operations - 1, summary["operations"]
     assert all(phase["status"] == "success" for phase in summary["phases"].values()), summary["phases"]
-    assert not [line for line in log_lines(live) if line["level"] == "ERROR"], "the server logged an error"
+    assert not [line for line in live.log_lines() if line["level"] == "ERROR"], "the server logged an error"
     assert "Traceback" not in live.output()
 
 

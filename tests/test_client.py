@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from images import BLUE, RED, image_bytes
 from keras_serve.client import Client, ClientError
 from keras_serve.client.__main__ import main
 from keras_serve.client.folder import FIELDS
+from waiting import wait_until
 
 
 def make_folder(root: Path, red: int, blue: int) -> dict[str, str]:
@@ -43,14 +43,13 @@ def uploads_posted(server, including: frozenset[str] | set[str] = frozenset(), t
     """POST /file/ requests the server has logged, once the lines of the uploads `including`
     names are among them: a request's access line is written just after its answer, and read
     from the server's output by another thread, so it can lag the answer the client got."""
-    deadline = time.monotonic() + timeout
-    while True:
-        logged = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
-        posted = [line.get("upload_id") for line in logged if line.get("route") == "/file/"]
-        if including <= set(posted) or time.monotonic() > deadline:
-            assert including <= set(posted), f"uploads never logged: {sorted(including - set(posted))}"
-            return len(posted)
-        time.sleep(0.05)
+    def posted() -> list[str | None]:
+        return [line.get("upload_id") for line in server.log_lines() if line.get("route") == "/file/"]
+
+    wait_until(lambda: including <= set(posted()), timeout, every=0.05)
+    ids = posted()
+    assert including <= set(ids), f"uploads never logged: {sorted(including - set(ids))}"
+    return len(ids)
 
 
 def test_a_folder_is_classified_into_csv_and_a_rerun_sends_nothing_again(server, tmp_path, capsys):

@@ -10,7 +10,6 @@ import json
 import secrets
 import signal
 import threading
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,6 +21,7 @@ from PIL import Image
 from load_balancer import running_nginx
 from server_process import ServerProcess
 from uploading import post_over_http
+from waiting import wait_until
 
 
 def unique_png(seed: int) -> bytes:
@@ -97,20 +97,15 @@ def test_two_replicas_share_every_upload_and_survive_one_being_killed(colour_mod
                     if sent_after_kill:
                         after_kill.append(status)
 
-        def wait_until(condition, timeout: float = 60.0) -> None:
-            deadline = time.monotonic() + timeout
-            while not condition():
-                assert time.monotonic() < deadline, "the uploads stalled"
-                time.sleep(0.02)
-
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(client, w) for w in range(8)]
             try:
-                wait_until(lambda: len(answers) >= 40)  # both replicas busy
+                # both replicas busy
+                assert wait_until(lambda: len(answers) >= 40, 60, every=0.02), "the uploads stalled"
                 a.proc.send_signal(signal.SIGKILL)
                 a.proc.wait(timeout=10)
                 dead.set()
-                wait_until(lambda: len(after_kill) >= 60)
+                assert wait_until(lambda: len(after_kill) >= 60, 60, every=0.02), "the uploads stalled"
             finally:
                 stop.set()
             for f in futures:

@@ -21,18 +21,10 @@ from keras_serve.storage.uploads import UploadStore
 from server_process import ServerProcess
 from services import paused
 from uploading import fresh_boundary, post_file
+from waiting import wait_until
 
 FAST = {"STORE_TIMEOUT_S": 1.0, "STORE_CONNECT_TIMEOUT_S": 1.0, "STORE_ATTEMPTS": 1, "STORE_CHECK_INTERVAL_S": 0.2}
 HOUR = 3600.0
-
-
-def wait_until(condition, timeout: float = 15.0, every: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(every)
-    return condition()
 
 
 def storage_error(response) -> bool:
